@@ -1,0 +1,1 @@
+from pallas_kernels.gla.api import gla, gla_step
