@@ -6,12 +6,12 @@ Each family reduces one chunk to `ChunkTerms`; then for an incoming state S
     O     = Qe S + P X
     S_out = diag(decay) S + Kd^T X
 
-The forward runs one sequential pass over chunks for the states and computes
-every chunk's output in parallel. The backward runs the transposed pass in
-reverse for the state gradients (dS_in = A^T dS_out + Qe^T dO - W^T P^T dO with
-A = diag(decay) - Kd^T W), then differentiates every chunk in parallel with
-the state gradient it receives. Only per-chunk states are kept, never per-token
-ones.
+The forward scans over chunks, each step batched over (B, H) and done with
+matmuls, and keeps only the state entering each chunk. The backward scans the
+chunks in reverse: it recomputes one chunk from its stored state and pulls the
+output and state gradients back through it, which yields the chunk's input
+gradients and the gradient of the state entering it. Peak memory is one chunk's
+work plus one state per chunk, never one state per token.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common.chunking import vmap_bhn
+_HI = jax.lax.Precision.HIGHEST
 
 
 class ChunkTerms(NamedTuple):
@@ -34,27 +34,21 @@ class ChunkTerms(NamedTuple):
   w_CK: Optional[jax.Array]  # T (k * exp(b)) (delta rule) or None (GLA)
 
 
-def _einsum(spec, a, b):
-  return jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
+def chunk_step(t: ChunkTerms, s_KV):
+  """(O, S_out) of one chunk from its terms and incoming state."""
+  x_CV = t.u_CV if t.w_CK is None else t.u_CV - jnp.dot(t.w_CK, s_KV, precision=_HI)
+  o_CV = jnp.dot(t.qe_CK, s_KV, precision=_HI) + jnp.dot(t.p_CC, x_CV, precision=_HI)
+  s_KV = t.decay_K[:, None] * s_KV + jnp.dot(t.kd_CK.T, x_CV, precision=_HI)
+  return o_CV, s_KV
 
 
-def chunk_values(t: ChunkTerms, s_KV):
-  if t.w_CK is None:
-    return t.u_CV
-  return t.u_CV - _einsum("...ck,...kv->...cv", t.w_CK, s_KV)
-
-
-def chunk_output(t: ChunkTerms, s_KV, x_CV):
-  return _einsum("...ck,...kv->...cv", t.qe_CK, s_KV) + _einsum("...cs,...sv->...cv", t.p_CC, x_CV)
-
-
-def next_state(t: ChunkTerms, s_KV, x_CV):
-  return t.decay_K[..., :, None] * s_KV + _einsum("...ck,...cv->...kv", t.kd_CK, x_CV)
-
-
-def _over_chunks(tree):
-  """[B, H, N, ...] -> [N, B, H, ...] for lax.scan."""
+def _chunk_major(tree):
+  """[B, H, N, ...] -> [N, B, H, ...]: lax.scan walks the leading axis."""
   return jax.tree.map(lambda a: jnp.moveaxis(a, 2, 0), tree)
+
+
+def _batch_major(a):
+  return jnp.moveaxis(a, 0, 2)
 
 
 def make_chunked_op(chunk_terms: Callable[..., ChunkTerms]):
@@ -65,19 +59,19 @@ def make_chunked_op(chunk_terms: Callable[..., ChunkTerms]):
   understands. Outputs: `o` in v's dtype, the final state in float32.
   """
 
-  def all_terms(scale, q, k, v, gates, seg, prev):
-    return vmap_bhn(lambda *a: chunk_terms(*a, scale))(q, k, v, gates, seg, prev)
+  def one_chunk(scale, q, k, v, gates, seg, prev, s_KV):
+    return chunk_step(chunk_terms(q, k, v, gates, seg, prev, scale), s_KV)
+
+  def over_bh(f):
+    return jax.vmap(jax.vmap(f))
 
   def forward(scale, q, k, v, gates, s0, seg, prev):
-    terms = all_terms(scale, q, k, v, gates, seg, prev)
+    def step(s_BHKV, xs):
+      o, s_next = over_bh(functools.partial(one_chunk, scale))(*xs, s_BHKV)
+      return s_next, (o.astype(v.dtype), s_BHKV)
 
-    def state_step(s, t):
-      return next_state(t, s, chunk_values(t, s)), s
-
-    s_final, s_in_N = jax.lax.scan(state_step, s0, _over_chunks(terms))
-    s_in = jnp.moveaxis(s_in_N, 0, 2)
-    o = chunk_output(terms, s_in, chunk_values(terms, s_in))
-    return o.astype(v.dtype), s_final, s_in
+    s_final, (o, s_in) = jax.lax.scan(step, s0, _chunk_major((q, k, v, gates, seg, prev)))
+    return _batch_major(o), s_final, s_in
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
   def op(scale, q, k, v, gates, s0, seg, prev):
@@ -91,36 +85,19 @@ def make_chunked_op(chunk_terms: Callable[..., ChunkTerms]):
   def op_bwd(scale, residuals, cotangents):
     q, k, v, gates, seg, prev, s_in = residuals
     do, ds_final = cotangents
-    do = do.astype(jnp.float32)
-    terms = all_terms(scale, q, k, v, gates, seg, prev)
 
-    pt_do = _einsum("...ts,...tv->...sv", terms.p_CC, do)
-    from_output = _einsum("...ck,...cv->...kv", terms.qe_CK, do)
-    if terms.w_CK is not None:
-      from_output -= _einsum("...ck,...cv->...kv", terms.w_CK, pt_do)
+    def chunk_grads(q, k, v, gates, seg, prev, s_KV, do_CV, ds_KV):
+      f = lambda q, k, v, gates, s: one_chunk(scale, q, k, v, gates, seg, prev, s)
+      _, vjp = jax.vjp(f, q, k, v, gates, s_KV)
+      return vjp((do_CV.astype(jnp.float32), ds_KV))
 
-    def grad_step(ds_out, xs):
-      t, from_out = xs
-      ds_in = t.decay_K[..., :, None] * ds_out + from_out
-      if t.w_CK is not None:
-        ds_in -= _einsum("...ck,...cv->...kv", t.w_CK, _einsum("...ck,...kv->...cv", t.kd_CK, ds_out))
-      return ds_in, ds_out
+    def step(ds_BHKV, xs):
+      dq, dk, dv, dgates, ds_in = over_bh(chunk_grads)(*xs, ds_BHKV)
+      return ds_in, (dq, dk, dv, dgates)
 
-    transition = terms._replace(qe_CK=None, p_CC=None, u_CV=None)
-    ds0, ds_out_N = jax.lax.scan(
-        grad_step, ds_final, _over_chunks((transition, from_output)), reverse=True)
-    ds_out = jnp.moveaxis(ds_out_N, 0, 2)
-
-    def chunk_grads(q, k, v, gates, seg, prev, s_in, do, ds_out):
-      def one_chunk(q, k, v, gates):
-        t = chunk_terms(q, k, v, gates, seg, prev, scale)
-        x = chunk_values(t, s_in)
-        return chunk_output(t, s_in, x), next_state(t, s_in, x)
-
-      _, vjp = jax.vjp(one_chunk, q, k, v, gates)
-      return vjp((do, ds_out))
-
-    dq, dk, dv, dgates = vmap_bhn(chunk_grads)(q, k, v, gates, seg, prev, s_in, do, ds_out)
+    xs = _chunk_major((q, k, v, gates, seg, prev)) + (s_in, _chunk_major(do))
+    ds0, grads = jax.lax.scan(step, ds_final, xs, reverse=True)
+    dq, dk, dv, dgates = jax.tree.map(_batch_major, grads)
     return dq, dk, dv, dgates, ds0, None, None
 
   op.defvjp(op_fwd, op_bwd)

@@ -5,7 +5,6 @@ N number of chunks, C chunk size.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 
@@ -82,7 +81,3 @@ def masked_exp(x, mask):
   """exp(x) where mask, else exactly 0, with a finite gradient everywhere."""
   return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
-
-def vmap_bhn(f):
-  """Maps a one-chunk function over the leading [B, H, N] axes."""
-  return jax.vmap(jax.vmap(jax.vmap(f)))

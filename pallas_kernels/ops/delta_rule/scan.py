@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common.chunking import continues_BT
-from pallas_kernels.delta_rule.step import delta_rule_step_f32
+from pallas_kernels.ops.delta_rule.step import delta_rule_step_f32
 
 
 def delta_rule_scan(q, k, v, beta, g, *, scale, s0, segment_ids):

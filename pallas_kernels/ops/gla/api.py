@@ -5,9 +5,9 @@ import jax.numpy as jnp
 
 from pallas_kernels import _checks
 from pallas_kernels.dispatch import resolve_impl
-from pallas_kernels.gla.chunk import SUB_CHUNK, gla_chunk
-from pallas_kernels.gla.scan import gla_scan
-from pallas_kernels.gla.step import gla_step_f32
+from pallas_kernels.ops.gla.chunk import SUB_CHUNK, gla_chunk
+from pallas_kernels.ops.gla.scan import gla_scan
+from pallas_kernels.ops.gla.step import gla_step_f32
 
 _FORMS = {"scan": gla_scan, "chunk": gla_chunk}
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels import _checks
-from pallas_kernels.delta_rule.chunk import delta_rule_chunk
-from pallas_kernels.delta_rule.scan import delta_rule_scan
-from pallas_kernels.delta_rule.step import delta_rule_step_f32
+from pallas_kernels.ops.delta_rule.chunk import delta_rule_chunk
+from pallas_kernels.ops.delta_rule.scan import delta_rule_scan
+from pallas_kernels.ops.delta_rule.step import delta_rule_step_f32
 from pallas_kernels.dispatch import resolve_impl
 
 _FORMS = {"scan": delta_rule_scan, "chunk": delta_rule_chunk}

@@ -41,7 +41,8 @@ def _scores_per_dim(q_CK, k_CK, b_CK, causal_CC):
   k_ref = k_nsK[None] * masked_exp(ref_nK[:, None, None, :] - b_nsK[None], below)
   off_nsns = jnp.einsum("itd,ijsd->itjs", q_ref, k_ref, precision=_HI)
 
-  scores = off_nsns + diag_ntt[:, :, None, :] * jnp.eye(n, dtype=q_CK.dtype)[:, None, :, None]
+  # A select, not a multiply by eye(n): the multiply form corrupted memory under jit in jax 0.10.2 (CPU).
+  scores = jnp.where(jnp.eye(n, dtype=bool)[:, None, :, None], diag_ntt[:, :, None, :], off_nsns)
   return jnp.where(mask_nsns, scores, 0.0).reshape(c, c)
 
 

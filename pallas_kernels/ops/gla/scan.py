@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common.chunking import continues_BT
-from pallas_kernels.gla.step import gla_step_f32
+from pallas_kernels.ops.gla.step import gla_step_f32
 
 
 def gla_scan(q, k, v, g, *, scale, s0, segment_ids):

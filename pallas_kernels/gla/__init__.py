@@ -1,1 +1,0 @@
-from pallas_kernels.gla.api import gla, gla_step

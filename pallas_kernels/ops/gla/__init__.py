@@ -1,0 +1,1 @@
+from pallas_kernels.ops.gla.api import gla, gla_step

@@ -1,0 +1,102 @@
+"""The op contract: argument validation, impl dispatch, jit, and the chunk path's memory."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels.dispatch import resolve_impl
+from tests.conftest import assert_rel_close
+from tests.kernels.recurrence_cases import make_inputs
+
+B, T, H, K, V = 2, 10, 3, 8, 12
+
+
+def arrays(*shapes, dtype=jnp.float32):
+  return [jnp.ones(s, dtype) for s in shapes]
+
+
+q, k, v = arrays((B, T, H, K), (B, T, H, K), (B, T, H, V))
+beta = jnp.full((B, T, H), 0.5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: pk.gla(q[0], k, v), r"q: expected rank 4"),
+    (lambda: pk.gla(q, k[:, :5], v), r"k: expected the shape of q"),
+    (lambda: pk.gla(q, k[..., :4], v), r"k: expected the shape of q"),
+    (lambda: pk.gla(q, k, v[:1]), r"v: expected leading dims"),
+    (lambda: pk.gla(q, k, v[:, :, :2]), r"v: expected leading dims"),
+    (lambda: pk.gla(q, k, v, jnp.zeros((B, T, H, K + 1))), r"g: expected None, shape"),
+    (lambda: pk.gla(q, k, v, jnp.zeros((B, T))), r"g: expected None, shape"),
+    (lambda: pk.gla(q, k, v, impl="fast"), r"impl: expected one of"),
+    (lambda: pk.gla(q, k, v, impl="pallas"), r"impl: 'pallas' is not available"),
+    (lambda: pk.gla(q, k, v, initial_state=jnp.zeros((B, H, V, K))), r"initial_state: expected shape"),
+    (lambda: pk.gla(q, k, v, segment_ids=jnp.zeros((B, T + 1), jnp.int32)), r"segment_ids: expected shape"),
+    (lambda: pk.gla(q, k, v, segment_ids=jnp.zeros((B, T))), r"segment_ids: expected an integer dtype"),
+    (lambda: pk.gla(q, k, v, chunk_size=24), r"chunk_size: expected"),
+    (lambda: pk.gla(q, k, v, chunk_size=0), r"chunk_size: expected a positive int"),
+    (lambda: pk.gla(q.astype(jnp.int32), k, v), r"q: expected a floating dtype"),
+    (lambda: pk.gla(q, k.astype(jnp.bfloat16), v), r"q, k, v: expected one dtype"),
+    (lambda: pk.delta_rule(q, k, v, beta[..., :1]), r"beta: expected shape"),
+    (lambda: pk.delta_rule(q, k, v, None), r"beta: expected an array"),
+    (lambda: pk.delta_rule(q, k, v, beta, g=jnp.zeros((B, T, H, K))), r"g: expected shape"),
+    (lambda: pk.gla_step(q[:, 0], k[:, 0], v[:, 0], None, jnp.zeros((B, H, K, K))), r"state: expected shape"),
+    (lambda: pk.gla_step(q, k, v, None, jnp.zeros((B, H, K, V))), r"q: expected rank 3"),
+    (lambda: pk.delta_rule_step(q[:, 0], k[:, 0], v[:, 0], beta, jnp.zeros((B, H, K, V))), r"beta: expected shape"),
+])
+def test_bad_arguments_raise_value_error_naming_them(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_error_message_shows_the_shapes():
+  with pytest.raises(ValueError) as err:
+    pk.gla(q, k[:, :5], v)
+  assert str((B, T, H, K)) in str(err.value) and str((B, 5, H, K)) in str(err.value)
+
+
+def test_auto_resolves_to_chunk_on_cpu():
+  assert jax.default_backend() == "cpu"
+  assert resolve_impl("auto", ("scan", "chunk")) == "chunk"
+  assert resolve_impl("auto", ("scan", "chunk", "pallas")) == "chunk"
+  inputs = make_inputs(1, "gla_perdim", t=20)
+  auto = pk.gla(inputs["q"], inputs["k"], inputs["v"], inputs["g"], impl="auto")[0]
+  scan = pk.gla(inputs["q"], inputs["k"], inputs["v"], inputs["g"], impl="scan")[0]
+  assert_rel_close("auto vs scan", scan, auto, 1e-4)
+
+
+def test_final_state_only_when_asked():
+  o, s = pk.delta_rule(q, k, v, beta, impl="chunk")
+  assert s is None and o.shape == (B, T, H, V)
+
+
+def test_custom_scale_is_used():
+  inputs = make_inputs(2, "delta", t=12)
+  args = (inputs["q"], inputs["k"], inputs["v"], inputs["beta"])
+  o1 = pk.delta_rule(*args, scale=1.0, impl="chunk")[0]
+  o2 = pk.delta_rule(*args, scale=0.5, impl="chunk")[0]
+  assert_rel_close("scale is linear in o", o1 * 0.5, o2, 1e-5)
+
+
+@pytest.mark.parametrize("op", ["delta_rule", "gla_perdim"])
+def test_chunk_grad_memory_is_per_chunk_not_per_token(op):
+  """fwd+bwd at B=1, T=4096, H=2, K=V=64 must not store a state per token (T*H*K*V floats)."""
+  b, t, h, d = 1, 4096, 2, 64
+  spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+  per_token_state_bytes = t * h * d * d * 4
+
+  def fwd_bwd(impl, q, k, v, bt, g):
+    if op == "delta_rule":
+      loss = lambda q, k, v, bt, g: pk.delta_rule(q, k, v, bt, g=g, impl=impl)[0].sum()
+    else:
+      loss = lambda q, k, v, bt, g: pk.gla(q, k, v, g, impl=impl)[0].sum()
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, bt, g)
+
+  g_shape = (b, t, h) if op == "delta_rule" else (b, t, h, d)
+  shapes = (spec(b, t, h, d), spec(b, t, h, d), spec(b, t, h, d), spec(b, t, h), spec(*g_shape))
+  temp = {impl: jax.jit(fwd_bwd, static_argnums=0).lower(impl, *shapes).compile().memory_analysis().temp_size_in_bytes
+          for impl in ("chunk", "scan")}
+  assert temp["scan"] >= per_token_state_bytes  # the reference does store every state
+  assert temp["chunk"] < per_token_state_bytes / 8, temp
