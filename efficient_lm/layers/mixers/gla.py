@@ -1,0 +1,70 @@
+"""Gated linear attention mixer (FLA's `GatedLinearAttention` defaults: expand_k 0.5, expand_v 1,
+low-rank key gate, output gate fused with the per-head RMSNorm, no short conv).
+
+    q, k, v = W_q h, W_k h, W_v h
+    g = logsigmoid(W_gk2 (W_gk1 h) + b) / 16          (per key dim)
+    o = gla(q, k, v, g, scale=K^-0.5)
+    y = W_o( rmsnorm(o) * silu(W_g h) )               (one [V] norm weight shared by heads)
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_lm.layers.core import Dense, normal
+from efficient_lm.layers.norms import RMSNorm
+from pallas_kernels import gla, gla_step
+
+
+class GLA(nnx.Module):
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, h = cfg.d_model, cfg.n_heads
+    key_dim, value_dim = int(d * cfg.expand_k), int(d * cfg.expand_v)
+    kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    std = normal(cfg.init_std)
+    self.q_proj = Dense(d, key_dim, ("embed", "heads"), kernel_init=std, **kw)
+    self.k_proj = Dense(d, key_dim, ("embed", "heads"), kernel_init=std, **kw)
+    self.v_proj = Dense(d, value_dim, ("embed", "heads"), kernel_init=std, **kw)
+    self.g_proj = Dense(d, value_dim, ("embed", "heads"), kernel_init=std, **kw)
+    self.gk_low = Dense(d, cfg.gate_low_rank, ("embed", None), kernel_init=std, **kw)
+    self.gk_up = Dense(cfg.gate_low_rank, key_dim, (None, "heads"), kernel_init=std, use_bias=True, **kw)
+    self.o_norm = RMSNorm(value_dim // h, cfg.norm_eps, rngs=rngs, dtype=jnp.float32, param_dtype=jnp.float32)
+    self.o_proj = Dense(value_dim, d, ("heads", "embed"), kernel_init=std, **kw)
+    self.h, self.kd, self.vd = h, key_dim // h, value_dim // h
+    self.normalizer = cfg.gate_logit_normalizer
+    self.impl, self.chunk_size = cfg.impl, cfg.chunk_size
+
+  def _project(self, x):
+    lead = x.shape[:-1]
+    q = self.q_proj(x).reshape(*lead, self.h, self.kd)
+    k = self.k_proj(x).reshape(*lead, self.h, self.kd)
+    v = self.v_proj(x).reshape(*lead, self.h, self.vd)
+    g = jax.nn.log_sigmoid(self.gk_up(self.gk_low(x)).astype(jnp.float32)) / self.normalizer
+    return q, k, v, g.reshape(*lead, self.h, self.kd)
+
+  def _out(self, o, x):
+    o = self.o_norm(o.astype(jnp.float32))
+    o = o * jax.nn.silu(self.g_proj(x).astype(jnp.float32)).reshape(o.shape)
+    return self.o_proj(o.reshape(*o.shape[:-2], -1))
+
+  def _forward(self, x_BTD, seg_BT, want_state):
+    q, k, v, g = self._project(x_BTD)
+    o, state = gla(q, k, v, g, scale=self.kd ** -0.5, segment_ids=seg_BT, return_final_state=want_state,
+                   impl=self.impl, chunk_size=self.chunk_size)
+    return self._out(o, x_BTD), {"state": state}
+
+  def __call__(self, x_BTD, seg_BT, pos_BT):
+    return self._forward(x_BTD, seg_BT, False)[0]
+
+  def prefill(self, x_BTD, pos_BT, max_len):
+    return self._forward(x_BTD, None, True)
+
+  def step(self, x_BD, cache, pos):
+    q, k, v, g = self._project(x_BD)
+    o, state = gla_step(q, k, v, g, cache["state"], scale=self.kd ** -0.5)
+    return self._out(o, x_BD), {"state": state}
+
+  def init_cache(self, batch_size, max_len):
+    return {"state": jnp.zeros((batch_size, self.h, self.kd, self.vd), jnp.float32)}

@@ -1,0 +1,84 @@
+"""Dropless top-k mixture of SwiGLU experts.
+
+Every (token, choice) pair is computed: pairs are sorted by expert and the three expert
+matmuls are `jax.lax.ragged_dot` over the expert groups, so no capacity and no dropped tokens.
+Routing: softmax over all experts in float32, top-k, weights renormalised over the k chosen.
+The layer returns routing statistics; the LM sums them over all MoE layers into the Mixtral
+load-balancing loss `E * sum_e f_e P_e` (`f_e`: fraction of tokens that chose e among their k
+choices, so sum_e f_e = k; `P_e`: mean router probability).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_lm.layers.core import normal, param
+from efficient_lm.layers.mlp import SwiGLU
+from efficient_lm.layers.router import LinearRouter, RecurrentRouter
+
+
+def route(logits_NE, top_k: int):
+  """Returns (probs_NE, expert_idx_NK, weights_NK): float32, weights renormalised over the k."""
+  probs = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+  top_p, idx = jax.lax.top_k(probs, top_k)
+  return probs, idx, top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+
+
+def expert_mlp(x_ND, expert_idx_NK, weights_NK, w_gate_EDH, w_up_EDH, w_down_EHD):
+  """Dropless dispatch: sort the N*k pairs by expert, ragged matmuls, unsort, weighted sum."""
+  n, k = expert_idx_NK.shape
+  n_experts = w_gate_EDH.shape[0]
+  flat_expert = expert_idx_NK.reshape(-1)
+  order = jnp.argsort(flat_expert, stable=True)
+  x_sorted = x_ND[order // k]                                   # pair p belongs to token p // k
+  sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
+  h = jax.nn.silu(jax.lax.ragged_dot(x_sorted, w_gate_EDH, sizes)) * jax.lax.ragged_dot(x_sorted, w_up_EDH, sizes)
+  y_sorted = jax.lax.ragged_dot(h, w_down_EHD, sizes)
+  y_pairs = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(n, k, -1)
+  return jnp.einsum("nkd,nk->nd", y_pairs.astype(jnp.float32), weights_NK).astype(x_ND.dtype)
+
+
+def routing_stats(probs_NE, expert_idx_NK):
+  """Per-layer sums the load-balancing loss needs: (token, choice) pairs per expert, summed
+  router probabilities, and the number of routed tokens."""
+  counts = jnp.sum(jax.nn.one_hot(expert_idx_NK, probs_NE.shape[-1], dtype=jnp.float32), axis=(0, 1))
+  return {"counts": counts, "prob_sum": jnp.sum(probs_NE, axis=0),
+          "tokens": jnp.asarray(probs_NE.shape[0], jnp.float32)}
+
+
+def load_balancing_loss(counts_E, prob_sum_E, n_tokens):
+  """E * sum_e f_e P_e from summed statistics: counts of (token, choice) pairs per expert,
+  summed router probabilities, and the number of routed tokens."""
+  return counts_E.shape[0] * jnp.sum((counts_E / n_tokens) * (prob_sum_E / n_tokens))
+
+
+class MoE(nnx.Module):
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    d, e, hid = cfg.d_model, cfg.n_experts, cfg.expert_hidden or cfg.mlp_hidden_size
+    std = normal(cfg.init_std)
+    if cfg.router == "recurrent":
+      self.router = RecurrentRouter(d, e, cfg.router_dim, rngs=rngs, param_dtype=cfg.param_dtype, std=cfg.init_std)
+    else:
+      self.router = LinearRouter(d, e, rngs=rngs, param_dtype=cfg.param_dtype, std=cfg.init_std)
+    self.w_gate = param(rngs, std, (e, d, hid), ("experts", "embed", "mlp"), cfg.param_dtype)
+    self.w_up = param(rngs, std, (e, d, hid), ("experts", "embed", "mlp"), cfg.param_dtype)
+    self.w_down = param(rngs, std, (e, hid, d), ("experts", "mlp", "embed"), cfg.param_dtype)
+    self.shared = (SwiGLU(d, hid, rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype, std=cfg.init_std)
+                   if cfg.shared_expert else None)
+    self.top_k = cfg.top_k
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def __call__(self, h, router_state, cell):
+    """h: [..., D] (normalised MoE input; also the router input). router_state: [N, R] or None.
+    Returns (y like h, new router state, stats {"counts", "prob_sum", "tokens"})."""
+    lead, d = h.shape[:-1], h.shape[-1]
+    h_ND = h.reshape(-1, d).astype(self.dtype)
+    logits, router_state = self.router(h_ND, router_state, cell)
+    probs, idx, weights = route(logits, self.top_k)
+    cast = lambda w: w[...].astype(self.dtype)
+    y = expert_mlp(h_ND, idx, weights, cast(self.w_gate), cast(self.w_up), cast(self.w_down))
+    if self.shared is not None:
+      y = 0.5 * y + 0.5 * self.shared(h_ND)
+    return y.reshape(*lead, d), router_state, routing_stats(probs, idx)

@@ -1,0 +1,67 @@
+"""Layer pieces against direct references: windowed / shared-key attention, the causal conv and
+its segment restarts, RoPE, per-segment positions, and the size of decode states."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import efficient_lm
+from efficient_lm.layers.attention import Attention
+from efficient_lm.layers.conv import causal_conv
+from efficient_lm.layers.rope import apply_rope, positions, segment_positions
+from efficient_lm.models import decode_state_growth
+from tests.conftest import assert_rel_close
+
+
+@pytest.mark.parametrize("n_k_heads, window", [(1, 3), (4, None), (2, 5)])
+def test_attention_matches_masked_softmax(n_k_heads, window):
+  b, t, d, h, hd = 2, 13, 32, 4, 8
+  attn = Attention(d, h, n_k_heads, h if n_k_heads == 1 else n_k_heads, hd, window=window, rope_base=10000.0,
+                   rope_fraction=1.0, rngs=nnx.Rngs(np.random.randint(1 << 30)), dtype="float32",
+                   param_dtype="float32")
+  x = jax.random.normal(jax.random.key(np.random.randint(1 << 30)), (b, t, d))
+  seg = jnp.asarray([[0] * 6 + [1] * 7, [0] * 13])
+  pos = positions(seg, b, t)
+  q, k, v = attn._qkv(x, pos)
+  k = jnp.repeat(k, h // k.shape[2], axis=2)
+  v = jnp.repeat(v, h // v.shape[2], axis=2)
+  ti, si = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+  allowed = (ti - si >= 0) & ((ti - si <= window) if window else True)
+  allowed = allowed[None] & (seg[:, :, None] == seg[:, None, :])
+  scores = jnp.einsum("bthd,bshd->bhts", q, k) * hd ** -0.5
+  probs = jax.nn.softmax(jnp.where(allowed[:, None], scores, -jnp.inf), axis=-1)
+  ref = attn.o_proj(jnp.einsum("bhts,bshd->bthd", probs, v).reshape(b, t, -1))
+  assert_rel_close("attention", ref, attn(x, seg, pos), 1e-5)
+
+
+def test_causal_conv_torch_convention_and_segments():
+  rng = np.random.default_rng()
+  x = rng.normal(size=(1, 9, 3)).astype(np.float32)
+  w = rng.normal(size=(4, 3)).astype(np.float32)
+  xp = np.pad(x, ((0, 0), (3, 0), (0, 0)))
+  ref = sum(w[j] * xp[:, j:j + 9] for j in range(4))        # torch Conv1d(padding=3)[..., :T]
+  assert_rel_close("conv", ref, causal_conv(jnp.asarray(x), jnp.asarray(w)), 1e-6)
+  seg = jnp.asarray([[0] * 4 + [1] * 5])
+  out = np.asarray(causal_conv(jnp.asarray(x), jnp.asarray(w), seg))
+  alone = np.asarray(causal_conv(jnp.asarray(x[:, 4:]), jnp.asarray(w)))
+  assert_rel_close("conv restarts at a boundary", alone, out[:, 4:], 1e-6)
+
+
+def test_rope_is_relative_and_positions_restart():
+  rng = np.random.default_rng()
+  q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32) for _ in range(2))
+  dot = lambda m, n: float(jnp.sum(apply_rope(q, jnp.full((1, 1), m), 1e4, 16) * apply_rope(k, jnp.full((1, 1), n), 1e4, 16)))
+  assert dot(7, 3) == pytest.approx(dot(104, 100), rel=1e-4)
+  partial = apply_rope(q, jnp.full((1, 1), 5), 1e4, 4)
+  np.testing.assert_array_equal(partial[..., 4:], q[..., 4:])
+  assert segment_positions(jnp.asarray([[5, 5, 5, 2, 2, 9]])).tolist() == [[0, 1, 2, 0, 1, 0]]
+
+
+@pytest.mark.parametrize("kind, grows", [("transformer", True), ("rodimus", False), ("rodimus_plus", False),
+                                         ("deltanet", False), ("gated_deltanet", False), ("gla", False),
+                                         ("dijiang", False)])
+def test_decode_state_constant_unless_global_attention(kind, grows):
+  cfg = efficient_lm.get_config(f"{kind}-tiny")
+  fixed, per_token = decode_state_growth(cfg)
+  assert (per_token > 0) == grows and fixed >= 0
