@@ -13,6 +13,8 @@ from flax import nnx
 
 from efficient_lm.configs import ModelConfig, get_config, list_presets
 from efficient_lm.models import LM, generate, weight_decay_mask
+from efficient_lm.interop import (convert_to_dijiang, load_fla_deltanet, load_gpt_neox, load_rodimus,
+                                  load_safetensors, save_safetensors)
 
 
 def create_model(name_or_config, *, seed: int = 0, **overrides) -> LM:
@@ -34,3 +36,5 @@ def count_params(name_or_config, **overrides) -> int:
 
 __all__ = ["LM", "ModelConfig", "abstract_model", "count_params", "create_model", "generate", "get_config",
            "list_presets", "weight_decay_mask"]
+__all__ += ["convert_to_dijiang", "load_fla_deltanet", "load_gpt_neox", "load_rodimus", "load_safetensors",
+            "save_safetensors"]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 # "swa" is a transformer block with sliding-window attention; it exists for hybrid patterns.
 BLOCK_KINDS = ("transformer", "rodimus", "rodimus_plus", "deltanet", "gated_deltanet", "gla", "dijiang")
 LAYER_KINDS = BLOCK_KINDS + ("swa",)
+MLP_KINDS = ("swiglu", "gelu", "gelu_tanh")
 IMPLS = ("auto", "scan", "chunk", "pallas")
 ROUTERS = ("linear", "recurrent")
 ROUTER_CELLS = ("gru", "rnn")
@@ -46,6 +47,10 @@ class ModelConfig:
   rope_base: float = 10000.0
   rope_fraction: float = 1.0           # partial rotary: the first fraction of each head's dims
   conv_size: int = 4
+  # GPT-NeoX host options (transformer / swa blocks; the defaults keep Transformer++)
+  parallel_residual: bool = False      # x + mixer(norm1(x)) + mlp(norm2(x)) (GPT-NeoX / Pythia)
+  attn_bias: bool = False              # biases on the q, k, v and output projections of attention
+  mlp_kind: str = "swiglu"             # "swiglu" | "gelu" (exact) | "gelu_tanh": dense MLP (DiJiang: always GELU)
   init_std: float = 0.02
   out_proj_rescale: int = 0            # n: out projections / sqrt(n * n_layers) (Rodimus 1, Rodimus+ 3); 0 off
   # Rodimus / Rodimus+
@@ -95,7 +100,7 @@ class ModelConfig:
     d = self.d_model
     if self.kind == "rodimus_plus":
       return round_up(int(d * 4 / 3), 8)
-    if self.kind == "dijiang":
+    if self.kind == "dijiang" or self.mlp_kind != "swiglu":
       return 4 * d
     return 256 * math.ceil(int(8 * d / 3) / 256)  # Llama / FLA rule
 
@@ -162,6 +167,8 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     _fail("head_dim", "DiJiang's GroupNorm needs head_dim dividing d_model")
   if cfg.norm not in ("rms", "layer"):
     _fail("norm", f"expected 'rms' or 'layer', got {cfg.norm!r}")
+  if cfg.mlp_kind not in MLP_KINDS:
+    _fail("mlp_kind", f"expected one of {MLP_KINDS}, got {cfg.mlp_kind!r}")
   if cfg.residual_dtype not in ("float32", "compute"):
     _fail("residual_dtype", f"expected 'float32' or 'compute', got {cfg.residual_dtype!r}")
   if cfg.rodimus_plus_residual not in ("code", "plain"):

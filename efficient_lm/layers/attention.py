@@ -6,6 +6,7 @@ One module covers the three variants the models need:
   `local_window_size=(w, 0)` with `is_causal=True`;
 - SW-SKA (Rodimus+): one shared key head, one value head per query head. The op wants as many
   key heads as value heads, so the one key head is broadcast.
+`use_bias` adds biases to the four projections (the GPT-NeoX host).
 Packed documents: a mask from segment_ids, and RoPE positions restart in each segment.
 Decode caches: global keeps `[B, max_len, ...]` (grows with context); windowed keeps a ring of
 the last w keys and values (constant); the token being decoded is attended in addition.
@@ -24,10 +25,10 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, n_heads: int, n_k_heads: int, n_v_heads: int, head_dim: int, *,
                window: int | None, rope_base: float, rope_fraction: float, rngs: nnx.Rngs, dtype,
-               param_dtype, std: float = 0.02, out_scale: float = 1.0):
+               param_dtype, std: float = 0.02, out_scale: float = 1.0, use_bias: bool = False):
     if n_v_heads % n_k_heads or n_heads % n_v_heads:
       raise ValueError(f"heads: need n_k_heads | n_v_heads | n_heads, got {n_k_heads}, {n_v_heads}, {n_heads}")
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias)
     k_axes = ("embed", "kv") if n_k_heads == 1 else ("embed", "heads")
     self.q_proj = Dense(d_model, n_heads * head_dim, ("embed", "heads"), kernel_init=normal(std), **kw)
     self.k_proj = Dense(d_model, n_k_heads * head_dim, k_axes, kernel_init=normal(std), **kw)

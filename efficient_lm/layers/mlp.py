@@ -23,12 +23,15 @@ class SwiGLU(nnx.Module):
 
 
 class GeluMLP(nnx.Module):
-  """GPT-NeoX MLP: dense_4h_to_h(gelu(dense_h_to_4h(x))), both with bias, exact GELU."""
+  """GPT-NeoX MLP: dense_4h_to_h(gelu(dense_h_to_4h(x))), both with bias; exact GELU unless
+  `approximate` (the tanh form: HF's gelu_new / gelu_pytorch_tanh / gelu_fast)."""
 
-  def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype, std: float = 0.02):
+  def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs, dtype, param_dtype, std: float = 0.02,
+               approximate: bool = False):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=True)
     self.up = Dense(d_model, hidden, ("embed", "mlp"), kernel_init=normal(std), **kw)
     self.down = Dense(hidden, d_model, ("mlp", "embed"), kernel_init=normal(std), **kw)
+    self.approximate = approximate
 
   def __call__(self, x):
-    return self.down(jax.nn.gelu(self.up(x), approximate=False))
+    return self.down(jax.nn.gelu(self.up(x), approximate=self.approximate))

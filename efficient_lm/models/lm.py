@@ -6,8 +6,10 @@ Block kinds (per layer, `cfg.layer_kinds`):
 - rodimus: `x + Rodimus(norm(x))`, no MLP;
 - rodimus_plus: `r1 = x + Rodimus(n1(x)); a = SWSKA(n2(r1)); f = FFN(n3(r1 + a))`, out `r1 + f`
   (code) or `r1 + a + f` (`rodimus_plus_residual="plain"`);
-- dijiang: GPT-NeoX parallel residual `x + attn(ln1(x)) + mlp(ln2(x))`.
-MLPs are SwiGLU (GELU for DiJiang's host) or, with `n_experts > 0`, a dropless MoE.
+- dijiang: GPT-NeoX parallel residual `x + attn(ln1(x)) + mlp(ln2(x))`; the other two-sub-layer
+  kinds use that form too with `parallel_residual=True` (a GPT-NeoX / Pythia host).
+MLPs are SwiGLU (GELU for DiJiang's host or with `mlp_kind="gelu"|"gelu_tanh"`) or, with
+`n_experts > 0`, a dropless MoE.
 
 Calls:
 - `model(tokens_BT, segment_ids=None)` -> float32 logits `[B, T, vocab]`;
@@ -45,7 +47,8 @@ def make_mixer(cfg: ModelConfig, kind: str, rngs: nnx.Rngs):
   if kind in ("transformer", "swa"):
     kv = cfg.n_kv_heads or cfg.n_heads
     return Attention(cfg.d_model, cfg.n_heads, kv, kv, cfg.attn_head_dim,
-                     window=cfg.window if kind == "swa" else None, out_scale=_out_scale(cfg), **kw)
+                     window=cfg.window if kind == "swa" else None, out_scale=_out_scale(cfg),
+                     use_bias=cfg.attn_bias, **kw)
   if kind in ("rodimus", "rodimus_plus"):
     return Rodimus(cfg, rngs=rngs)
   if kind in ("deltanet", "gated_deltanet"):
@@ -75,11 +78,12 @@ class Block(nnx.Module):
       self.mlp = None
     elif cfg.is_moe_layer(layer):
       self.mlp = MoE(cfg, rngs=rngs)
-    elif kind == "dijiang":
-      self.mlp = GeluMLP(d, cfg.mlp_hidden_size, **kw)
+    elif kind == "dijiang" or cfg.mlp_kind != "swiglu":
+      self.mlp = GeluMLP(d, cfg.mlp_hidden_size, approximate=cfg.mlp_kind == "gelu_tanh", **kw)
     else:
       self.mlp = SwiGLU(d, cfg.mlp_hidden_size, out_scale=_out_scale(cfg), **kw)
     self.plain_residual = cfg.rodimus_plus_residual == "plain"
+    self.parallel_residual = cfg.parallel_residual
 
   def _mlp(self, h, router_state, cell):
     if isinstance(self.mlp, MoE):
@@ -100,6 +104,9 @@ class Block(nnx.Module):
       f, router_state, stats = self._mlp(self.norm3(add(r1, a)), router_state, cell)
       x = add(add(r1, a), f) if self.plain_residual else add(r1, f)
     elif self.kind == "dijiang":   # parallel residual
+      f, router_state, stats = self._mlp(self.norm2(x), router_state, cell)
+      x = add(add(x, y), f)
+    elif self.parallel_residual:   # GPT-NeoX: both branches read the block input
       f, router_state, stats = self._mlp(self.norm2(x), router_state, cell)
       x = add(add(x, y), f)
     else:

@@ -1,0 +1,112 @@
+"""The pure train and eval steps: (state, batch) -> (state, metrics). No jit, no mesh here.
+
+A batch is a dict of [B, T] arrays: inputs, targets, segment_ids (int32), loss_mask (float32).
+The loss is the mean token cross-entropy over loss_mask, plus `z_loss * mean(logsumexp^2)`, plus
+the model's MoE auxiliary loss. With `grad_accum = k` the batch is split into k micro-batches
+(rows i*k + j form micro-batch j) whose gradients are summed with the same normalisation, so
+the update equals the one of the whole batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  grad_accum: int = 1
+  z_loss: float = 0.0
+  moe: bool = False            # call the model with return_aux=True and add "moe_aux_loss"
+  aux_loss_scale: float = 1.0  # multiplies the model's moe_aux_loss
+
+
+def token_stats(logits_BTV, targets_BT, mask_BT):
+  """-> (sum of cross-entropy, sum of logsumexp^2, number correct) over masked tokens (float32)."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  tgt_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  ce = jnp.sum((lse_BT - tgt_BT) * mask_BT)
+  z = jnp.sum(jnp.square(lse_BT) * mask_BT)
+  correct = jnp.sum((jnp.argmax(logits_BTV, -1) == targets_BT) * mask_BT)
+  return ce, z, correct
+
+
+def apply_model(graphdef, params, rest, batch, moe: bool):
+  model = nnx.merge(graphdef, params, rest) if rest else nnx.merge(graphdef, params)
+  if moe:
+    logits, aux = model(batch["inputs"], batch["segment_ids"], return_aux=True)
+    return logits, aux["moe_aux_loss"]
+  return model(batch["inputs"], batch["segment_ids"]), jnp.zeros((), jnp.float32)
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation,
+                    schedule: Callable, opts: StepOptions = StepOptions()):
+  """-> train_step(state, batch, rest) with state = {"params", "opt_state", "step"}."""
+  k = int(opts.grad_accum)
+
+  def micro_loss(params, rest, micro, n_tok):
+    logits, aux = apply_model(graphdef, params, rest, micro, opts.moe)
+    ce, z, correct = token_stats(logits, micro["targets"], micro["loss_mask"])
+    aux = opts.aux_loss_scale * aux.astype(jnp.float32)
+    loss = (ce + opts.z_loss * z) / n_tok + aux / k
+    return loss, (ce, aux, correct)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def train_step(state, batch, rest=None):
+    params = state["params"]
+    n_tok = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+    if k == 1:
+      (loss, (ce, aux, correct)), grads = grad_fn(params, rest, batch, n_tok)
+    else:
+      B = batch["inputs"].shape[0]
+      if B % k:
+        raise ValueError(f"batch size {B} is not divisible by grad_accum={k}")
+      micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((B // k, k) + x.shape[1:]), 0, 1),
+                           batch)
+
+      def body(carry, mb):
+        g_acc, l_acc, ce_acc, aux_acc, c_acc = carry
+        (l, (ce, aux, c)), g = grad_fn(params, rest, mb, n_tok)
+        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+        return (g_acc, l_acc + l, ce_acc + ce, aux_acc + aux / k, c_acc + c), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      z0 = jnp.zeros((), jnp.float32)
+      (grads, loss, ce, aux, correct), _ = jax.lax.scan(body, (zeros, z0, z0, z0, z0), micro)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    # A non-finite step changes nothing: the state stays the last good one.
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = {
+        "loss": ce / n_tok,
+        "total_loss": loss,
+        "aux_loss": aux,
+        "accuracy": correct / n_tok,
+        "grad_norm": grad_norm,
+        "lr": schedule(state["step"]),
+        "tokens": n_tok,
+        "finite": finite,
+    }
+    return new, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, moe: bool = False):
+  """-> eval_step(params, batch, rest) -> sums {"ce", "correct", "tokens"} over the batch."""
+
+  def eval_step(params, batch, rest=None):
+    logits, _ = apply_model(graphdef, params, rest, batch, moe)
+    ce, _, correct = token_stats(logits, batch["targets"], batch["loss_mask"])
+    return {"ce": ce, "correct": correct, "tokens": jnp.sum(batch["loss_mask"])}
+
+  return eval_step
