@@ -1,6 +1,8 @@
 """The one place where `impl` is resolved to a form of the recurrence, per platform."""
 from __future__ import annotations
 
+import os
+
 import jax
 
 IMPLS = ("auto", "scan", "chunk", "pallas")
@@ -21,3 +23,29 @@ def resolve_impl(impl: str, available: tuple[str, ...]) -> str:
   if impl not in available:
     raise ValueError(f"impl: {impl!r} is not available for this op (available: {available})")
   return impl
+
+
+def pallas_backend() -> str:
+  """The kernel backend for impl="pallas": Triton on GPU, Mosaic on TPU, interpret mode on CPU.
+
+  On CPU, PALLAS_KERNELS_INTERPRET=tpu runs the TPU kernels under TPU interpret
+  semantics instead of the generic interpreter.
+  """
+  platform = jax.default_backend()
+  if platform in ("gpu", "cuda", "rocm"):
+    return "triton"
+  if platform == "tpu":
+    return "tpu"
+  mode = os.environ.get("PALLAS_KERNELS_INTERPRET", "generic")
+  if mode not in ("generic", "tpu"):
+    raise ValueError(f"PALLAS_KERNELS_INTERPRET: expected 'generic' or 'tpu', got {mode!r}")
+  return "interpret" if mode == "generic" else "tpu_interpret"
+
+
+def check_pallas_shapes(backend: str, kd: int, vd: int, chunk_size: int) -> None:
+  """Triton tiles must be powers of two of at least 16 (tensor-core dot shapes)."""
+  if backend != "triton":
+    return
+  for name, size in (("K (q.shape[-1])", kd), ("V (v.shape[-1])", vd), ("chunk_size", chunk_size)):
+    if size < 16 or size & (size - 1):
+      raise ValueError(f"{name}: the GPU kernels need a power of two >= 16, got {size}")

@@ -42,6 +42,18 @@ def chunk_step(t: ChunkTerms, s_KV):
   return o_CV, s_KV
 
 
+def chunk_forward(chunk_terms, scale, q, k, v, gates, seg, prev, s_KV):
+  """One chunk of any family: (O, S_out)."""
+  return chunk_step(chunk_terms(q, k, v, gates, seg, prev, scale), s_KV)
+
+
+def chunk_vjp(chunk_terms, scale, q, k, v, gates, seg, prev, s_KV, do_CV, ds_KV):
+  """Pulls (dO, dS_out) back through one chunk: (dq, dk, dv, dgates, dS_in)."""
+  f = lambda q, k, v, gates, s: chunk_forward(chunk_terms, scale, q, k, v, gates, seg, prev, s)
+  _, vjp = jax.vjp(f, q, k, v, gates, s_KV)
+  return vjp((do_CV.astype(jnp.float32), ds_KV))
+
+
 def _chunk_major(tree):
   """[B, H, N, ...] -> [N, B, H, ...]: lax.scan walks the leading axis."""
   return jax.tree.map(lambda a: jnp.moveaxis(a, 2, 0), tree)
@@ -59,15 +71,12 @@ def make_chunked_op(chunk_terms: Callable[..., ChunkTerms]):
   understands. Outputs: `o` in v's dtype, the final state in float32.
   """
 
-  def one_chunk(scale, q, k, v, gates, seg, prev, s_KV):
-    return chunk_step(chunk_terms(q, k, v, gates, seg, prev, scale), s_KV)
-
   def over_bh(f):
     return jax.vmap(jax.vmap(f))
 
   def forward(scale, q, k, v, gates, s0, seg, prev):
     def step(s_BHKV, xs):
-      o, s_next = over_bh(functools.partial(one_chunk, scale))(*xs, s_BHKV)
+      o, s_next = over_bh(functools.partial(chunk_forward, chunk_terms, scale))(*xs, s_BHKV)
       return s_next, (o.astype(v.dtype), s_BHKV)
 
     s_final, (o, s_in) = jax.lax.scan(step, s0, _chunk_major((q, k, v, gates, seg, prev)))
@@ -86,13 +95,8 @@ def make_chunked_op(chunk_terms: Callable[..., ChunkTerms]):
     q, k, v, gates, seg, prev, s_in = residuals
     do, ds_final = cotangents
 
-    def chunk_grads(q, k, v, gates, seg, prev, s_KV, do_CV, ds_KV):
-      f = lambda q, k, v, gates, s: one_chunk(scale, q, k, v, gates, seg, prev, s)
-      _, vjp = jax.vjp(f, q, k, v, gates, s_KV)
-      return vjp((do_CV.astype(jnp.float32), ds_KV))
-
     def step(ds_BHKV, xs):
-      dq, dk, dv, dgates, ds_in = over_bh(chunk_grads)(*xs, ds_BHKV)
+      dq, dk, dv, dgates, ds_in = over_bh(functools.partial(chunk_vjp, chunk_terms, scale))(*xs, ds_BHKV)
       return ds_in, (dq, dk, dv, dgates)
 
     xs = _chunk_major((q, k, v, gates, seg, prev)) + (s_in, _chunk_major(do))

@@ -81,3 +81,13 @@ def masked_exp(x, mask):
   """exp(x) where mask, else exactly 0, with a finite gradient everywhere."""
   return jnp.exp(jnp.where(mask, x, -jnp.inf))
 
+
+
+def run_chunked(op, q, k, v, gates, *, s0, segment_ids, chunk_size):
+  """Pads and chunks [B, T, H, *] inputs, runs `op(q, k, v, gates, s0, seg, seg_prev)` on
+  [B, H, N, C, *] chunks, and returns (o [B, T, H, V], final state)."""
+  b, t, h, _ = q.shape
+  seg, prev = segment_chunks(segment_ids, b, t, h, chunk_size)
+  chunked = lambda x: to_chunks(x, chunk_size)
+  o, s_final = op(chunked(q), chunked(k), chunked(v), tuple(map(chunked, gates)), s0, seg, prev)
+  return from_chunks(o, t), s_final

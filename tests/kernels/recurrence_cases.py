@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +44,15 @@ def make_inputs(seed, variant, *, b=2, t=37, h=2, kd=16, vd=24, dtype=jnp.float3
 
 @functools.partial(jax.jit, static_argnames=("variant", "impl", "chunk_size"))
 def run(variant, impl, inputs, *, chunk_size=64, segment_ids=None):
-  """Calls the op of `variant` on `inputs`; returns (o, final_state)."""
+  """Calls the op of `variant` on `inputs`; returns (o, final_state).
+
+  `impl` is an op impl, or "pallas:generic" / "pallas:tpu" for the Pallas kernels in interpret mode.
+  """
   family, _ = VARIANTS[variant]
+  if impl.startswith("pallas:"):
+    # "pallas:generic" / "pallas:tpu": the interpreter the CPU runs the kernels under. `impl`
+    # is a static jit argument, so each mode traces (and reads the variable) separately.
+    impl, os.environ["PALLAS_KERNELS_INTERPRET"] = impl.split(":")
   common = dict(initial_state=inputs.get("s0"), return_final_state=True, segment_ids=segment_ids,
                 impl=impl, chunk_size=chunk_size)
   if family == "gla":

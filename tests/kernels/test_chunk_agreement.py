@@ -14,13 +14,13 @@ from tests.kernels.recurrence_cases import VARIANTS, as_f32, grads, make_inputs,
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
 
 
-def check_against_reference(variant, inputs, tol, chunk_sizes, seed, segment_ids=None):
-  """Forward and all gradients (q, k, v, g/beta, initial_state) of `chunk` vs the f32 scan."""
+def check_against_reference(variant, inputs, tol, chunk_sizes, seed, segment_ids=None, impl="chunk"):
+  """Forward and all gradients (q, k, v, g/beta, initial_state) of `impl` vs the f32 scan."""
   cts = random_cotangents(seed, *jax.eval_shape(
       lambda: run(variant=variant, impl="scan", inputs=as_f32(inputs), segment_ids=segment_ids)))
   ref_o, ref_s, ref_d = grads(variant=variant, impl="scan", inputs=as_f32(inputs), cotangents=cts, segment_ids=segment_ids)
   for c in chunk_sizes:
-    o, s, d = grads(variant=variant, impl="chunk", inputs=inputs, cotangents=cts, chunk_size=c, segment_ids=segment_ids)
+    o, s, d = grads(variant=variant, impl=impl, inputs=inputs, cotangents=cts, chunk_size=c, segment_ids=segment_ids)
     assert o.dtype == inputs["v"].dtype and s.dtype == jnp.float32
     assert_rel_close(f"o (C={c})", ref_o, o, tol)
     assert_rel_close(f"final_state (C={c})", ref_s, s, tol)

@@ -5,11 +5,12 @@ import jax.numpy as jnp
 
 from pallas_kernels import _checks
 from pallas_kernels.ops.delta_rule.chunk import delta_rule_chunk
+from pallas_kernels.ops.delta_rule.pallas import delta_rule_pallas
 from pallas_kernels.ops.delta_rule.scan import delta_rule_scan
 from pallas_kernels.ops.delta_rule.step import delta_rule_step_f32
 from pallas_kernels.dispatch import resolve_impl
 
-_FORMS = {"scan": delta_rule_scan, "chunk": delta_rule_chunk}
+_FORMS = {"scan": delta_rule_scan, "chunk": delta_rule_chunk, "pallas": delta_rule_pallas}
 
 
 def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None, return_final_state=False,

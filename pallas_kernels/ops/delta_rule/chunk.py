@@ -6,12 +6,13 @@ W = T (K * exp(b)), U = T V; the shared driver in common/chunked.py does the res
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common.chunked import ChunkTerms, make_chunked_op
-from pallas_kernels.common.chunking import (chunk_masks, from_chunks, masked_exp,
-                                            segment_chunks, to_chunks)
+from pallas_kernels.common.chunking import chunk_masks, masked_exp, run_chunked
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -42,13 +43,12 @@ def delta_rule_chunk_terms(q_CK, k_CK, v_CV, gates, seg_C, seg_prev, scale) -> C
 _delta_rule_chunked = make_chunked_op(delta_rule_chunk_terms)
 
 
+def delta_rule_gates(beta, g):
+  """The delta rule's gate tuple; ungated is a zero log decay."""
+  return (beta, jnp.zeros(beta.shape, jnp.float32) if g is None else g)
+
+
 def delta_rule_chunk(q, k, v, beta, g, *, scale, s0, segment_ids, chunk_size):
   """Chunked (gated) delta rule on [B, T, H, *] inputs; g None or [B,T,H]."""
-  b, t, h, _ = q.shape
-  if g is None:
-    g = jnp.zeros((b, t, h), jnp.float32)
-  seg, prev = segment_chunks(segment_ids, b, t, h, chunk_size)
-  chunked = lambda x: to_chunks(x, chunk_size)
-  o, s_final = _delta_rule_chunked(
-      scale, chunked(q), chunked(k), chunked(v), (chunked(beta), chunked(g)), s0, seg, prev)
-  return from_chunks(o, t), s_final
+  return run_chunked(functools.partial(_delta_rule_chunked, scale), q, k, v, delta_rule_gates(beta, g),
+                     s0=s0, segment_ids=segment_ids, chunk_size=chunk_size)

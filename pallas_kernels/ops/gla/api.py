@@ -6,10 +6,11 @@ import jax.numpy as jnp
 from pallas_kernels import _checks
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.ops.gla.chunk import SUB_CHUNK, gla_chunk
+from pallas_kernels.ops.gla.pallas import gla_pallas
 from pallas_kernels.ops.gla.scan import gla_scan
 from pallas_kernels.ops.gla.step import gla_step_f32
 
-_FORMS = {"scan": gla_scan, "chunk": gla_chunk}
+_FORMS = {"scan": gla_scan, "chunk": gla_chunk, "pallas": gla_pallas}
 
 
 def gla(q, k, v, g=None, *, scale=None, initial_state=None, return_final_state=False,

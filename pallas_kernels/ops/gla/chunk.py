@@ -9,12 +9,13 @@ boundary that keeps both factors <= 1.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common.chunked import ChunkTerms, make_chunked_op
-from pallas_kernels.common.chunking import (chunk_masks, from_chunks, masked_exp,
-                                            segment_chunks, to_chunks)
+from pallas_kernels.common.chunking import chunk_masks, masked_exp, run_chunked
 
 SUB_CHUNK = 16
 _HI = jax.lax.Precision.HIGHEST
@@ -70,12 +71,12 @@ def gla_chunk_terms(q_CK, k_CK, v_CV, gates, seg_C, seg_prev, scale) -> ChunkTer
 _gla_chunked = make_chunked_op(gla_chunk_terms)
 
 
+def gla_gates(g, q):
+  """GLA's gate tuple; no decay is a zero scalar log decay."""
+  return (jnp.zeros(q.shape[:3], jnp.float32) if g is None else g,)
+
+
 def gla_chunk(q, k, v, g, *, scale, s0, segment_ids, chunk_size):
   """Chunked GLA on [B, T, H, *] inputs; g None, [B,T,H] or [B,T,H,K]."""
-  b, t, h, _ = q.shape
-  if g is None:
-    g = jnp.zeros((b, t, h), jnp.float32)
-  seg, prev = segment_chunks(segment_ids, b, t, h, chunk_size)
-  chunked = lambda x: to_chunks(x, chunk_size)
-  o, s_final = _gla_chunked(scale, chunked(q), chunked(k), chunked(v), (chunked(g),), s0, seg, prev)
-  return from_chunks(o, t), s_final
+  return run_chunked(functools.partial(_gla_chunked, scale), q, k, v, gla_gates(g, q),
+                     s0=s0, segment_ids=segment_ids, chunk_size=chunk_size)
