@@ -21,8 +21,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-_HI = jax.lax.Precision.HIGHEST
-
+from pallas_kernels.common.chunking import matmul_precision
 
 class ChunkTerms(NamedTuple):
   """One chunk's terms (float32); scale is already folded into qe and p."""
@@ -34,17 +33,18 @@ class ChunkTerms(NamedTuple):
   w_CK: Optional[jax.Array]  # T (k * exp(b)) (delta rule) or None (GLA)
 
 
-def chunk_step(t: ChunkTerms, s_KV):
+def chunk_step(t: ChunkTerms, s_KV, precision):
   """(O, S_out) of one chunk from its terms and incoming state."""
-  x_CV = t.u_CV if t.w_CK is None else t.u_CV - jnp.dot(t.w_CK, s_KV, precision=_HI)
-  o_CV = jnp.dot(t.qe_CK, s_KV, precision=_HI) + jnp.dot(t.p_CC, x_CV, precision=_HI)
-  s_KV = t.decay_K[:, None] * s_KV + jnp.dot(t.kd_CK.T, x_CV, precision=_HI)
+  dot = lambda a, b: jnp.dot(a, b, precision=precision)
+  x_CV = t.u_CV if t.w_CK is None else t.u_CV - dot(t.w_CK, s_KV)
+  o_CV = dot(t.qe_CK, s_KV) + dot(t.p_CC, x_CV)
+  s_KV = t.decay_K[:, None] * s_KV + dot(t.kd_CK.T, x_CV)
   return o_CV, s_KV
 
 
 def chunk_forward(chunk_terms, scale, q, k, v, gates, seg, prev, s_KV):
   """One chunk of any family: (O, S_out)."""
-  return chunk_step(chunk_terms(q, k, v, gates, seg, prev, scale), s_KV)
+  return chunk_step(chunk_terms(q, k, v, gates, seg, prev, scale), s_KV, matmul_precision(q.dtype))
 
 
 def chunk_vjp(chunk_terms, scale, q, k, v, gates, seg, prev, s_KV, do_CV, ds_KV):

@@ -5,6 +5,7 @@ N number of chunks, C chunk size.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -91,3 +92,9 @@ def run_chunked(op, q, k, v, gates, *, s0, segment_ids, chunk_size):
   chunked = lambda x: to_chunks(x, chunk_size)
   o, s_final = op(chunked(q), chunked(k), chunked(v), tuple(map(chunked, gates)), s0, seg, prev)
   return from_chunks(o, t), s_final
+
+
+def matmul_precision(input_dtype):
+  """Full float32 matmuls for float32 inputs; for bf16 inputs the accelerator's fast float32
+  path (TF32 on GPUs), whose rounding is below the inputs' own."""
+  return jax.lax.Precision.HIGHEST if input_dtype == jnp.float32 else jax.lax.Precision.DEFAULT

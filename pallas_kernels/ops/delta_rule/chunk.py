@@ -12,12 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common.chunked import ChunkTerms, make_chunked_op
-from pallas_kernels.common.chunking import chunk_masks, masked_exp, run_chunked
-
-_HI = jax.lax.Precision.HIGHEST
-
+from pallas_kernels.common.chunking import chunk_masks, masked_exp, matmul_precision, run_chunked
 
 def delta_rule_chunk_terms(q_CK, k_CK, v_CV, gates, seg_C, seg_prev, scale) -> ChunkTerms:
+  prec = matmul_precision(q_CK.dtype)
   beta_C, g_C = (x.astype(jnp.float32) for x in gates)
   q_CK, k_CK, v_CV = (x.astype(jnp.float32) for x in (q_CK, k_CK, v_CV))
   c, kd = k_CK.shape
@@ -25,14 +23,14 @@ def delta_rule_chunk_terms(q_CK, k_CK, v_CV, gates, seg_C, seg_prev, scale) -> C
   b_C = jnp.cumsum(g_C)
   gamma_CC = masked_exp(b_C[:, None] - b_C[None, :], causal_CC)
 
-  a_CC = jnp.tril(beta_C[:, None] * jnp.dot(k_CK, k_CK.T, precision=_HI) * gamma_CC, -1)
+  a_CC = jnp.tril(beta_C[:, None] * jnp.dot(k_CK, k_CK.T, precision=prec) * gamma_CC, -1)
   ke_CK = k_CK * (jnp.exp(b_C) * in_C)[:, None]
   rhs = beta_C[:, None] * jnp.concatenate([ke_CK, v_CV], axis=1)
   wu = jax.scipy.linalg.solve_triangular(
       jnp.eye(c, dtype=jnp.float32) + a_CC, rhs, lower=True, unit_diagonal=True)
   return ChunkTerms(
       qe_CK=scale * q_CK * (jnp.exp(b_C) * in_C)[:, None],
-      p_CC=scale * jnp.dot(q_CK, k_CK.T, precision=_HI) * gamma_CC,
+      p_CC=scale * jnp.dot(q_CK, k_CK.T, precision=prec) * gamma_CC,
       kd_CK=k_CK * (jnp.exp(b_C[-1] - b_C) * out_C)[:, None],
       decay_K=jnp.broadcast_to(jnp.exp(b_C[-1]) * in_C[-1], (kd,)),
       u_CV=wu[:, kd:],

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common.chunked import ChunkTerms, make_chunked_op
-from pallas_kernels.common.chunking import chunk_masks, masked_exp, run_chunked
+from pallas_kernels.common.chunking import chunk_masks, masked_exp, matmul_precision, run_chunked
 
 SUB_CHUNK = 16
-_HI = jax.lax.Precision.HIGHEST
 
 
-def _scores_scalar(q_CK, k_CK, b_C, causal_CC):
-  return jnp.dot(q_CK, k_CK.T, precision=_HI) * masked_exp(b_C[:, None] - b_C[None, :], causal_CC)
+def _scores_scalar(q_CK, k_CK, b_C, causal_CC, prec):
+  return jnp.dot(q_CK, k_CK.T, precision=prec) * masked_exp(b_C[:, None] - b_C[None, :], causal_CC)
 
 
-def _scores_per_dim(q_CK, k_CK, b_CK, causal_CC):
+def _scores_per_dim(q_CK, k_CK, b_CK, causal_CC, prec):
   c, kd = q_CK.shape
   sub = min(SUB_CHUNK, c)
   n = c // sub
@@ -34,13 +32,13 @@ def _scores_per_dim(q_CK, k_CK, b_CK, causal_CC):
 
   diag_mask = mask_nsns[jnp.arange(n), :, jnp.arange(n), :]
   e_nttK = masked_exp(b_nsK[:, :, None, :] - b_nsK[:, None, :, :], diag_mask[..., None])
-  diag_ntt = jnp.einsum("itd,isd,itsd->its", q_nsK, k_nsK, e_nttK, precision=_HI)
+  diag_ntt = jnp.einsum("itd,isd,itsd->its", q_nsK, k_nsK, e_nttK, precision=prec)
 
   ref_nK = jnp.concatenate([jnp.zeros((1, kd), b_CK.dtype), b_nsK[:-1, -1, :]])
   q_ref = q_nsK * jnp.exp(b_nsK - ref_nK[:, None, :])
   below = (jnp.arange(n)[:, None] > jnp.arange(n)[None, :])[:, :, None, None]
   k_ref = k_nsK[None] * masked_exp(ref_nK[:, None, None, :] - b_nsK[None], below)
-  off_nsns = jnp.einsum("itd,ijsd->itjs", q_ref, k_ref, precision=_HI)
+  off_nsns = jnp.einsum("itd,ijsd->itjs", q_ref, k_ref, precision=prec)
 
   # A select, not a multiply by eye(n): the multiply form corrupted memory under jit in jax 0.10.2 (CPU).
   scores = jnp.where(jnp.eye(n, dtype=bool)[:, None, :, None], diag_ntt[:, :, None, :], off_nsns)
@@ -49,14 +47,15 @@ def _scores_per_dim(q_CK, k_CK, b_CK, causal_CC):
 
 def gla_chunk_terms(q_CK, k_CK, v_CV, gates, seg_C, seg_prev, scale) -> ChunkTerms:
   (g,) = gates
+  prec = matmul_precision(q_CK.dtype)
   q_CK, k_CK, v_CV, g = (x.astype(jnp.float32) for x in (q_CK, k_CK, v_CV, g))
   in_C, out_C, causal_CC = chunk_masks(seg_C, seg_prev)
   b = jnp.cumsum(g, axis=0)
   if g.ndim == 1:
-    p_CC = _scores_scalar(q_CK, k_CK, b, causal_CC)
+    p_CC = _scores_scalar(q_CK, k_CK, b, causal_CC, prec)
     b_CK = b[:, None]
   else:
-    p_CC = _scores_per_dim(q_CK, k_CK, b, causal_CC)
+    p_CC = _scores_per_dim(q_CK, k_CK, b, causal_CC, prec)
     b_CK = b
   return ChunkTerms(
       qe_CK=scale * q_CK * jnp.exp(b_CK) * in_C[:, None],
