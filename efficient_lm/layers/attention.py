@@ -1,4 +1,5 @@
-"""Causal softmax attention through `jax.nn.dot_product_attention` (cuDNN on GPU, XLA elsewhere).
+"""Causal softmax attention through `efficient_lm.kernels.dot_product_attention`: cuDNN on NVIDIA
+GPUs, tokamax on TPU, XLA elsewhere (decode steps always take XLA).
 
 One module covers the three variants the models need:
 - global attention (Transformer++), with grouped key/value heads;
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_lm import kernels
 from efficient_lm.layers.core import Dense, normal, scaled
 from efficient_lm.layers.rope import apply_rope
 
@@ -50,23 +52,21 @@ class Attention(nnx.Module):
     k = apply_rope(k, pos_BT, self.rope_base, self.rot_dim)
     return q, k, v
 
-  def _attend(self, q, k, v, mask, is_causal, window):
+  def _attend(self, q, k, v, mask, is_causal, window, impl="auto"):
     k = jnp.repeat(k, self.n_v_heads // self.n_k_heads, axis=2)  # SW-SKA: share the key head
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, local_window_size=window,
-                                     scale=self.head_dim ** -0.5)
+    o = kernels.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, window=window,
+                                      scale=self.head_dim ** -0.5, impl=impl)
     return self.o_proj(o.reshape(*o.shape[:2], -1))
 
   def __call__(self, x_BTD, seg_BT, pos_BT):
     q, k, v = self._qkv(x_BTD, pos_BT)
     mask = None if seg_BT is None else (seg_BT[:, :, None] == seg_BT[:, None, :])[:, None]
-    window = None if self.window is None else (self.window, 0)
-    return self._attend(q, k, v, mask, True, window)
+    return self._attend(q, k, v, mask, True, self.window)
 
   def prefill(self, x_BTD, pos_BT, max_len: int):
     """Forward over one document per row, returning the decode cache after it."""
     q, k, v = self._qkv(x_BTD, pos_BT)
-    window = None if self.window is None else (self.window, 0)
-    y = self._attend(q, k, v, None, True, window)
+    y = self._attend(q, k, v, None, True, self.window)
     t = x_BTD.shape[1]
     if self.window is None:
       pad = ((0, 0), (0, max_len - t), (0, 0), (0, 0))
@@ -93,7 +93,8 @@ class Attention(nnx.Module):
       slot = pos % w
       new_cache = {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), slot, axis=1),
                    "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), slot, axis=1)}
-    y = self._attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), valid_S[None, None, None, :], False, None)
+    y = self._attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), valid_S[None, None, None, :], False, None,
+                     impl="xla")
     return y[:, 0], new_cache
 
   def init_cache(self, batch_size: int, max_len: int):

@@ -1,7 +1,9 @@
 """Dropless top-k mixture of SwiGLU experts.
 
-Every (token, choice) pair is computed: pairs are sorted by expert and the three expert
-matmuls are `jax.lax.ragged_dot` over the expert groups, so no capacity and no dropped tokens.
+Every (token, choice) pair is computed: pairs are sorted by expert and the expert matmuls are
+ragged dots over the expert groups (gate and up fused into one), so no capacity and no dropped
+tokens. The ragged dot is `efficient_lm.kernels.ragged_dot`: tokamax's Mosaic kernel on Hopper
+GPUs and TPUs, `jax.lax.ragged_dot` elsewhere.
 Routing: softmax over all experts in float32, top-k, weights renormalised over the k chosen.
 The layer returns routing statistics; the LM sums them over all MoE layers into the Mixtral
 load-balancing loss `E * sum_e f_e P_e` (`f_e`: fraction of tokens that chose e among their k
@@ -13,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_lm import kernels
 from efficient_lm.layers.core import normal, param
 from efficient_lm.layers.mlp import SwiGLU
 from efficient_lm.layers.router import LinearRouter, RecurrentRouter
@@ -25,16 +28,19 @@ def route(logits_NE, top_k: int):
   return probs, idx, top_p / jnp.sum(top_p, axis=-1, keepdims=True)
 
 
-def expert_mlp(x_ND, expert_idx_NK, weights_NK, w_gate_EDH, w_up_EDH, w_down_EHD):
-  """Dropless dispatch: sort the N*k pairs by expert, ragged matmuls, unsort, weighted sum."""
+def expert_mlp(x_ND, expert_idx_NK, weights_NK, w_gate_EDH, w_up_EDH, w_down_EHD, *, impl: str = "auto"):
+  """Dropless dispatch: sort the N*k pairs by expert, ragged matmuls, unsort, weighted sum.
+  impl: the ragged-dot kernel ("auto", "xla", "tokamax"; see `efficient_lm.kernels`)."""
   n, k = expert_idx_NK.shape
   n_experts = w_gate_EDH.shape[0]
   flat_expert = expert_idx_NK.reshape(-1)
   order = jnp.argsort(flat_expert, stable=True)
   x_sorted = x_ND[order // k]                                   # pair p belongs to token p // k
   sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
-  h = jax.nn.silu(jax.lax.ragged_dot(x_sorted, w_gate_EDH, sizes)) * jax.lax.ragged_dot(x_sorted, w_up_EDH, sizes)
-  y_sorted = jax.lax.ragged_dot(h, w_down_EHD, sizes)
+  hid = w_gate_EDH.shape[-1]
+  gate_up = kernels.ragged_dot(x_sorted, jnp.concatenate([w_gate_EDH, w_up_EDH], axis=-1), sizes, impl=impl)
+  h = jax.nn.silu(gate_up[:, :hid]) * gate_up[:, hid:]
+  y_sorted = kernels.ragged_dot(h, w_down_EHD, sizes, impl=impl)
   y_pairs = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(n, k, -1)
   return jnp.einsum("nkd,nk->nd", y_pairs.astype(jnp.float32), weights_NK).astype(x_ND.dtype)
 

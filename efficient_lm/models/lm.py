@@ -17,6 +17,11 @@ Calls:
   `aux["moe_aux_loss"]` = `aux_loss_coef * load_balance` (add it to the training loss; zero for
   dense models) and `aux["moe_load_balance"]` = the unscaled `E * sum_e f_e P_e` over all MoE
   layers' tokens together.
+- `model.hidden(tokens_BT, segment_ids=None, return_aux=False)` -> the normalised final hidden
+  states `[B, T, D]` (compute dtype; `(h, aux)` with return_aux) and `model.head_weight()` ->
+  `(w, layout)`: logits = h @ w for layout "dv" (`[D, V]`), h @ w.T for "vd" (the tied
+  embedding), in the compute dtype with float32 accumulation. The training loss uses these with
+  `efficient_lm.kernels.chunked_token_stats` so the `[B, T, vocab]` logits never exist at once.
 - `model.init_cache(batch_size, max_len)`, `model.prefill(tokens_BT, max_len) -> (logits, cache)`
   (one document per row, empty cache), `model.decode(tokens_B1, cache) -> (logits_B1V, cache)`.
 """
@@ -165,6 +170,25 @@ class LM(nnx.Module):
     return None if self.router_cell is None else jnp.zeros((n_tokens, self.config.router_dim), jnp.float32)
 
   def __call__(self, tokens_BT, segment_ids=None, *, return_aux: bool = False):
+    x, stats = self._trunk(tokens_BT, segment_ids)
+    logits = self._logits(x)
+    return (logits, self._aux(stats)) if return_aux else logits
+
+  def hidden(self, tokens_BT, segment_ids=None, *, return_aux: bool = False):
+    """Normalised final hidden states [B, T, D] in the head's compute dtype (the logits are
+    `h @ w` with `head_weight()`)."""
+    x, stats = self._trunk(tokens_BT, segment_ids)
+    w, _ = self.head_weight()
+    h = self.norm_f(x).astype(w.dtype)
+    return (h, self._aux(stats)) if return_aux else h
+
+  def head_weight(self):
+    """-> (w, layout): the LM head in its compute dtype; layout "vd" ([V, D], tied) or "dv"."""
+    if self.lm_head is None:
+      return self.embed.embedding[...].astype(self.embed.dtype), "vd"
+    return self.lm_head[...].astype(self.config.compute_dtype), "dv"
+
+  def _trunk(self, tokens_BT, segment_ids):
     b, t = tokens_BT.shape
     x = self.embed(tokens_BT).astype(self.config.stream_dtype)
     pos_BT = positions(segment_ids, b, t)
@@ -174,15 +198,15 @@ class LM(nnx.Module):
       x, router_state, s = block(x, segment_ids, pos_BT, router_state, self.router_cell)
       if s is not None:
         stats.append(s)
-    logits = self._logits(x)
-    if not return_aux:
-      return logits
+    return x, stats
+
+  def _aux(self, stats):
     aux = {"moe_aux_loss": jnp.zeros((), jnp.float32), "moe_load_balance": jnp.zeros((), jnp.float32)}
     if stats:
       total = jax.tree.map(lambda *xs: sum(xs), *stats)
       lb = load_balancing_loss(total["counts"], total["prob_sum"], total["tokens"])
       aux = {"moe_aux_loss": self.config.aux_loss_coef * lb, "moe_load_balance": lb}
-    return logits, aux
+    return aux
 
   def init_cache(self, batch_size: int, max_len: int):
     """Decode state: `pos` (tokens seen) and one cache per layer (see models/cache.py)."""

@@ -2,7 +2,10 @@
 
 A batch is a dict of [B, T] arrays: inputs, targets, segment_ids (int32), loss_mask (float32).
 The loss is the mean token cross-entropy over loss_mask, plus `z_loss * mean(logsumexp^2)`, plus
-the model's MoE auxiliary loss. With `grad_accum = k` the batch is split into k micro-batches
+the model's MoE auxiliary loss. By default the head and the loss run chunked over tokens
+(`efficient_lm.kernels.chunked_token_stats`, `StepOptions.loss_chunk_size` tokens at a time),
+so the float32 [tokens, vocab] logits never exist at once; `loss_chunk_size=0` takes the plain
+path through `model(...)` logits. With `grad_accum = k` the batch is split into k micro-batches
 (rows i*k + j form micro-batch j) whose gradients are summed with the same normalisation, so
 the update equals the one of the whole batch.
 """
@@ -16,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from efficient_lm.kernels import chunked_token_stats
+
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
@@ -23,6 +28,7 @@ class StepOptions:
   z_loss: float = 0.0
   moe: bool = False            # call the model with return_aux=True and add "moe_aux_loss"
   aux_loss_scale: float = 1.0  # multiplies the model's moe_aux_loss
+  loss_chunk_size: int = 1024  # tokens per chunk of the head + loss; 0: plain full logits
 
 
 def token_stats(logits_BTV, targets_BT, mask_BT):
@@ -34,6 +40,20 @@ def token_stats(logits_BTV, targets_BT, mask_BT):
   z = jnp.sum(jnp.square(lse_BT) * mask_BT)
   correct = jnp.sum((jnp.argmax(logits_BTV, -1) == targets_BT) * mask_BT)
   return ce, z, correct
+
+
+def model_token_stats(graphdef, params, rest, batch, moe: bool, chunk_size: int):
+  """-> ((sum CE, sum logsumexp^2, number correct), moe aux loss); chunked when the model has
+  `hidden`/`head_weight` and chunk_size > 0, else through the full logits."""
+  model = nnx.merge(graphdef, params, rest) if rest else nnx.merge(graphdef, params)
+  if chunk_size <= 0 or not hasattr(model, "hidden"):
+    logits, aux = apply_model(graphdef, params, rest, batch, moe)
+    return token_stats(logits, batch["targets"], batch["loss_mask"]), aux
+  h_BTD, aux = model.hidden(batch["inputs"], batch["segment_ids"], return_aux=True)
+  w, layout = model.head_weight()
+  stats = chunked_token_stats(h_BTD.reshape(-1, h_BTD.shape[-1]), w, batch["targets"].reshape(-1),
+                              batch["loss_mask"].reshape(-1), w_layout=layout, chunk_size=chunk_size)
+  return stats, (aux["moe_aux_loss"] if moe else jnp.zeros((), jnp.float32))
 
 
 def apply_model(graphdef, params, rest, batch, moe: bool):
@@ -50,8 +70,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
   k = int(opts.grad_accum)
 
   def micro_loss(params, rest, micro, n_tok):
-    logits, aux = apply_model(graphdef, params, rest, micro, opts.moe)
-    ce, z, correct = token_stats(logits, micro["targets"], micro["loss_mask"])
+    (ce, z, correct), aux = model_token_stats(graphdef, params, rest, micro, opts.moe, opts.loss_chunk_size)
     aux = opts.aux_loss_scale * aux.astype(jnp.float32)
     loss = (ce + opts.z_loss * z) / n_tok + aux / k
     return loss, (ce, aux, correct)
@@ -101,12 +120,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(graphdef, moe: bool = False):
+def make_eval_step(graphdef, moe: bool = False, loss_chunk_size: int = 1024):
   """-> eval_step(params, batch, rest) -> sums {"ce", "correct", "tokens"} over the batch."""
 
   def eval_step(params, batch, rest=None):
-    logits, _ = apply_model(graphdef, params, rest, batch, moe)
-    ce, _, correct = token_stats(logits, batch["targets"], batch["loss_mask"])
+    (ce, _, correct), _ = model_token_stats(graphdef, params, rest, batch, moe, loss_chunk_size)
     return {"ce": ce, "correct": correct, "tokens": jnp.sum(batch["loss_mask"])}
 
   return eval_step
