@@ -109,6 +109,9 @@ def read_parquet(path: str, field: str = "text") -> list[str]:
       except pa.ArrowInvalid:
         table = pa.ipc.open_stream(path).read_all()
     else:
+      columns = pa.parquet.read_schema(path).names
+      if field not in columns:
+        raise DataError(f"{path!r} has no column {field!r} (columns: {columns})")
       table = pa.parquet.read_table(path, columns=[field])
   except (pa.ArrowInvalid, OSError) as e:
     raise DataError(f"cannot read {path!r} as parquet/arrow: {e}") from None

@@ -3,6 +3,7 @@ iterator continues exactly, process shards are disjoint and cover each global ba
 inputs give clear errors."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -164,16 +165,33 @@ def test_jsonl_source(tmp_path):
     read_documents("jsonl", str(bad))
 
 
-def test_parquet_without_pyarrow_is_a_clear_error(tmp_path):
-  try:
-    import pyarrow  # noqa: F401
-    pytest.skip("pyarrow installed")
-  except ImportError:
-    pass
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` fail
+  monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
   p = tmp_path / "x.parquet"
   p.write_bytes(b"PAR1")
   with pytest.raises(DataError, match="pip install pyarrow"):
     read_documents("parquet", str(p))
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_parquet_and_arrow_sources(tmp_path, suffix):
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq
+  texts = ["first document " * 5, "", "second one " * 7, "third " * 9]
+  table = pa.table({"text": texts, "id": list(range(len(texts)))})
+  path = str(tmp_path / f"docs{suffix}")
+  if suffix == ".parquet":
+    pq.write_table(table, path)
+  else:
+    with pa.ipc.new_file(path, table.schema) as writer:
+      writer.write_table(table)
+  assert read_documents("parquet" if suffix == ".parquet" else "arrow", path) == [t for t in texts if t]
+  d = Data(DataConfig(source="parquet" if suffix == ".parquet" else "arrow", path=path,
+                      tokenizer="bytes", seq_len=8, eval_fraction=0.25))
+  assert len(d.train_source) > 0 and len(d.eval_source) > 0
+  with pytest.raises(DataError, match="no column 'body'"):
+    read_documents("parquet" if suffix == ".parquet" else "arrow", path, field="body")
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
