@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels.dispatch import resolve_impl
+from pallas_kernels.dispatch import check_pallas_shapes, resolve_impl
 from tests.conftest import assert_rel_close
 from tests.kernels.recurrence_cases import make_inputs
 
@@ -31,7 +31,6 @@ beta = jnp.full((B, T, H), 0.5)
     (lambda: pk.gla(q, k, v, jnp.zeros((B, T, H, K + 1))), r"g: expected None, shape"),
     (lambda: pk.gla(q, k, v, jnp.zeros((B, T))), r"g: expected None, shape"),
     (lambda: pk.gla(q, k, v, impl="fast"), r"impl: expected one of"),
-    (lambda: pk.gla(q, k, v, impl="pallas"), r"impl: 'pallas' is not available"),
     (lambda: pk.gla(q, k, v, initial_state=jnp.zeros((B, H, V, K))), r"initial_state: expected shape"),
     (lambda: pk.gla(q, k, v, segment_ids=jnp.zeros((B, T + 1), jnp.int32)), r"segment_ids: expected shape"),
     (lambda: pk.gla(q, k, v, segment_ids=jnp.zeros((B, T))), r"segment_ids: expected an integer dtype"),
@@ -49,6 +48,13 @@ beta = jnp.full((B, T, H), 0.5)
 def test_bad_arguments_raise_value_error_naming_them(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+@pytest.mark.parametrize("kd, vd, chunk, name", [(24, 64, 64, "K"), (64, 8, 64, "V"), (64, 64, 48, "chunk_size")])
+def test_gpu_kernel_shape_limits_are_clear_errors(kd, vd, chunk, name):
+  check_pallas_shapes("triton", 64, 64, 64)  # the benchmark shapes pass
+  with pytest.raises(ValueError, match=rf"{name}.*power of two >= 16, got"):
+    check_pallas_shapes("triton", kd, vd, chunk)
 
 
 def test_error_message_shows_the_shapes():
