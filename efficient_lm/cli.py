@@ -1,6 +1,7 @@
 """`elm`: train, evaluate, sample, benchmark, list presets.
 
   elm train [--config NAME|FILE] [--workdir DIR] [--set key=value ...] [key=value ...]
+            [--coordinator-address HOST:PORT --num-processes N --process-id I]
   elm eval --workdir DIR [--step N]
   elm generate --workdir DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
   elm bench [--config NAME] [--set key=value ...] [--steps N]
@@ -30,13 +31,27 @@ def _load_cfg(args):
   return apply_overrides(get_run(args.config or DEFAULT_RUN), _overrides(args))
 
 
+def _distributed_config(args):
+  """Flags override the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, ...)."""
+  import dataclasses
+
+  from efficient_lm import sharding
+  env = sharding.distributed_from_env()
+  over = {k: v for k, v in (
+      ("coordinator_address", args.coordinator_address), ("num_processes", args.num_processes),
+      ("process_id", args.process_id),
+      ("local_device_ids", tuple(int(x) for x in args.local_device_ids.split(","))
+       if args.local_device_ids else None)) if v is not None}
+  return dataclasses.replace(env, **over)
+
+
 def cmd_train(args) -> int:
   from efficient_lm import sharding
   from efficient_lm.training.config import DEFAULT_RUN
   from efficient_lm.training.loop import NonFiniteLossError, train
 
   cfg = _load_cfg(args)
-  sharding.maybe_initialize_distributed()
+  sharding.maybe_initialize_distributed(_distributed_config(args), force=args.distributed)
   name = os.path.splitext(os.path.basename(args.config or DEFAULT_RUN))[0]
   workdir = args.workdir or os.path.join("runs", name)
   try:
@@ -171,6 +186,18 @@ def parser() -> argparse.ArgumentParser:
   t = sub.add_parser("train", help="train (or resume) a model")
   add_config(t)
   t.add_argument("--workdir", default=None, help="run directory (default: runs/<config>)")
+  d = t.add_argument_group(
+      "multi-process (jax.distributed)",
+      "Give these (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) on every "
+      "process; on SLURM, Open MPI and multi-host TPU slices jax detects them itself.")
+  d.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                 help="address of process 0's coordinator")
+  d.add_argument("--num-processes", type=int, default=None)
+  d.add_argument("--process-id", type=int, default=None)
+  d.add_argument("--local-device-ids", default=None, metavar="I,J,...",
+                 help="devices this process uses (one process per GPU: its GPU index)")
+  d.add_argument("--distributed", action="store_true",
+                 help="always call jax.distributed.initialize() (cluster auto-detection)")
   t.set_defaults(fn=cmd_train)
 
   e = sub.add_parser("eval", help="evaluate a run's checkpoint on its held-out data")

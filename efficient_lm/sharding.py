@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from efficient_lm import _compat
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical parameter axis -> mesh axis (or a tuple of mesh axes, or None = replicated)
@@ -74,13 +76,14 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
+  """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+  Over several processes the device order is process-major (`jax.make_mesh` keeps each host's
+  devices together), so the last axes (`tensor`, then `fsdp`) stay inside a host as long as
+  they are no larger than its device count, and `data` spans hosts."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(cfg, len(devices))
-  auto = (jax.sharding.AxisType.Auto,) * 3
-  if len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+  return _compat.make_mesh(shape, MESH_AXES, devices)
 
 
 def logical_to_spec(axes: Sequence[str | None] | None, shape: Sequence[int] | None = None,
@@ -158,20 +161,7 @@ def constrain(x, axes: Sequence[str | None], mesh: Mesh | None = None):
 
 
 def _current_mesh():
-  try:
-    from jax._src import mesh as mesh_lib  # the `with mesh:` context
-    m = mesh_lib.thread_resources.env.physical_mesh
-    if not m.empty:
-      return m
-  except Exception:  # noqa: BLE001
-    pass
-  try:
-    m = jax.sharding.get_abstract_mesh()
-    if m is not None and not m.empty:
-      return m
-  except Exception:  # noqa: BLE001
-    pass
-  return None
+  return _compat.current_mesh()
 
 
 def global_batch(local: dict, sharding: NamedSharding) -> dict:
@@ -180,20 +170,83 @@ def global_batch(local: dict, sharding: NamedSharding) -> dict:
           for k, v in local.items()}
 
 
-def maybe_initialize_distributed() -> bool:
-  """`jax.distributed.initialize()` when the environment describes a multi-process job.
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+  """How this process joins a multi-process job (all None: from the environment)."""
+  coordinator_address: str | None = None   # host:port of process 0
+  num_processes: int | None = None
+  process_id: int | None = None
+  local_device_ids: tuple[int, ...] | None = None
+  cluster_detection: str | None = None      # e.g. "slurm", "gce_tpu"; None: jax auto-detects
+  cpu_collectives: str = "gloo"             # CPU backend only: gloo | mpi
+  initialization_timeout: int | None = None  # seconds to wait for all processes
 
-  Triggers: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID), SLURM with more than
-  one task, or TPU pod / cloud environments jax detects itself (ELM_DISTRIBUTED=1 forces a try).
+
+def _env_int(name: str) -> int | None:
+  v = os.environ.get(name)
+  return int(v) if v not in (None, "") else None
+
+
+def distributed_from_env(env=None) -> DistributedConfig:
+  """JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (and ELM_* aliases)."""
+  env = os.environ if env is None else env
+
+  def get(*names):
+    for n in names:
+      if env.get(n):
+        return env[n]
+    return None
+
+  n, i = get("JAX_NUM_PROCESSES", "ELM_NUM_PROCESSES"), get("JAX_PROCESS_ID", "ELM_PROCESS_ID")
+  ids = get("JAX_LOCAL_DEVICE_IDS", "ELM_LOCAL_DEVICE_IDS")
+  return DistributedConfig(
+      coordinator_address=get("JAX_COORDINATOR_ADDRESS", "ELM_COORDINATOR_ADDRESS"),
+      num_processes=int(n) if n else None, process_id=int(i) if i else None,
+      local_device_ids=tuple(int(x) for x in ids.split(",")) if ids else None,
+      cluster_detection=get("ELM_CLUSTER_DETECTION"),
+      cpu_collectives=get("ELM_CPU_COLLECTIVES") or "gloo")
+
+
+def _cluster_detected() -> bool:
+  """True when jax's cluster auto-detection applies and describes more than one process:
+  SLURM with several tasks, Open MPI with several ranks, a (multi-host) TPU slice, GKE."""
+  name = _compat.detected_cluster()
+  if name is None:
+    return False
+  if name == "SlurmCluster":
+    return (_env_int("SLURM_STEP_NUM_TASKS") or _env_int("SLURM_NTASKS") or 1) > 1
+  if name in ("OmpiCluster", "Mpi4pyCluster"):
+    return (_env_int("OMPI_COMM_WORLD_SIZE") or 2) > 1
+  return True
+
+
+def maybe_initialize_distributed(cfg: DistributedConfig | None = None, *,
+                                 force: bool = False) -> bool:
+  """`jax.distributed.initialize(...)` when this is one process of a multi-process job.
+
+  Triggers, in order: an explicit coordinator address (flags or JAX_COORDINATOR_ADDRESS, with
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID), or a cluster jax detects itself (SLURM with more than
+  one task, Open MPI, a multi-host TPU slice), or `force` / ELM_DISTRIBUTED=1. Must run before
+  anything touches a jax backend. Returns whether jax.distributed is (now) initialised; a single
+  process (no trigger) is left alone.
   """
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize(
-        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
-        process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None)
+  if _compat.distributed_is_initialized():
     return True
-  if int(env.get("SLURM_NTASKS", "1")) > 1 or env.get("ELM_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
-    return True
-  return False
+  cfg = distributed_from_env() if cfg is None else cfg
+  force = force or os.environ.get("ELM_DISTRIBUTED") == "1"
+  explicit = cfg.coordinator_address is not None
+  if not (explicit or force or _cluster_detected()):
+    return False
+  if cfg.num_processes == 1 and not force:
+    return False
+  platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.values.get("jax_platforms")
+                                                         or "")
+  if platforms.split(",")[0].strip() == "cpu":
+    _compat.set_cpu_collectives(cfg.cpu_collectives)
+  _compat.distributed_initialize(
+      coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+      process_id=cfg.process_id,
+      local_device_ids=list(cfg.local_device_ids) if cfg.local_device_ids else None,
+      cluster_detection_method=cfg.cluster_detection,
+      initialization_timeout=cfg.initialization_timeout)
+  return True

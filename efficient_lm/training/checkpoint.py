@@ -4,10 +4,13 @@ state, and the resolved config, under `workdir/checkpoints/<step>/`.
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a killed
 save leaves no half checkpoint behind; `restore_latest` walks back from the newest step and skips
 (with a warning) any checkpoint it cannot read, so a corrupt newest checkpoint falls back to the
-one before it. Kept: the last `keep` checkpoints plus the `keep_best` with the lowest eval loss.
+one before it. Every process of a multi-process job calls save/restore (Orbax writes each array
+shard from the process that holds it and lets process 0 finalise); a checkpoint restores on any
+number of processes and any mesh. Kept: the last `keep` checkpoints plus the `keep_best` with the lowest eval loss.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -55,9 +58,39 @@ class Checkpointer:
               data_iter: grain.DatasetIterator | None = None) -> dict:
     items = {"state": ocp.args.StandardRestore(abstract_state),
              "config": ocp.args.JsonRestore()}
+    foreign = None
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    return self.manager.restore(int(step), args=ocp.args.Composite(**items))
+      foreign = self._foreign_data_state(step)
+      if foreign is None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    out = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+    if foreign is not None:
+      data_iter.set_state(foreign)
+      if hasattr(data_iter, "start_prefetch"):
+        data_iter.start_prefetch()
+      out = {**{k: out[k] for k in out.keys()}, "data": data_iter}
+    return out
+
+  def _foreign_data_state(self, step: int) -> dict | None:
+    """The iterator state of a checkpoint written by a different number of processes, else None.
+
+    Grain stores one `process_<i>-of-<n>.json` per process. Our pipeline's state is the global
+    batch index (`{"next_index": b}`; process p's batch b is rows of global batch b), the same in
+    every file, so any file of another topology positions this process's shard correctly."""
+    data_dir = os.path.join(self.directory, str(int(step)), "data")
+    mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not os.path.isdir(data_dir) or os.path.exists(os.path.join(data_dir, mine)):
+      return None
+    files = sorted(f for f in os.listdir(data_dir) if f.startswith("process_")
+                   and f.endswith(".json"))
+    if not files:
+      return None
+    with open(os.path.join(data_dir, files[0]), encoding="utf-8") as f:
+      state = json.load(f)
+    log.info("checkpoint %d was written by %s; resuming this process's data shard from its "
+             "global batch index %s", step, files[0].split("-of-")[-1][:-5] + " process(es)",
+             state.get("next_index"))
+    return state
 
   def restore_latest(self, abstract_state: Any,
                      data_iter: grain.DatasetIterator | None = None):

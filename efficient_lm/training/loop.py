@@ -226,7 +226,9 @@ def train(cfg: RunConfig, workdir: str, *, devices=None,
 
   `stop_after`: return after this many steps of this call (tests use it to simulate a crash).
   """
-  setup_logging()
+  # Multi-process: every process computes, restores and saves; only process 0 writes
+  # config/tokenizer files, metrics.jsonl, TensorBoard, the progress line and INFO logs.
+  setup_logging(logging.INFO if jax.process_index() == 0 else logging.WARNING)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   tc = cfg.train
