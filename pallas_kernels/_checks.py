@@ -89,3 +89,10 @@ def resolve_scale(scale, kd):
     return float(scale)
   except TypeError:
     raise ValueError(f"scale: expected a Python float or None, got {type(scale).__name__}") from None
+
+
+def resolve_initial_state(initial_state, b, h, kd, vd):
+  """The float32 state entering the sequence: zeros when none is given."""
+  if initial_state is None:
+    return jnp.zeros((b, h, kd, vd), jnp.float32)
+  return initial_state.astype(jnp.float32)

@@ -34,8 +34,7 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None, return_
   _checks.check_chunk_size(chunk_size, 1)
   scale = _checks.resolve_scale(scale, kd)
   form = _FORMS[resolve_impl(impl, tuple(_FORMS))]
-  s0 = (jnp.zeros((b, h, kd, vd), jnp.float32) if initial_state is None
-        else initial_state.astype(jnp.float32))
+  s0 = _checks.resolve_initial_state(initial_state, b, h, kd, vd)
   extra = {} if form is delta_rule_scan else {"chunk_size": chunk_size}
   o, s_final = form(q, k, v, beta, g, scale=scale, s0=s0, segment_ids=segment_ids, **extra)
   return o, (s_final if return_final_state else None)

@@ -35,8 +35,7 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, return_final_state=F
   _checks.check_chunk_size(chunk_size, SUB_CHUNK)
   scale = _checks.resolve_scale(scale, kd)
   form = resolve_impl(impl, tuple(_FORMS))
-  s0 = (jnp.zeros((b, h, kd, vd), jnp.float32) if initial_state is None
-        else initial_state.astype(jnp.float32))
+  s0 = _checks.resolve_initial_state(initial_state, b, h, kd, vd)
   extra = {} if form == "scan" else {"chunk_size": chunk_size}
   o, s_final = _FORMS[form](q, k, v, g, scale=scale, s0=s0, segment_ids=segment_ids, **extra)
   return o, (s_final if return_final_state else None)
