@@ -146,8 +146,12 @@ def cmd_bench(args) -> int:
          "devices": len(jax.devices()), "platform": jax.devices()[0].platform,
          "device_kind": jax.devices()[0].device_kind, "compute_dtype": model_cfg.dtype,
          "step_ms": dt * 1e3, "tokens_per_sec": tok_s, "warmup_s": compile_s}
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  if all(p is not None for p in peaks):
+    out["peak_bytes_per_device"] = max(peaks)
+  out["mesh"] = dict(zip(mesh.axis_names, mesh.devices.shape))
   peak = args.peak_tflops
-  if peak is None and "H100" in jax.devices()[0].device_kind:
+  if peak is None and any(h in jax.devices()[0].device_kind for h in ("H100", "H200")):   # dense bf16
     peak = 989.0
   if peak:
     out["mfu"] = 6 * n_params * tok_s / (peak * 1e12 * len(jax.devices()))

@@ -24,7 +24,6 @@ Median of `--iters` synchronised runs after `--warmup`. Writes fastpaths.json an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -131,6 +130,8 @@ def bench_moe(report, a):
       except Exception as err:
         row["error"] = f"{type(err).__name__}: {err}"[:2000]
       report["moe"].append(row)
+  if kernels.tokamax_module() is not None:
+    _moe_breakdown(report, a, x, w_router, ws, cot, k)
   if ("tokamax", "fwd") in outs and ("xla", "fwd") in outs:
     check = {"out": rel_err(outs[("tokamax", "fwd")], outs[("xla", "fwd")])}
     for name, g1, g0 in zip(("dx", "dw_gate", "dw_up", "dw_down"), outs[("tokamax", "fwd_bwd")],
@@ -142,6 +143,47 @@ def bench_moe(report, a):
     if ("xla", mode) in ms and ("tokamax", mode) in ms:
       report["summary"][f"moe_{mode}_speedup_tokamax_over_xla"] = ms[("xla", mode)] / ms[("tokamax", mode)]
   write(report, a.out)
+
+
+def _moe_breakdown(report, a, x, w_router, ws, cot, k):
+  """Where the tokamax layer's fwd+bwd time goes: the same layer with the router's gradient
+  stopped, and the two ragged dots alone on already-sorted rows."""
+  n, e = x.shape[0], ws[0].shape[0]
+
+  def no_router_grad(x, wg, wu, wd):
+    _, idx, wts = route(jnp.dot(jax.lax.stop_gradient(x).astype(jnp.float32), w_router), k)
+    return expert_mlp(x, idx, jax.lax.stop_gradient(wts), wg, wu, wd, impl="tokamax")
+
+  sizes = jnp.full((e,), n * k // e, jnp.int32)
+  x_rep = jnp.repeat(x, k, axis=0)
+
+  def matmuls_only(xs, wg, wu, wd):
+    hid = wg.shape[-1]
+    gu = kernels.ragged_dot(xs, jnp.concatenate([wg, wu], -1), sizes, impl="tokamax")
+    return kernels.ragged_dot(jax.nn.silu(gu[:, :hid]) * gu[:, hid:], wd, sizes, impl="tokamax")
+
+  def matmuls_split(xs, wg, wu, wd):
+    g = kernels.ragged_dot(xs, wg, sizes, impl="tokamax")
+    u = kernels.ragged_dot(xs, wu, sizes, impl="tokamax")
+    return kernels.ragged_dot(jax.nn.silu(g) * u, wd, sizes, impl="tokamax")
+
+  h_rep = jnp.repeat(x[:, :ws[2].shape[1]], k, axis=0)
+
+  def down_only(h, wd):
+    return kernels.ragged_dot(h, wd, sizes, impl="tokamax")
+
+  cot_rep = jnp.repeat(cot, k, axis=0)
+  for what, f, args, c in (("moe_layer_no_router_grad", no_router_grad, (x,) + ws, cot),
+                           ("moe_matmuls_only", matmuls_only, (x_rep,) + ws, cot_rep),
+                           ("moe_matmuls_only_gate_up_split", matmuls_split, (x_rep,) + ws, cot_rep),
+                           ("ragged_dot_down", down_only, (h_rep, ws[2]), cot_rep)):
+    fn = jax.jit(lambda *args, f=f, c=c: jax.vjp(f, *args)[1](c))
+    row = {"what": what, "impl": "tokamax", "mode": "fwd_bwd"}
+    try:
+      row["ms"] = median_ms(lambda: fn(*args), a.iters, a.warmup)
+    except Exception as err:
+      row["error"] = f"{type(err).__name__}: {err}"[:2000]
+    report["moe"].append(row)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -381,6 +423,42 @@ def _plain_png(panels, device, path):
   hdr = img.shape[1].to_bytes(4, "big") + img.shape[0].to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
   with open(path, "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", hdr) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+NAME, FILE = "fastpaths", "fastpaths.json"
+
+
+def markdown(results_dir: str) -> str:
+  """README table of the fast paths from fastpaths.json."""
+  with open(os.path.join(results_dir, FILE)) as f:
+    r = json.load(f)
+  moe = {(x["what"], x["impl"], x["mode"]): x["ms"] for x in r["moe"] if "ms" in x}
+  step = {x["variant"]: x for x in r["step"] if "tokens_per_s" in x}
+  lines = [f"Fast paths ({r['device']}, jax {r['jax']}, tokamax {r.get('tokamax')}; median of {r['iters']}):", "",
+           "| what | XLA | fast path | ratio |", "|---|---|---|---|"]
+  for what, label in (("ragged_dot_gate_up", "ragged_dot 65536x1280 @ 16x1280x896"), ("moe_layer", "MoE layer, rmoe-paper shape")):
+    for mode in ("fwd", "fwd_bwd"):
+      a, b = moe.get((what, "xla", mode)), moe.get((what, "tokamax", mode))
+      if a and b:
+        lines.append(f"| {label}, {mode.replace('_', '+')} | {a:.2f} ms | {b:.2f} ms (tokamax) | {a / b:.1f}x |")
+  if len(step) == 2:
+    b, a = step["before"], step["after"]
+    lines.append(f"| rmoe-paper train step ({a['n_layers']} layers, {a['batch'][0]}x{a['batch'][1]} tokens) | "
+                 f"{b['tokens_per_s'] / 1e3:.1f}k tok/s, MFU {b['mfu'] * 100:.1f}% | {a['tokens_per_s'] / 1e3:.1f}k tok/s, "
+                 f"MFU {a['mfu'] * 100:.1f}% | {a['tokens_per_s'] / b['tokens_per_s']:.1f}x |")
+  loss = r["summary"].get("loss_temp_memory_ratio_chunked_over_plain")
+  if loss:
+    lines.append(f"| LM loss at vocab 126464: compiled temp memory | plain | chunked | {loss:.2f}x the plain |")
+  for x in r.get("attention", []):
+    if x.get("impl") == "xla" or "ms" not in x:
+      continue
+    ref = next((y for y in r["attention"] if y.get("impl") == "xla" and y.get("window") == x.get("window")
+                and y.get("mode") == x.get("mode") and "ms" in y), None)
+    if ref:
+      lines.append(f"| attention 8x2048x16x128 causal, window {x.get('window') or 'none'}, "
+                   f"{x.get('mode', '').replace('_', '+')} | {ref['ms']:.2f} ms | "
+                   f"{x['ms']:.2f} ms ({x.get('impl')}) | {ref['ms'] / x['ms']:.1f}x |")
+  return "\n".join(lines)
 
 
 def main():

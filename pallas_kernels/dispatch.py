@@ -44,6 +44,26 @@ def pallas_backend() -> str:
   return "interpret" if mode == "generic" else "tpu_interpret"
 
 
+# Whether impl="pallas" takes the fully fused GPU kernels (`chunk_kernels_triton`) or the
+# state-pass kernels over XLA-built terms, per op: the faster on the H100 (bf16, 8x2048x16x128,
+# fwd+bwd, experiments/results/kernels/gpu_check_fused.json): delta rule fused 10.7 ms vs
+# 11.5; gated delta rule 14.3 vs 12.6; scalar-decay GLA 5.1 vs 3.2. The fused path needs about
+# 4x less temporary memory (457 vs 1921 MB for the delta rule): PALLAS_KERNELS_FUSED=1 picks it
+# everywhere it exists, =0 nowhere.
+FUSED_BY_DEFAULT = {"delta_rule": True, "gated_delta_rule": False, "gla": False}
+
+
+def fused_kernels(backend: str, op: str) -> bool:
+  """Whether `op` (a FUSED_BY_DEFAULT key) runs the fused kernels on `backend`: only on the
+  Triton backend and its generic interpreter; PALLAS_KERNELS_FUSED is read at trace time."""
+  if backend not in ("triton", "interpret"):
+    return False
+  mode = os.environ.get("PALLAS_KERNELS_FUSED", "auto")
+  if mode not in ("auto", "0", "1"):
+    raise ValueError(f"PALLAS_KERNELS_FUSED: expected 'auto', '0' or '1', got {mode!r}")
+  return FUSED_BY_DEFAULT[op] if mode == "auto" else mode == "1"
+
+
 def check_pallas_shapes(backend: str, kd: int, vd: int, chunk_size: int) -> None:
   """Triton tiles must be powers of two of at least 16 (tensor-core dot shapes)."""
   if backend != "triton":

@@ -13,13 +13,15 @@ import jax.numpy as jnp
 
 # Block kinds a model (and each layer of a hybrid pattern) can be made of.
 # "swa" is a transformer block with sliding-window attention; it exists for hybrid patterns.
-BLOCK_KINDS = ("transformer", "rodimus", "rodimus_plus", "deltanet", "gated_deltanet", "gla", "dijiang")
+BLOCK_KINDS = ("transformer", "rodimus", "rodimus_plus", "deltanet", "gated_deltanet", "gla", "dijiang",
+               "linear_attention")
 LAYER_KINDS = BLOCK_KINDS + ("swa",)
 MLP_KINDS = ("swiglu", "gelu", "gelu_tanh")
 IMPLS = ("auto", "scan", "chunk", "pallas")
 ROUTERS = ("linear", "recurrent")
 ROUTER_CELLS = ("gru", "rnn")
 DTYPES = ("float32", "bfloat16", "float16")
+FEATURE_MAPS = ("elu", "relu", "identity")   # linear attention's phi on q and k
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -47,6 +49,7 @@ class ModelConfig:
   rope_base: float = 10000.0
   rope_fraction: float = 1.0           # partial rotary: the first fraction of each head's dims
   conv_size: int = 4
+  dropout: float = 0.0                 # training only: after the embedding and on each mixer / MLP output
   # GPT-NeoX host options (transformer / swa blocks; the defaults keep Transformer++)
   parallel_residual: bool = False      # x + mixer(norm1(x)) + mlp(norm2(x)) (GPT-NeoX / Pythia)
   attn_bias: bool = False              # biases on the q, k, v and output projections of attention
@@ -66,6 +69,8 @@ class ModelConfig:
   expand_k: float = 0.5
   gate_low_rank: int = 16
   gate_logit_normalizer: float = 16.0
+  # Plain linear attention (FLA's layer; also uses expand_k / expand_v)
+  feature_map: str = "elu"             # phi on q and k: "elu" (elu + 1) | "relu" | "identity"
   # DiJiang
   dijiang_learn_decay: bool = False    # (ours) learnable per-head log decay; default fixed gamma
   # Mixture of experts (n_experts = 0: dense MLPs)
@@ -148,7 +153,7 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     _fail("n_heads", f"{cfg.n_heads} heads do not divide d_model={cfg.d_model}")
   if cfg.n_kv_heads is not None and (cfg.n_kv_heads < 1 or cfg.n_heads % cfg.n_kv_heads):
     _fail("n_kv_heads", f"{cfg.n_kv_heads} must be >= 1 and divide n_heads={cfg.n_heads}")
-  if "gla" in kinds:
+  if kinds & {"gla", "linear_attention"}:
     for name in ("expand_k", "expand_v"):
       width = cfg.d_model * getattr(cfg, name)
       if width != int(width) or int(width) % cfg.n_heads:
@@ -165,6 +170,10 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     _fail("rope_fraction", f"{cfg.rope_fraction} must be in (0, 1] and give an even rotary dim")
   if "dijiang" in kinds and cfg.d_model % cfg.attn_head_dim:
     _fail("head_dim", "DiJiang's GroupNorm needs head_dim dividing d_model")
+  if cfg.feature_map not in FEATURE_MAPS:
+    _fail("feature_map", f"expected one of {FEATURE_MAPS}, got {cfg.feature_map!r}")
+  if not 0.0 <= cfg.dropout < 1.0:
+    _fail("dropout", f"expected 0 <= dropout < 1, got {cfg.dropout!r}")
   if cfg.norm not in ("rms", "layer"):
     _fail("norm", f"expected 'rms' or 'layer', got {cfg.norm!r}")
   if cfg.mlp_kind not in MLP_KINDS:

@@ -13,6 +13,8 @@ RODIMUS_PLUS = dataclasses.replace(RODIMUS, kind="rodimus_plus", out_proj_rescal
 DELTANET = ModelConfig(kind="deltanet", norm_eps=1e-6)
 GATED_DELTANET = dataclasses.replace(DELTANET, kind="gated_deltanet", use_output_gate=True)
 GLA = ModelConfig(kind="gla", norm_eps=1e-6, expand_k=0.5, expand_v=1.0)
+LINEAR_ATTENTION = ModelConfig(kind="linear_attention", norm_eps=1e-6, expand_k=1.0, expand_v=1.0,
+                               feature_map="elu")
 DIJIANG = ModelConfig(kind="dijiang", norm="layer", norm_eps=1e-5, rope_fraction=0.25)
 
 _TINY = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, chunk_size=16)
@@ -30,6 +32,7 @@ PRESETS: dict[str, ModelConfig] = {
     "deltanet-tiny": _tiny(DELTANET),
     "gated_deltanet-tiny": _tiny(GATED_DELTANET, n_heads=2, head_dim=16, expand_v=2.0),
     "gla-tiny": _tiny(GLA),
+    "linear_attention-tiny": _tiny(LINEAR_ATTENTION),
     "dijiang-tiny": _tiny(DIJIANG),
     "smoe-tiny": _tiny(TRANSFORMER, n_experts=4, top_k=2, expert_hidden=64, router="linear"),
     "rmoe-tiny": _tiny(TRANSFORMER, n_layers=3, n_experts=4, top_k=2, expert_hidden=64,

@@ -11,6 +11,8 @@ choices, so sum_e f_e = k; `P_e`: mean router probability).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,25 +26,95 @@ from efficient_lm.layers.router import LinearRouter, RecurrentRouter
 def route(logits_NE, top_k: int):
   """Returns (probs_NE, expert_idx_NK, weights_NK): float32, weights renormalised over the k."""
   probs = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
-  top_p, idx = jax.lax.top_k(probs, top_k)
+  _, idx = jax.lax.top_k(jax.lax.stop_gradient(probs), top_k)
+  # The chosen probabilities through a one-hot product, not top_k's own gradient: that one is a
+  # scatter into [N, E], slow on GPUs next to this small dense product.
+  chosen_NKE = jax.nn.one_hot(idx, probs.shape[-1], dtype=probs.dtype)
+  top_p = jnp.einsum("ne,nke->nk", probs, chosen_NKE)
   return probs, idx, top_p / jnp.sum(top_p, axis=-1, keepdims=True)
 
 
 def expert_mlp(x_ND, expert_idx_NK, weights_NK, w_gate_EDH, w_up_EDH, w_down_EHD, *, impl: str = "auto"):
-  """Dropless dispatch: sort the N*k pairs by expert, ragged matmuls, unsort, weighted sum.
-  impl: the ragged-dot kernel ("auto", "xla", "tokamax"; see `efficient_lm.kernels`)."""
+  """Dropless dispatch: sort the N*k pairs by expert, ragged matmuls, sum each token's k rows.
+  impl: the ragged-dot kernel ("auto", "xla", "tokamax"; see `efficient_lm.kernels`).
+  The routing weight scales the expert's hidden activation (width H, not D) before the down
+  projection, which is linear, so the result is sum_k w_k expert_k(x)."""
   n, k = expert_idx_NK.shape
   n_experts = w_gate_EDH.shape[0]
   flat_expert = expert_idx_NK.reshape(-1)
-  order = jnp.argsort(flat_expert, stable=True)
-  x_sorted = x_ND[order // k]                                   # pair p belongs to token p // k
+  order = jnp.argsort(flat_expert, stable=True)                 # sorted slot -> pair
+  slot = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))   # pair -> slot
+  x_sorted = _gather_pairs(x_ND, order, slot, k)
+  w_sorted = _permute_rows(weights_NK.reshape(-1, 1), order, slot)
   sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
   hid = w_gate_EDH.shape[-1]
   gate_up = kernels.ragged_dot(x_sorted, jnp.concatenate([w_gate_EDH, w_up_EDH], axis=-1), sizes, impl=impl)
-  h = jax.nn.silu(gate_up[:, :hid]) * gate_up[:, hid:]
+  h = (jax.nn.silu(gate_up[:, :hid]) * gate_up[:, hid:] * w_sorted).astype(x_ND.dtype)
   y_sorted = kernels.ragged_dot(h, w_down_EHD, sizes, impl=impl)
-  y_pairs = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(n, k, -1)
-  return jnp.einsum("nkd,nk->nd", y_pairs.astype(jnp.float32), weights_NK).astype(x_ND.dtype)
+  return _combine_pairs(y_sorted, order, slot, k)
+
+
+# The dispatch permutation and the per-token sum are gathers forward AND backward (each is the
+# other's transpose): autodiff of an indexed gather is a scatter-add, which on GPUs serialises on
+# atomics and cost more than the expert matmuls.
+
+def _sum_pairs(y_PD, slot_P, k):
+  """Row t is the sum of the k rows of token t's pairs: sum_j y[slot[t * k + j]] (float32 sum)."""
+  return jnp.sum(y_PD[slot_P].reshape(-1, k, y_PD.shape[-1]).astype(jnp.float32), axis=1).astype(y_PD.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_pairs(x_ND, order_P, slot_P, k):
+  """Token rows in expert order: row p is x[order[p] // k] (pair -> its token)."""
+  return x_ND[order_P // k]
+
+
+def _gather_pairs_fwd(x_ND, order_P, slot_P, k):
+  return x_ND[order_P // k], (order_P, slot_P)
+
+
+def _gather_pairs_bwd(k, res, g_PD):
+  order_P, slot_P = res
+  return _sum_pairs(g_PD, slot_P, k), None, None
+
+
+_gather_pairs.defvjp(_gather_pairs_fwd, _gather_pairs_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _combine_pairs(y_PD, order_P, slot_P, k):
+  """Per-token sums of the expert-ordered rows: the transpose of `_gather_pairs`."""
+  return _sum_pairs(y_PD, slot_P, k)
+
+
+def _combine_pairs_fwd(y_PD, order_P, slot_P, k):
+  return _sum_pairs(y_PD, slot_P, k), (order_P, slot_P)
+
+
+def _combine_pairs_bwd(k, res, g_ND):
+  order_P, slot_P = res
+  return g_ND[order_P // k], None, None
+
+
+_combine_pairs.defvjp(_combine_pairs_fwd, _combine_pairs_bwd)
+
+
+@jax.custom_vjp
+def _permute_rows(x_PD, perm_P, inverse_P):
+  """x[perm], where inverse is perm's inverse permutation."""
+  return x_PD[perm_P]
+
+
+def _permute_rows_fwd(x_PD, perm_P, inverse_P):
+  return x_PD[perm_P], (perm_P, inverse_P)
+
+
+def _permute_rows_bwd(res, g_PD):
+  perm_P, inverse_P = res
+  return g_PD[inverse_P], None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 def routing_stats(probs_NE, expert_idx_NK):

@@ -1,6 +1,6 @@
 """Decode-state accounting. The caches themselves are plain pytrees built by each layer's
 `init_cache` (see `LM.init_cache`):
-- recurrent mixers (Rodimus, DeltaNet, GLA, DiJiang): a float32 state `[B, H, K, V]` plus
+- recurrent mixers (Rodimus, DeltaNet, GLA, linear attention, DiJiang): a float32 state `[B, H, K, V]` plus
   short-conv caches of the last `conv_size - 1` inputs: constant in context length;
 - sliding-window attention and SW-SKA: a ring of the last `w` keys and values: constant;
 - global attention: keys and values `[B, max_len, heads, head_dim]`: grows with context.

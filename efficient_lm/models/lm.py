@@ -1,8 +1,9 @@
 """The causal LM: token embedding, blocks from the config's per-layer pattern, final norm, head.
 
 Block kinds (per layer, `cfg.layer_kinds`):
-- transformer / swa / deltanet / gated_deltanet / gla: pre-norm `x + mixer(norm(x))`, then
-  `x + mlp(norm(x))` (mixer: global attention, sliding-window attention, or a recurrence);
+- transformer / swa / deltanet / gated_deltanet / gla / linear_attention: pre-norm
+  `x + mixer(norm(x))`, then `x + mlp(norm(x))` (mixer: global attention, sliding-window
+  attention, or a recurrence);
 - rodimus: `x + Rodimus(norm(x))`, no MLP;
 - rodimus_plus: `r1 = x + Rodimus(n1(x)); a = SWSKA(n2(r1)); f = FFN(n3(r1 + a))`, out `r1 + f`
   (code) or `r1 + a + f` (`rodimus_plus_residual="plain"`);
@@ -17,6 +18,9 @@ Calls:
   `aux["moe_aux_loss"]` = `aux_loss_coef * load_balance` (add it to the training loss; zero for
   dense models) and `aux["moe_load_balance"]` = the unscaled `E * sum_e f_e P_e` over all MoE
   layers' tokens together.
+- Dropout (`config.dropout > 0`) runs only when a PRNG key is passed, `model(..., dropout_key=k)`
+  / `model.hidden(..., dropout_key=k)` (the train step does); without one (eval, prefill,
+  decode) the model is deterministic.
 - `model.hidden(tokens_BT, segment_ids=None, return_aux=False)` -> the normalised final hidden
   states `[B, T, D]` (compute dtype; `(h, aux)` with return_aux) and `model.head_weight()` ->
   `(w, layout)`: logits = h @ w for layout "dv" (`[D, V]`), h @ w.T for "vd" (the tied
@@ -34,12 +38,18 @@ from flax import nnx
 from efficient_lm.configs import ModelConfig
 from efficient_lm.layers.attention import Attention
 from efficient_lm.layers.core import Dense, Embed, normal, param
-from efficient_lm.layers.mixers import GLA, DeltaNet, DiJiang, Rodimus
+from efficient_lm.layers.mixers import GLA, DeltaNet, DiJiang, LinearAttention, Rodimus
 from efficient_lm.layers.mlp import GeluMLP, SwiGLU
 from efficient_lm.layers.moe import MoE, load_balancing_loss
 from efficient_lm.layers.norms import make_norm
 from efficient_lm.layers.rope import positions
 from efficient_lm.layers.router import RouterCell
+
+
+def dropout_fn(x, rate: float, key):
+  """Inverted dropout: zero each element with probability `rate`, scale the rest by 1/(1-rate)."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
 def _out_scale(cfg: ModelConfig) -> float:
@@ -60,6 +70,8 @@ def make_mixer(cfg: ModelConfig, kind: str, rngs: nnx.Rngs):
     return DeltaNet(cfg, gated=kind == "gated_deltanet", rngs=rngs)
   if kind == "gla":
     return GLA(cfg, rngs=rngs)
+  if kind == "linear_attention":
+    return LinearAttention(cfg, rngs=rngs)
   if kind == "dijiang":
     return DiJiang(cfg, rngs=rngs)
   raise ValueError(f"layer_pattern: unknown layer kind {kind!r}")
@@ -90,40 +102,52 @@ class Block(nnx.Module):
     self.plain_residual = cfg.rodimus_plus_residual == "plain"
     self.parallel_residual = cfg.parallel_residual
 
-  def _mlp(self, h, router_state, cell):
+  def _mlp(self, h, router_state, cell, drop=None):
     if isinstance(self.mlp, MoE):
-      return self.mlp(h, router_state, cell)
-    return self.mlp(h), router_state, None
+      f, router_state, stats = self.mlp(h, router_state, cell)
+    else:
+      f, stats = self.mlp(h), None
+    return (f if drop is None else drop(f, 2)), router_state, stats
 
-  def _run(self, x, mix, attn, router_state, cell):
-    """The block's residual structure; `mix`/`attn` map a normalised input to (y, cache)."""
+  def _run(self, x, mix, attn, router_state, cell, drop=None):
+    """The block's residual structure; `mix`/`attn` map a normalised input to (y, cache).
+    `drop(y, slot)` (training only) is dropout on each branch output before its residual add."""
     add = lambda a, b: a + b.astype(a.dtype)
     caches = {}
     y, caches["mixer"] = mix(self.norm1(x))
+    if drop is not None:
+      y = drop(y, 0)
     stats = None
     if self.kind == "rodimus":
       x = add(x, y)
     elif self.kind == "rodimus_plus":
       r1 = add(x, y)
       a, caches["attn"] = attn(self.norm2(r1))
-      f, router_state, stats = self._mlp(self.norm3(add(r1, a)), router_state, cell)
+      if drop is not None:
+        a = drop(a, 1)
+      f, router_state, stats = self._mlp(self.norm3(add(r1, a)), router_state, cell, drop)
       x = add(add(r1, a), f) if self.plain_residual else add(r1, f)
     elif self.kind == "dijiang":   # parallel residual
-      f, router_state, stats = self._mlp(self.norm2(x), router_state, cell)
+      f, router_state, stats = self._mlp(self.norm2(x), router_state, cell, drop)
       x = add(add(x, y), f)
     elif self.parallel_residual:   # GPT-NeoX: both branches read the block input
-      f, router_state, stats = self._mlp(self.norm2(x), router_state, cell)
+      f, router_state, stats = self._mlp(self.norm2(x), router_state, cell, drop)
       x = add(add(x, y), f)
     else:
       x = add(x, y)
-      f, router_state, stats = self._mlp(self.norm2(x), router_state, cell)
+      f, router_state, stats = self._mlp(self.norm2(x), router_state, cell, drop)
       x = add(x, f)
     return x, caches, router_state, stats
 
-  def __call__(self, x_BTD, seg_BT, pos_BT, router_state, cell):
+  def __call__(self, x_BTD, seg_BT, pos_BT, router_state, cell, dropout=None):
+    """`dropout`: None (deterministic) or (rate, key) in training."""
     no_cache = lambda layer: (lambda h: (layer(h, seg_BT, pos_BT), None))
+    drop = None
+    if dropout is not None:
+      rate, key = dropout
+      drop = lambda y, slot: dropout_fn(y, rate, jax.random.fold_in(key, slot))
     x, _, router_state, stats = self._run(x_BTD, no_cache(self.mixer), self.attn and no_cache(self.attn),
-                                          router_state, cell)
+                                          router_state, cell, drop)
     return x, router_state, stats
 
   def prefill(self, x_BTD, pos_BT, max_len, router_state, cell):
@@ -169,15 +193,16 @@ class LM(nnx.Module):
   def _router_state(self, n_tokens: int):
     return None if self.router_cell is None else jnp.zeros((n_tokens, self.config.router_dim), jnp.float32)
 
-  def __call__(self, tokens_BT, segment_ids=None, *, return_aux: bool = False):
-    x, stats = self._trunk(tokens_BT, segment_ids)
+  def __call__(self, tokens_BT, segment_ids=None, *, return_aux: bool = False, dropout_key=None):
+    """`dropout_key`: a PRNG key turns on `config.dropout` (training); None is deterministic."""
+    x, stats = self._trunk(tokens_BT, segment_ids, dropout_key)
     logits = self._logits(x)
     return (logits, self._aux(stats)) if return_aux else logits
 
-  def hidden(self, tokens_BT, segment_ids=None, *, return_aux: bool = False):
+  def hidden(self, tokens_BT, segment_ids=None, *, return_aux: bool = False, dropout_key=None):
     """Normalised final hidden states [B, T, D] in the head's compute dtype (the logits are
-    `h @ w` with `head_weight()`)."""
-    x, stats = self._trunk(tokens_BT, segment_ids)
+    `h @ w` with `head_weight()`); `dropout_key` as in `__call__`."""
+    x, stats = self._trunk(tokens_BT, segment_ids, dropout_key)
     w, _ = self.head_weight()
     h = self.norm_f(x).astype(w.dtype)
     return (h, self._aux(stats)) if return_aux else h
@@ -188,14 +213,19 @@ class LM(nnx.Module):
       return self.embed.embedding[...].astype(self.embed.dtype), "vd"
     return self.lm_head[...].astype(self.config.compute_dtype), "dv"
 
-  def _trunk(self, tokens_BT, segment_ids):
+  def _trunk(self, tokens_BT, segment_ids, dropout_key=None):
     b, t = tokens_BT.shape
     x = self.embed(tokens_BT).astype(self.config.stream_dtype)
+    rate = self.config.dropout
+    train_drop = dropout_key is not None and rate > 0.0
+    if train_drop:   # nanoGPT: after the embedding, then each branch output (Block._run)
+      x = dropout_fn(x, rate, jax.random.fold_in(dropout_key, 0))
     pos_BT = positions(segment_ids, b, t)
     router_state = self._router_state(b * t)
     stats = []
-    for block in self.blocks:
-      x, router_state, s = block(x, segment_ids, pos_BT, router_state, self.router_cell)
+    for i, block in enumerate(self.blocks):
+      drop = (rate, jax.random.fold_in(dropout_key, i + 1)) if train_drop else None
+      x, router_state, s = block(x, segment_ids, pos_BT, router_state, self.router_cell, drop)
       if s is not None:
         stats.append(s)
     return x, stats

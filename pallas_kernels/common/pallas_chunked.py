@@ -1,10 +1,15 @@
-"""The chunked algorithm with its sequential state passes as Pallas kernels.
+"""The chunked algorithm with Pallas kernels.
 
-Chunk-parallel work runs in XLA over all chunks at once: the family's
-`chunk_terms` in the forward, and in the backward the per-chunk VJP given the
-stored incoming state and the state gradient from the backward kernel. The two
-passes over chunks (states forward, state gradients in reverse) are the Pallas
-kernels of the backend module: `state_pass_triton` on GPU, `state_pass_tpu` on TPU.
+`make_pallas_op` (TPU, and the older GPU path): chunk-parallel work runs in XLA over all
+chunks at once: the family's `chunk_terms` in the forward, and in the backward the per-chunk
+VJP given the stored incoming state and the state gradient from the backward kernel. The two
+passes over chunks (states forward, state gradients in reverse) are the Pallas kernels of the
+backend module: `state_pass_triton` on GPU, `state_pass_tpu` on TPU.
+
+`make_fused_op` (GPU; the delta rule, and GLA with a scalar or no decay): every stage,
+chunk-parallel work included, is a kernel of `chunk_kernels_triton`; the only arrays between
+kernels are the delta rule's WY terms W, U ([T, K] / [T, V] sized, never [C, C]), the states
+entering each chunk and their gradients.
 """
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import state_pass_tpu, state_pass_triton
+from pallas_kernels.common import chunk_kernels_triton, state_pass_tpu, state_pass_triton
 from pallas_kernels.common.chunked import ChunkTerms, chunk_vjp
+from pallas_kernels.common.chunking import num_chunks
 
 # backend name -> (kernel module, interpret argument)
 BACKENDS = {
@@ -78,3 +84,55 @@ def make_pallas_op(chunk_terms):
 
   op.defvjp(op_fwd, op_bwd)
   return op
+
+
+def make_fused_op():
+  """`op(scale, chunk, interpret, q, k, v, beta, g, s0, seg) -> (o, s_final)` on [B, T, H, *]
+  inputs with T a multiple of `chunk`; beta, g [B, T, H] float32 (beta None: GLA; g None: no
+  decay), s0 [B, H, K, V] float32, seg [B, T] int32 or None. Forward and backward are the
+  kernels of `chunk_kernels_triton` (interpret mode when `interpret`)."""
+  kernels = chunk_kernels_triton
+
+  def forward(scale, chunk, interpret, q, k, v, beta, g, s0, seg, store_states):
+    b, _, h, _ = q.shape
+    o, s_final, s_in = kernels.forward(q, k, v, beta, g, s0.reshape(b * h, *s0.shape[2:]), seg,
+                                       scale=scale, chunk=chunk, store_states=store_states,
+                                       interpret=interpret)
+    return o, s_final.reshape(s0.shape), s_in
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+  def op(scale, chunk, interpret, q, k, v, beta, g, s0, seg):
+    o, s_final, _ = forward(scale, chunk, interpret, q, k, v, beta, g, s0, seg, False)
+    return o, s_final
+
+  def op_fwd(scale, chunk, interpret, q, k, v, beta, g, s0, seg):
+    o, s_final, s_in = forward(scale, chunk, interpret, q, k, v, beta, g, s0, seg, True)
+    return (o, s_final), (q, k, v, beta, g, seg, s_in)
+
+  def op_bwd(scale, chunk, interpret, residuals, cotangents):
+    q, k, v, beta, g, seg, s_in = residuals
+    do, ds_final = cotangents
+    b, _, h, _ = q.shape
+    dq, dk, dv, dbeta, dg, ds0 = kernels.backward(
+        q, k, v, beta, g, seg, s_in, do.astype(v.dtype), ds_final.reshape(b * h, *ds_final.shape[2:]),
+        scale=scale, chunk=chunk, interpret=interpret)
+    return dq, dk, dv, dbeta, dg, ds0.reshape(ds_final.shape), None
+
+  op.defvjp(op_fwd, op_bwd)
+  return op
+
+
+def run_padded(op, q, k, v, scalars, *, s0, segment_ids, chunk_size):
+  """Pads T of [B, T, H, *] inputs to a multiple of the chunk (zeros; segment ids repeat the
+  last id), casts the per-token scalars (a tuple, entries may be None) to float32, runs
+  `op(q, k, v, *scalars, s0, seg)` and returns (o [B, T, H, V], final state)."""
+  t = q.shape[1]
+  pad = num_chunks(t, chunk_size) * chunk_size - t
+  padded = lambda x: x if x is None or pad == 0 else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  scalars = tuple(None if x is None else padded(x.astype(jnp.float32)) for x in scalars)
+  seg = None
+  if segment_ids is not None:
+    seg = segment_ids.astype(jnp.int32)
+    seg = seg if pad == 0 else jnp.pad(seg, [(0, 0), (0, pad)], mode="edge")
+  o, s_final = op(padded(q), padded(k), padded(v), *scalars, s0, seg)
+  return o[:, :t], s_final

@@ -34,9 +34,10 @@ def test_pallas_matches_scan(variant, t, dtype, mode):
   check_against_reference(variant, inputs, TOL[dtype], (chunk,), seed, impl=mode)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode, fused", [("pallas:generic", "0"), ("pallas:generic", "1"), ("pallas:tpu", "auto")])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_pallas_segment_ids_and_strong_decay(variant, mode):
+def test_pallas_segment_ids_and_strong_decay(variant, mode, fused, monkeypatch):
+  monkeypatch.setenv("PALLAS_KERNELS_FUSED", fused)   # both GPU paths, whichever is the default
   inputs = make_inputs(21, variant, t=90, gate_scale=10.0)
   seg = jnp.asarray(random_segments(np.random.default_rng(21), 2, 90, 4))
   check_against_reference(variant, inputs, TOL[jnp.float32], (16,), 21, segment_ids=seg, impl=mode)

@@ -15,7 +15,8 @@ from efficient_lm.models import LM
 
 # Every block kind's tiny preset plus the MoE and hybrid ones.
 TINY = ["transformer-tiny", "rodimus-tiny", "rodimus_plus-tiny", "deltanet-tiny", "gated_deltanet-tiny",
-        "gla-tiny", "dijiang-tiny", "smoe-tiny", "rmoe-tiny", "deltanet_swa-tiny", "deltanet_attn-tiny"]
+        "gla-tiny", "linear_attention-tiny", "dijiang-tiny", "smoe-tiny", "rmoe-tiny", "deltanet_swa-tiny",
+        "deltanet_attn-tiny"]
 
 
 def tokens(key, shape, vocab=256):

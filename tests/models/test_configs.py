@@ -9,7 +9,8 @@ from flax import nnx
 import efficient_lm
 from efficient_lm.configs import PRESETS, ModelConfig
 
-KINDS = ("transformer", "rodimus", "rodimus_plus", "deltanet", "gated_deltanet", "gla", "dijiang")
+KINDS = ("transformer", "rodimus", "rodimus_plus", "deltanet", "gated_deltanet", "gla", "dijiang",
+         "linear_attention")
 PAPER = {  # name: (low, high) parameter counts
     "rodimus-wt103": (30e6, 45e6), "rodimus_plus-1.6b": (1.55e9, 1.65e9), "deltanet-340m": (0.33e9, 0.40e9),
     "deltanet-1.3b": (1.3e9, 1.45e9), "gated_deltanet-1.3b": (1.3e9, 1.45e9), "rmoe-paper": (0.85e9, 0.95e9)}
@@ -58,6 +59,7 @@ def test_count_matches_hand_formula():
     (dict(impl="triton"), "impl"),
     (dict(dtype="int8"), "dtype"),
     (dict(n_kv_heads=3), "n_kv_heads"),
+    (dict(feature_map="softmax"), "feature_map"),
     (dict(no_such_field=1), "no_such_field"),
 ])
 def test_invalid_configs_raise_naming_the_field(overrides, field):

@@ -60,7 +60,7 @@ def test_rope_is_relative_and_positions_restart():
 
 @pytest.mark.parametrize("kind, grows", [("transformer", True), ("rodimus", False), ("rodimus_plus", False),
                                          ("deltanet", False), ("gated_deltanet", False), ("gla", False),
-                                         ("dijiang", False)])
+                                         ("linear_attention", False), ("dijiang", False)])
 def test_decode_state_constant_unless_global_attention(kind, grows):
   cfg = efficient_lm.get_config(f"{kind}-tiny")
   fixed, per_token = decode_state_growth(cfg)

@@ -15,7 +15,7 @@ T = 20  # > the tiny chunk size (16) and > the tiny windows (8), not a multiple 
 # Presets whose layers include a recurrence (scan and chunk forms to compare), and the presets
 # trained for a few steps (the hybrids reuse layers already trained elsewhere).
 RECURRENT = ["rodimus-tiny", "rodimus_plus-tiny", "deltanet-tiny", "gated_deltanet-tiny", "gla-tiny",
-             "dijiang-tiny"]
+             "linear_attention-tiny", "dijiang-tiny"]
 TRAINED = [n for n in TINY if not n.startswith("deltanet_")]
 
 

@@ -1,5 +1,7 @@
 """MoE: dropless dispatch equals a dense per-token reference, the load-balancing loss on a
 hand-checked case, the recurrent router's state carried from layer to layer."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,9 +34,11 @@ def test_dispatch_is_dropless(skew):
   ref = dense_reference(x, idx, w, wg, wu, wd)
   assert_rel_close("dropless dispatch", ref, out, 1e-5)
   assert bool(jnp.all(jnp.linalg.norm(out, axis=-1) > 0))     # every token was processed
-  gx, gref = (jax.grad(lambda a, f=f: jnp.sum(jnp.sin(f(a, idx, w, wg, wu, wd))))(x)
-              for f in (expert_mlp, dense_reference))
-  assert_rel_close("dispatch gradient", gref, gx, 1e-5)
+  loss = lambda f, a, r, *ws: jnp.sum(jnp.sin(f(a, idx, r, *ws)))
+  got, ref_grads = (jax.grad(functools.partial(loss, f), argnums=(0, 1, 2, 3, 4))(x, w, wg, wu, wd)
+                    for f in (expert_mlp, dense_reference))
+  for name, a, b in zip(("x", "routing weights", "w_gate", "w_up", "w_down"), ref_grads, got):
+    assert_rel_close(f"dispatch gradient of {name}", a, b, 1e-5)
 
 
 def test_route_renormalises_top_k():
@@ -42,6 +46,18 @@ def test_route_renormalises_top_k():
   np.testing.assert_allclose(probs, [[0.5, 0.3, 0.1, 0.1]], rtol=1e-6)
   assert idx.tolist() == [[0, 1]]
   np.testing.assert_allclose(w, [[0.625, 0.375]], rtol=1e-6)
+
+
+def test_route_gradient_equals_top_k_gradient():
+  logits = jnp.asarray(np.random.default_rng().normal(size=(23, 6)), jnp.float32)
+  cot = jnp.asarray(np.random.default_rng().normal(size=(23, 3)), jnp.float32)
+
+  def by_top_k(lg):
+    top_p, _ = jax.lax.top_k(jax.nn.softmax(lg, axis=-1), 3)
+    return jnp.sum(cot * top_p / jnp.sum(top_p, -1, keepdims=True))
+
+  got = jax.grad(lambda lg: jnp.sum(cot * route(lg, 3)[2]))(logits)
+  assert_rel_close("routing-weight gradient", jax.grad(by_top_k)(logits), got, 1e-6)
 
 
 def test_load_balancing_loss_hand_checked():

@@ -4,6 +4,7 @@
 from efficient_lm.layers.mixers.deltanet import DeltaNet
 from efficient_lm.layers.mixers.dijiang import DiJiang
 from efficient_lm.layers.mixers.gla import GLA
+from efficient_lm.layers.mixers.linear_attention import LinearAttention
 from efficient_lm.layers.mixers.rodimus import Rodimus
 
-__all__ = ["DeltaNet", "DiJiang", "GLA", "Rodimus"]
+__all__ = ["DeltaNet", "DiJiang", "GLA", "LinearAttention", "Rodimus"]

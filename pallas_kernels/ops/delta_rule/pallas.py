@@ -1,18 +1,39 @@
-"""The (gated) delta rule with its passes over chunks as Pallas kernels (see common/pallas_chunked.py)."""
+"""The (gated) delta rule as Pallas kernels.
+
+On GPU (and the generic interpreter) either every stage is a kernel (`pallas_chunked.make_fused_op`)
+or the passes over chunks are kernels over XLA-built terms (`pallas_chunked.make_pallas_op`), the
+faster per op (`dispatch.fused_kernels`); on TPU always the latter.
+"""
 from __future__ import annotations
 
 import functools
 
 from pallas_kernels.common.chunking import run_chunked
-from pallas_kernels.common.pallas_chunked import make_pallas_op
-from pallas_kernels.dispatch import check_pallas_shapes, pallas_backend
+from pallas_kernels.common.pallas_chunked import make_fused_op, make_pallas_op, run_padded
+from pallas_kernels.dispatch import check_pallas_shapes, fused_kernels, pallas_backend
 from pallas_kernels.ops.delta_rule.chunk import delta_rule_chunk_terms, delta_rule_gates
 
 _delta_rule_pallas = make_pallas_op(delta_rule_chunk_terms)
+_delta_rule_fused = make_fused_op()
+
+
+def delta_rule_fused(q, k, v, beta, g, *, scale, s0, segment_ids, chunk_size, interpret):
+  """The fused kernels on [B, T, H, *] inputs (interpret mode when `interpret`)."""
+  return run_padded(functools.partial(_delta_rule_fused, scale, chunk_size, interpret), q, k, v, (beta, g),
+                    s0=s0, segment_ids=segment_ids, chunk_size=chunk_size)
+
+
+def delta_rule_state_pass(q, k, v, beta, g, *, scale, s0, segment_ids, chunk_size, backend):
+  """The state-pass kernels over XLA-built chunk terms, on a fixed backend."""
+  return run_chunked(functools.partial(_delta_rule_pallas, scale, backend), q, k, v,
+                     delta_rule_gates(beta, g), s0=s0, segment_ids=segment_ids, chunk_size=chunk_size)
 
 
 def delta_rule_pallas(q, k, v, beta, g, *, scale, s0, segment_ids, chunk_size):
   backend = pallas_backend()
   check_pallas_shapes(backend, q.shape[-1], v.shape[-1], chunk_size)
-  return run_chunked(functools.partial(_delta_rule_pallas, scale, backend), q, k, v,
-                     delta_rule_gates(beta, g), s0=s0, segment_ids=segment_ids, chunk_size=chunk_size)
+  if fused_kernels(backend, "delta_rule" if g is None else "gated_delta_rule"):
+    return delta_rule_fused(q, k, v, beta, g, scale=scale, s0=s0, segment_ids=segment_ids,
+                            chunk_size=chunk_size, interpret=backend == "interpret")
+  return delta_rule_state_pass(q, k, v, beta, g, scale=scale, s0=s0, segment_ids=segment_ids,
+                               chunk_size=chunk_size, backend=backend)

@@ -1,0 +1,249 @@
+"""GPU check of the fused delta-rule kernels (pallas_kernels/common/chunk_kernels_triton.py).
+
+    python experiments/gpu_check_fused.py [--out DIR] [--params '{"GRAD_PARAMS": [8, 1]}'] [--skip-check]
+
+(a) agreement: the fused path vs impl="scan" (float32 reference) at 1x1024x4x128x128, float32 and
+    bf16 inputs, delta rule ungated and gated: relative error of o, the final state and every
+    gradient (q, k, v, beta, g, initial state).
+    Also GLA with a scalar decay.
+(b) timing: fwd and fwd+bwd (jitted, median of 20 after 3 warm-up calls, block_until_ready) of
+    impl="chunk", the older Pallas path ("state_pass": kernels over XLA terms) and the fused
+    kernels, bf16 8x2048x16x128: delta rule ungated and gated, GLA per-dim decay (chunk and
+    state_pass only: no fused kernels for it yet) and GLA scalar decay; plus compiled temp memory.
+Writes gpu_check_fused.json into --out (default $OUT, else experiments/results/kernels).
+`--params` overrides the kernels' constants ((num_warps, num_stages) per kernel, value-block
+widths), e.g. to tune them; `--skip-check` times only.
+Runs in about 2-3 minutes on an H100.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
+from pallas_kernels.common import chunk_kernels_triton
+from pallas_kernels.ops.delta_rule.pallas import delta_rule_fused, delta_rule_state_pass
+from pallas_kernels.ops.gla.pallas import gla_fused, gla_state_pass
+
+CHUNK = 64
+SMOKE = False  # --smoke: tiny shapes and interpret mode, to try the script on a CPU
+
+
+def inputs(op, b, t, h, kd, vd, dtype, gated, seed=0):
+  rng = np.random.default_rng(seed)
+  k = rng.standard_normal((b, t, h, kd), np.float32)
+  k /= np.linalg.norm(k, axis=-1, keepdims=True)
+  x = {"q": rng.standard_normal((b, t, h, kd), np.float32), "k": k,
+       "v": rng.standard_normal((b, t, h, vd), np.float32)}
+  logsig = lambda a: -np.log1p(np.exp(-a))
+  if op == "delta":
+    x["beta"] = 1 / (1 + np.exp(-rng.standard_normal((b, t, h)).astype(np.float32)))
+    if gated:
+      x["g"] = logsig(rng.standard_normal((b, t, h)).astype(np.float32))
+  elif op == "gla_scalar":
+    x["g"] = logsig(rng.standard_normal((b, t, h)).astype(np.float32))
+  else:  # "gla": per-dimension decay
+    x["g"] = logsig(rng.standard_normal((b, t, h, kd)).astype(np.float32))
+  x["s0"] = 0.1 * rng.standard_normal((b, h, kd, vd)).astype(np.float32)
+  return {n: jnp.asarray(a, jnp.float32 if n == "s0" else dtype) for n, a in x.items()}
+
+
+def delta_fn(impl):
+  """(x) -> (o, final state) for one delta-rule path."""
+  def f(x):
+    kd = x["q"].shape[-1]
+    g = x.get("g")
+    if impl in ("scan", "chunk"):
+      return pk.delta_rule(x["q"], x["k"], x["v"], x["beta"], g=g, initial_state=x["s0"],
+                           return_final_state=True, impl=impl, chunk_size=CHUNK)
+    common = dict(scale=kd ** -0.5, s0=x["s0"], segment_ids=None, chunk_size=CHUNK)
+    if impl == "fused":
+      return delta_rule_fused(x["q"], x["k"], x["v"], x["beta"], g, interpret=SMOKE, **common)
+    return delta_rule_state_pass(x["q"], x["k"], x["v"], x["beta"], g,
+                                 backend="interpret" if SMOKE else "triton", **common)
+  return f
+
+
+def gla_fn(impl):
+  def f(x):
+    if impl in ("scan", "chunk"):
+      return pk.gla(x["q"], x["k"], x["v"], x["g"], initial_state=x["s0"], return_final_state=True,
+                    impl=impl, chunk_size=CHUNK)
+    kd = x["q"].shape[-1]
+    common = dict(scale=kd ** -0.5, s0=x["s0"], segment_ids=None, chunk_size=CHUNK)
+    if impl == "fused":
+      return gla_fused(x["q"], x["k"], x["v"], x["g"], interpret=SMOKE, **common)
+    return gla_state_pass(x["q"], x["k"], x["v"], x["g"], backend="interpret" if SMOKE else "triton", **common)
+  return f
+
+
+def rel(a, ref):
+  a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def value_and_grads(f, x, cts):
+  out, vjp = jax.vjp(f, x)
+  (d,) = vjp(tuple(c.astype(o.dtype) for c, o in zip(cts, out)))
+  return out, d
+
+
+def check(report):
+  b, t, h, d = (1, 100, 2, 16) if SMOKE else (1, 1024, 4, 128)
+  rows = []
+  for op, gated in (("delta", False), ("delta", True), ("gla_scalar", True)):
+    fn = delta_fn if op == "delta" else gla_fn
+    for dtype in (jnp.float32, jnp.bfloat16):
+      x = inputs(op, b, t, h, d, d, dtype, gated, seed=1)
+      rng = np.random.default_rng(2)
+      cts = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32),
+             jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32))
+      x32 = {n: a.astype(jnp.float32) for n, a in x.items()}
+      (o_r, s_r), d_r = jax.jit(lambda x: value_and_grads(fn("scan"), x, cts))(x32)
+      (o, s), dx = jax.jit(lambda x: value_and_grads(fn("fused"), x, cts))(x)
+      row = {"op": "gated_delta" if gated and op == "delta" else op, "dtype": jnp.dtype(dtype).name,
+             "shape": [b, t, h, d, d], "o": rel(o, o_r), "final_state": rel(s, s_r)}
+      row.update({f"d{n}": rel(dx[n], d_r[n]) for n in x})
+      row["max"] = max(v for k, v in row.items() if k not in ("op", "dtype", "shape"))
+      row["tol"] = 1e-4 if dtype == jnp.float32 else 1e-2
+      row["ok"] = bool(np.isfinite(row["max"]) and row["max"] < row["tol"])
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+  report["agreement"] = rows
+
+
+def median_ms(fn, arg, iters=20, warmup=3):
+  """fn: a compiled (or jitted) function of one argument."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(arg))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(arg))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def temp_mb(compiled):
+  try:
+    return compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
+  except Exception as e:  # best effort
+    return f"n/a ({type(e).__name__})"
+
+
+def bench(report):
+  b, t, h, d = (1, 128, 2, 16) if SMOKE else (8, 2048, 16, 128)
+  cases = [("delta", False, ("chunk", "state_pass", "fused")),
+           ("delta", True, ("state_pass", "fused")),
+           ("gla", None, ("chunk", "state_pass")),          # per-dimension decay: no fused kernels yet
+           ("gla_scalar", None, ("state_pass", "fused"))]
+  rows = []
+  for op, gated, impls in cases:
+    x = inputs(op, b, t, h, d, d, jnp.bfloat16, gated)
+    do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
+    for impl in impls:
+      f = (delta_fn if op == "delta" else gla_fn)(impl)
+      o_only = lambda x, f=f: f(x)[0]
+      row = {"op": op + ("_gated" if gated else ""), "impl": impl, "shape": [b, t, h, d, d], "dtype": "bfloat16"}
+      try:
+        t0 = time.time()
+        fwd = jax.jit(o_only).lower(x).compile()
+        fwd_bwd = jax.jit(lambda x, f=o_only: jax.vjp(f, x)[1](do)).lower(x).compile()
+        row["compile_s"] = time.time() - t0
+        row["fwd_ms"] = median_ms(fwd, x)
+        row["fwd_bwd_ms"] = median_ms(fwd_bwd, x)
+        row["fwd_temp_mb"] = temp_mb(fwd)
+        row["fwd_bwd_temp_mb"] = temp_mb(fwd_bwd)
+      except Exception as e:  # keep going: one failing path must not hide the others
+        row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+  report["timing"] = rows
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernels"))
+  ap.add_argument("--params", default=None,
+                  help='JSON of chunk_kernels_triton constants, e.g. {"GRAD_PARAMS": [4, 2], "STATE_BLOCK_V": 32}')
+  ap.add_argument("--skip-check", action="store_true")
+  ap.add_argument("--skip-bench", action="store_true")
+  ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+  args = ap.parse_args()
+  global SMOKE
+  SMOKE = args.smoke
+  report = {"device": str(jax.devices()[0]), "jax": jax.__version__}
+  if args.params:
+    for name, value in json.loads(args.params).items():
+      assert hasattr(chunk_kernels_triton, name), name
+      setattr(chunk_kernels_triton, name, tuple(value) if isinstance(value, list) else value)
+    report["params"] = json.loads(args.params)
+  report["kernel_params"] = {n: getattr(chunk_kernels_triton, n) for n in
+                             ("WY_PARAMS", "FORWARD_PARAMS", "STATE_GRAD_PARAMS", "GRAD_PARAMS",
+                              "GRAD_BLOCK_V", "STATE_BLOCK_V")}
+  t0 = time.time()
+  if not args.skip_check:
+    check(report)
+  if not args.skip_bench:
+    bench(report)
+  report["wall_s"] = time.time() - t0
+  os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, "gpu_check_fused.json")
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1)
+  print("wrote", path, f"({report['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+  main()
+
+
+NAME, FILE = "kernels", "gpu_check_fused.json"
+
+
+def markdown(results_dir: str) -> str:
+  """README table: fwd / fwd+bwd ms and compiled temp memory of each path at the timing shape,
+  with flash-linear-attention's delta-rule time from bench_kernels.json beside it."""
+  import json  # noqa: PLC0415
+  with open(os.path.join(results_dir, FILE)) as f:
+    res = json.load(f)
+  fla = {}
+  bench = os.path.join(results_dir, "bench_kernels.json")
+  if os.path.exists(bench):
+    with open(bench) as f:
+      for r in json.load(f)["results"]:
+        if r["impl"] == "fla" and (r["B"], r["T"]) == (8, 2048) and "ms" in r:
+          fla[(r["op"], r["mode"])] = r["ms"]
+  ops = {"delta": "delta rule", "delta_gated": "gated delta rule", "gla": "GLA per-dim decay",
+         "gla_scalar": "GLA scalar decay"}
+  names = {"chunk": "chunk (XLA)", "state_pass": "pallas: state-pass kernels + XLA terms",
+           "fused": "pallas: fused kernels"}
+  lines = [f"Recurrence kernels (H100 {res.get('device')}, jax {res.get('jax')}; bf16, 8x2048x16x128, median of 20; "
+           "fla 0.6.0 from bench_kernels.json of the same machine kind):", "",
+           "| op | path | fwd ms | fwd+bwd ms | fwd+bwd temp MB | fwd+bwd / fla |", "|---|---|---|---|---|---|"]
+  for t in res["timing"]:
+    if "fwd_bwd_ms" not in t:
+      continue
+    peer = fla.get(("delta_rule", "fwd_bwd")) if t["op"] == "delta" else None
+    ratio = f"{t['fwd_bwd_ms'] / peer:.1f}x" if peer else ""
+    lines.append(f"| {ops.get(t['op'], t['op'])} | {names.get(t['impl'], t['impl'])} | {t['fwd_ms']:.2f} | {t['fwd_bwd_ms']:.2f} | "
+                 f"{t['fwd_bwd_temp_mb']:.0f} | {ratio} |")
+  if fla:
+    lines += ["", f"flash-linear-attention delta rule: fwd {fla.get(('delta_rule', 'fwd'), float('nan')):.2f} ms, "
+              f"fwd+bwd {fla.get(('delta_rule', 'fwd_bwd'), float('nan')):.2f} ms."]
+  worst = max((a["max"] for a in res.get("agreement", []) if a.get("dtype") == "float32"), default=None)
+  worst_bf16 = max((a["max"] for a in res.get("agreement", []) if a.get("dtype") == "bfloat16"), default=None)
+  if worst is not None:
+    lines += ["", f"Fused kernels vs the float32 scan on this GPU (1x1024x4x128, outputs and every gradient): "
+              f"float32 <= {worst:.1e}, bf16 <= {worst_bf16:.1e} relative error."]
+  return "\n".join(lines)

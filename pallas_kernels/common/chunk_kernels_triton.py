@@ -1,0 +1,494 @@
+"""Pallas kernels (GPU, Triton lowering) for the whole chunked delta rule, chunk-parallel work
+included; GLA with a scalar (or no) decay runs through the same kernels without the WY terms
+(beta None: X = V, T = I, so dV = dX and every dA / dbeta term drops out).
+
+Unlike `state_pass_triton`, which runs only the two sequential passes over XLA-built terms, these
+kernels read the raw inputs in their [B, T, H, *] layout (T padded to a multiple of the chunk C)
+and keep every per-chunk [C, C] / [C, K] intermediate in registers. Forward and backward, for a
+chunk with in-chunk cumulative log decay b (zero when ungated), e_i = exp(b_i), d_i =
+exp(b_C - b_i), lambda = exp(b_C), Gamma_ij = exp(b_i - b_j) on the causal same-segment support
+(segment masks zero e, d, lambda and Gamma exactly as `chunking.chunk_masks` does):
+
+    A = strict_lower(beta_i (K K^T)_ij Gamma_ij),  T = (I + A)^-1
+    W = T (beta e * K),  U = T (beta * V),  X = U - W S           (S: the state entering the chunk)
+    P = scale (Q K^T) * Gamma                                      (diagonal included)
+    O = scale e * (Q S) + P X,   S' = lambda S + (d * K)^T X
+
+Kernels (programs over (B*H, chunk) are chunk-parallel, over (B*H, value block) sequential):
+  `_wy_kernel`         (B*H, N):  W, U (only W in the backward) into [B*H, N, C, *] buffers.
+  `_forward_kernel`    (B*H, V/BV): the state pass with the output fused: X, O, S' per chunk;
+                       stores the state entering every chunk (in the inputs' dtype, which the
+                       forward's matmuls already rounded it to) when the backward needs it.
+  `_state_grad_kernel` (B*H, V/BV): the reverse pass, H = dL/dS' of each chunk:
+                       dX = P^T dO + d * (K H),  dS = lambda H + scale (e * Q)^T dO - W^T dX.
+  `_grad_kernel`       (B*H, N):  every input gradient of one chunk from S, H and dO.
+
+The solve: T = (I + A)^-1 with A strictly lower. D, the 16 x 16 diagonal blocks of A, are
+inverted by forward substitution on register tiles (row r of all four blocks at once: a masked
+row reduction picks the rows' coefficients, a masked column reduction applies them; no dynamic
+register indexing), then with M = (I + D)^-1 L (L = A - D, strictly block-lower, so M^4 = 0):
+T = (I - M + M^2 - M^3) (I + D)^-1, three matmuls in Horner form.
+
+Backward of one chunk (hand-derived; checked against `jax.vjp` of `chunked.chunk_forward`):
+    dX  = P^T dO + d * (K H)                     R = T^T dX
+    dV  = beta * R                               R_K = T^T dW = -R S^T      (dW = -dX S^T)
+    dA  = -T^T dT T^T = -(R U^T + R_K W^T) = -R X^T, kept on A's support
+    dP  = dO X^T;   G = beta_i Gamma_ij dA_ij
+    dQ  = scale (dP * Gamma) K + scale e * (dO S^T)
+    dK  = scale (dP * Gamma)^T Q + d * (X H^T) + beta e * R_K + G K + G^T K
+    dbeta = rowsum(R * V) + e * rowsum(R_K * K) + rowsum(dA * (K K^T) * Gamma)
+    db  = rowsum(Dg) - colsum(Dg) + e * rowsum(scale (dO S^T) * Q) - d * rowsum((X H^T) * K)
+          + beta e * rowsum(R_K * K) + [i = C] (sum_j d_j rowsum((X H^T) * K)_j + lambda <H, S>),
+          with Dg = dP * P + dA * A (the log-Gamma gradient); dg = reverse cumsum of db.
+The gradient of the incoming state comes from the reverse pass, not from `_grad_kernel`.
+
+Matmul operands: bf16 inputs give bf16 operands where both are inputs (exact products) and in
+the state passes (as `state_pass_triton`); float32 intermediates (T, W, X, R) stay float32 and
+use TF32 (precision DEFAULT). float32 inputs use three-pass TF32 everywhere (`_precision`).
+Accumulation is always float32.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+
+# (num_warps, num_stages) per kernel: the knobs to tune on the device. Offline (Triton 3.6 on the
+# TTIR these kernels lower to, sm_90a, bf16, K = V = 128): every kernel compiles; ptxas reports
+# 227-255 registers everywhere, a few hundred spilled bytes in the state passes at 4 warps and
+# about 6 KB spilled in `_grad_kernel` at 8 warps (196 KB of shared memory).
+WY_PARAMS = (4, 1)
+FORWARD_PARAMS = (4, 1)
+STATE_GRAD_PARAMS = (4, 1)
+GRAD_PARAMS = (8, 1)
+GRAD_BLOCK_V = 64     # value columns per step of `_grad_kernel`'s loop
+STATE_BLOCK_V = 64    # value columns per program of the two sequential passes
+SOLVE_BLOCK = 16
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+_PRECISIONS = {False: None, "highest": jax.lax.Precision.HIGHEST,
+               "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
+
+
+def _precision(dtype, interpret):
+  """Matmul precision of the kernels for inputs of `dtype`: the default (bf16 operands or TF32)
+  for bf16 inputs; for float32 inputs three-pass TF32 on the GPU (float32-level error on the
+  tensor cores: precision HIGHEST lowers to scalar FMA loops, megabytes of PTX that take minutes
+  to compile) and HIGHEST in interpret mode (the CPU has no TF32x3)."""
+  if dtype != jnp.float32:
+    return False
+  return "highest" if interpret else "tf32x3"
+
+
+def _mm(a, b, precise, ta=False, tb=False):
+  """a @ b (a^T if ta, b^T if tb), float32 accumulation; `precise` a key of _PRECISIONS."""
+  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=_PRECISIONS[precise])
+
+
+def _mask(pred):
+  """pred as 1.0 / 0.0. Not jnp.where(pred, 1.0, 0.0): with a scalar pred the Triton lowering
+  (jax 0.10) keeps that select's result boolean and then fails on `mask * x`."""
+  return jax.lax.select(pred, jnp.ones(pred.shape, jnp.float32), jnp.zeros(pred.shape, jnp.float32))
+
+
+def _iota(c):
+  return jax.lax.broadcasted_iota(jnp.int32, (c, c), 0), jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+
+
+class Geometry(NamedTuple):
+  """One chunk's decays and masks (float32): see the module docstring."""
+  causal: jax.Array            # [C, C] bool: j <= i, same segment
+  gamma: jax.Array             # [C, C]: exp(b_i - b_j) on `causal`, else 0
+  e: Optional[jax.Array]       # [C] or None (all ones)
+  d: Optional[jax.Array]       # [C] or None (all ones)
+  lam: Optional[jax.Array]     # scalar or None (one)
+  b: Optional[jax.Array]       # [C] cumulative log decay (gated only)
+
+
+def _geometry(c, g, seg, prev, last):
+  """g: [C] float32 log decay or None; seg: [C] int32 ids or None, with `prev` (the id of the
+  incoming state) and `last` (the id of the chunk's last token) scalars."""
+  rows, cols = _iota(c)
+  causal = rows >= cols
+  e = d = lam = b = None
+  if seg is not None:
+    causal = causal & (seg[:, None] == seg[None, :])
+    e = _mask(seg == prev)
+    d = _mask(seg == last)
+    lam = _mask(last == prev)
+  if g is None:
+    return Geometry(causal, _mask(causal), e, d, lam, None)
+  b = jnp.sum(jnp.where(cols <= rows, g[None, :], 0.0), axis=1)   # inclusive cumsum
+  b_last = jnp.sum(g)
+  gamma = jnp.exp(jnp.where(causal, b[:, None] - b[None, :], -jnp.inf))
+  scaled = lambda mask, x: jnp.exp(x) if mask is None else mask * jnp.exp(x)
+  return Geometry(causal, gamma, scaled(e, b), scaled(d, b_last - b), scaled(lam, b_last), b)
+
+
+def _rows(x, vec):
+  """diag(vec) x; vec None means ones."""
+  return x if vec is None else x * vec[:, None]
+
+
+def _vec(vec, c):
+  return jnp.ones((c,), jnp.float32) if vec is None else vec
+
+
+def unit_lower_inverse(a, precise, block=SOLVE_BLOCK):
+  """(I + a)^-1 for a strictly lower triangular [C, C] float32 tile (see the module docstring)."""
+  c = a.shape[0]
+  blk = block if c % block == 0 else c
+  nb = c // blk
+  rows, cols = _iota(c)
+  same = (rows // blk) == (cols // blk)
+  eye = _mask(rows == cols)
+  d_t = jnp.where(same, a, 0.0).T           # d_t[j, i] = D[i, j]
+  row_in_blk, col_in_blk = rows % blk, cols % blk
+  inv = eye
+  for r in range(1, blk):
+    coef = jnp.sum(jnp.where(col_in_blk == r, d_t, 0.0), axis=1)   # [C]: D[i_m, j] for j in block m
+    y = jnp.sum(coef[:, None] * inv, axis=0)                         # row i_m of D inv, per block
+    inv = jnp.where((row_in_blk == r) & same, eye - y[None, :], inv)
+  if nb == 1:
+    return inv
+  m = _mm(inv, jnp.where(same, 0.0, a), precise)
+  t = eye - m
+  for _ in range(nb - 2):
+    t = eye - _mm(m, t, precise)
+  return _mm(t, inv, precise)
+
+
+class _Loader:
+  """Reads one chunk of the [B, T, H, *] inputs; `bh` is the flat batch*head program index."""
+
+  def __init__(self, bh, heads, c):
+    self.b, self.h, self.c = bh // heads, bh % heads, c
+
+  def tok(self, ref, n, cols=None):
+    """[C, *] tile of a [B, T, H, *] array (columns `cols`, a pl.ds, or all)."""
+    t = pl.ds(n * self.c, self.c)
+    return ref[self.b, t, self.h, :] if cols is None else ref[self.b, t, self.h, cols]
+
+  def scalar(self, ref, n):
+    """[C] of a [B, T, H] array."""
+    return ref[self.b, pl.ds(n * self.c, self.c), self.h]
+
+  def geometry(self, g_ref, seg_ref, n):
+    g = None if g_ref is None else _f32(self.scalar(g_ref, n))
+    if seg_ref is None:
+      return _geometry(self.c, g, None, None, None)
+    start = n * self.c
+    seg = seg_ref[self.b, pl.ds(start, self.c)]
+    prev = seg_ref[self.b, jnp.maximum(start - 1, 0)]
+    last = seg_ref[self.b, start + self.c - 1]
+    return _geometry(self.c, g, seg, prev, last)
+
+  def store_tok(self, ref, n, x, cols=None):
+    t = pl.ds(n * self.c, self.c)
+    if cols is None:
+      ref[self.b, t, self.h, :] = x.astype(ref.dtype)
+    else:
+      ref[self.b, t, self.h, cols] = x.astype(ref.dtype)
+
+  def store_scalar(self, ref, n, x):
+    ref[self.b, pl.ds(n * self.c, self.c), self.h] = x.astype(ref.dtype)
+
+
+def _split_refs(refs, names, flags):
+  """Unpacks positional refs into a dict; names whose flag is False get None."""
+  out, it = {}, iter(refs)
+  for name in names:
+    out[name] = next(it) if flags.get(name, True) else None
+  rest = list(it)
+  assert not rest, f"{len(rest)} refs left over"
+  return out
+
+
+def _block_v(vd, block=64):
+  return block if vd % block == 0 else vd
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+def _wy_terms(ld, r, n, precise):
+  """T and the geometry of chunk n, plus k (float32) and beta."""
+  geo = ld.geometry(r["g"], r["seg"], n)
+  k = ld.tok(r["k"], n)
+  beta = _f32(ld.scalar(r["beta"], n))
+  c = k.shape[0]
+  rows, cols = _iota(c)
+  kkt = _mm(k, k, precise, tb=True)
+  a = jnp.where(rows > cols, beta[:, None] * kkt * geo.gamma, 0.0)
+  return geo, k, beta, kkt, a, unit_lower_inverse(a, precise)
+
+
+def _wy_kernel(*refs, heads, c, block_v, has_g, has_seg, want_u, precise):
+  r = _split_refs(refs, ("k", "v", "beta", "g", "seg", "w", "u"),
+                  {"g": has_g, "seg": has_seg, "v": want_u, "u": want_u})
+  bh, n = pl.program_id(0), pl.program_id(1)
+  ld = _Loader(bh, heads, c)
+  geo, k, beta, _, _, t = _wy_terms(ld, r, n, precise)
+  r["w"][bh, n] = _mm(t, _rows(_f32(k), beta * _vec(geo.e, c)), precise).astype(r["w"].dtype)
+  if want_u:
+    vd = r["u"].shape[-1]
+    for j in range(vd // block_v):
+      cols = pl.ds(j * block_v, block_v)
+      v = _f32(ld.tok(r["v"], n, cols))
+      r["u"][bh, n, :, cols] = _mm(t, _rows(v, beta), precise).astype(r["u"].dtype)
+
+
+def _forward_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, store_states, precise):
+  r = _split_refs(refs, ("q", "k", "v", "w", "u", "g", "seg", "s0", "o", "s_final", "s_in"),
+                  {"v": not wy, "w": wy, "u": wy, "g": has_g, "seg": has_seg, "s_in": store_states})
+  bh, vb = pl.program_id(0), pl.program_id(1)
+  cols = pl.ds(vb * block_v, block_v)
+  ld = _Loader(bh, heads, c)
+  mm = r["q"].dtype
+
+  def step(n, s):
+    if store_states:
+      r["s_in"][bh, n, :, cols] = s.astype(r["s_in"].dtype)
+    geo = ld.geometry(r["g"], r["seg"], n)
+    q, k = ld.tok(r["q"], n), ld.tok(r["k"], n)
+    s_mm = s.astype(mm)
+    if wy:
+      x = _f32(r["u"][bh, n, :, cols]) - _mm(r["w"][bh, n], s_mm, precise)
+      x_mm = x.astype(mm)
+    else:
+      x_mm = ld.tok(r["v"], n, cols)
+      x = _f32(x_mm)
+    p = _mm(q, k, precise, tb=True) * geo.gamma
+    o = _rows(_mm(q, s_mm, precise), geo.e) + _mm(p.astype(mm), x_mm, precise)
+    ld.store_tok(r["o"], n, scale * o, cols)
+    kx = _mm(k, x_mm if geo.d is None else _rows(x, geo.d).astype(mm), precise, ta=True)
+    return (s if geo.lam is None else geo.lam * s) + kx
+
+  r["s_final"][bh, :, cols] = jax.lax.fori_loop(0, n_chunks, step, r["s0"][bh, :, cols])
+
+
+def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, precise):
+  r = _split_refs(refs, ("q", "k", "w", "g", "seg", "do", "ds_final", "ds_out", "ds0"),
+                  {"k": wy, "w": wy, "g": has_g, "seg": has_seg})
+  bh, vb = pl.program_id(0), pl.program_id(1)
+  cols = pl.ds(vb * block_v, block_v)
+  ld = _Loader(bh, heads, c)
+  mm = r["q"].dtype
+
+  def step(i, ds):
+    n = n_chunks - 1 - i
+    r["ds_out"][bh, n, :, cols] = ds
+    geo = ld.geometry(r["g"], r["seg"], n)
+    q = ld.tok(r["q"], n)
+    do = ld.tok(r["do"], n, cols)
+    do_e = do if geo.e is None else _rows(_f32(do), geo.e).astype(mm)
+    ds_in = (ds if geo.lam is None else geo.lam * ds) + scale * _mm(q, do_e, precise, ta=True)
+    if not wy:
+      return ds_in
+    k = ld.tok(r["k"], n)
+    p = scale * _mm(q, k, precise, tb=True) * geo.gamma
+    dx = _mm(p.astype(mm), do, precise, ta=True) + _rows(_mm(k, ds.astype(mm), precise), geo.d)
+    return ds_in - _mm(r["w"][bh, n], dx.astype(mm), precise, ta=True)
+
+  r["ds0"][bh, :, cols] = jax.lax.fori_loop(0, n_chunks, step, r["ds_final"][bh, :, cols])
+
+
+def _grad_kernel(*refs, heads, c, block_v, scale, wy, has_g, has_seg, precise):
+  r = _split_refs(refs, ("q", "k", "v", "beta", "g", "seg", "do", "s_in", "ds_out",
+                         "dq", "dk", "dv", "dbeta", "dg"),
+                  {"beta": wy, "dbeta": wy, "g": has_g, "seg": has_seg, "dg": has_g})
+  bh, n = pl.program_id(0), pl.program_id(1)
+  ld = _Loader(bh, heads, c)
+  if wy:
+    geo, k, beta, kkt, a, t = _wy_terms(ld, r, n, precise)
+  else:
+    geo, k = ld.geometry(r["g"], r["seg"], n), ld.tok(r["k"], n)
+  e = _vec(geo.e, c)
+  q = ld.tok(r["q"], n)
+  kf = _f32(k)
+  kd = kf.shape[1]
+  p = scale * _mm(q, k, precise, tb=True) * geo.gamma
+  if wy:
+    be = beta * e
+    w = _mm(t, _rows(kf, be), precise)
+
+  zeros = lambda *s: jnp.zeros(s, jnp.float32)
+  dp, dqe, dkz = zeros(c, c), zeros(c, kd), zeros(c, kd)
+  if wy:
+    ra, rsk, dbeta = zeros(c, c), zeros(c), zeros(c)
+  dlam = jnp.float32(0.0)
+  vd = r["v"].shape[-1]
+  for j in range(vd // block_v):
+    cols = pl.ds(j * block_v, block_v)
+    v = _f32(ld.tok(r["v"], n, cols))
+    do = _f32(ld.tok(r["do"], n, cols))
+    s = _f32(r["s_in"][bh, n, :, cols])
+    hs = r["ds_out"][bh, n, :, cols]
+    x = _mm(t, _rows(v, beta), precise) - _mm(w, s, precise) if wy else v
+    dx = _mm(p, do, precise, ta=True) + _rows(_mm(kf, hs, precise), geo.d)
+    dp += _mm(do, x, precise, tb=True)
+    dqe += _mm(do, s, precise, tb=True)
+    dkz += _rows(_mm(x, hs, precise, tb=True), geo.d)
+    if wy:
+      rr = _mm(t, dx, precise, ta=True)
+      ld.store_tok(r["dv"], n, _rows(rr, beta), cols)
+      ra += _mm(rr, x, precise, tb=True)
+      rs = _mm(rr, s, precise, tb=True)
+      dkz -= _rows(rs, be)
+      rsk += jnp.sum(rs * kf, axis=1)
+      dbeta += jnp.sum(rr * v, axis=1)
+    else:
+      ld.store_tok(r["dv"], n, dx, cols)
+    if has_g:
+      dlam += jnp.sum(hs * s)
+
+  # dkz = d * (X H^T) - beta e * (R S^T);  rsk = rowsum((R S^T) * K)
+  dpg = scale * dp * geo.gamma
+  dq_state = scale * _rows(dqe, geo.e)
+  qf = _f32(q)
+  ld.store_tok(r["dq"], n, _mm(dpg, kf, precise) + dq_state)
+  dk = _mm(dpg, qf, precise, ta=True) + dkz
+  rows, cols = _iota(c)
+  if wy:
+    da = jnp.where((rows > cols) & geo.causal, -ra, 0.0)
+    g_mat = beta[:, None] * geo.gamma * da
+    dk += _mm(g_mat, kf, precise) + _mm(g_mat, kf, precise, ta=True)
+    dbeta = dbeta - e * rsk + jnp.sum(da * kkt * geo.gamma, axis=1)
+    ld.store_scalar(r["dbeta"], n, dbeta)
+  ld.store_tok(r["dk"], n, dk)
+  if has_g:
+    dgam = dp * p
+    dkz_k = jnp.sum(dkz * kf, axis=1)            # d * rowsum(XH^T * K) - beta e * rsk
+    db = jnp.sum(dq_state * qf, axis=1) - dkz_k
+    xh_k = dkz_k                                   # d * rowsum(XH^T * K)
+    if wy:
+      dgam += da * a
+      db -= 2.0 * be * rsk
+      xh_k = dkz_k + be * rsk
+    db += jnp.sum(dgam, axis=1) - jnp.sum(dgam, axis=0)
+    lam = 1.0 if geo.lam is None else geo.lam
+    last = jnp.sum(xh_k) + lam * dlam
+    idx = jax.lax.broadcasted_iota(jnp.int32, (c,), 0)
+    db = db + jnp.where(idx == c - 1, last, 0.0)
+    dg = jnp.sum(jnp.where(cols >= rows, db[None, :], 0.0), axis=1)   # reverse cumsum
+    ld.store_scalar(r["dg"], n, dg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calls
+
+
+def _params(interpret, warps_stages):
+  return None if interpret else _compat.triton_params(*warps_stages)
+
+
+def _flags(g, seg):
+  return {"has_g": g is not None, "has_seg": seg is not None}
+
+
+def _present(*xs):
+  return [x for x in xs if x is not None]
+
+
+def wy(k, v, beta, g, seg, *, chunk, want_u, interpret=False):
+  """W [B*H, N, C, K] (and U [B*H, N, C, V]) in k's dtype. k, v: [B, T, H, *] with T = N*C;
+  beta, g: [B, T, H] float32 (g None when ungated); seg: [B, T] int32 or None."""
+  b, t, h, kd = k.shape
+  vd = v.shape[-1]
+  n = t // chunk
+  out = [jax.ShapeDtypeStruct((b * h, n, chunk, kd), k.dtype)]
+  if want_u:
+    out.append(jax.ShapeDtypeStruct((b * h, n, chunk, vd), k.dtype))
+  kernel = functools.partial(_wy_kernel, heads=h, c=chunk, block_v=_block_v(vd), want_u=want_u,
+                             precise=_precision(k.dtype, interpret), **_flags(g, seg))
+  res = pl.pallas_call(kernel, grid=(b * h, n), out_shape=tuple(out), interpret=interpret,
+                       compiler_params=_params(interpret, WY_PARAMS),
+                       )(*_present(k, v if want_u else None, beta, g, seg))
+  return res if want_u else (res[0], None)
+
+
+def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=False):
+  """O [B, T, H, V] in v's dtype, the final state [B*H, K, V] float32 and (if `store_states`)
+  the state entering every chunk [B*H, N, K, V] in q's dtype. s0: [B*H, K, V] float32.
+  beta None: GLA with a scalar (or no) decay, X = V; else the delta rule, X = U - W S."""
+  b, t, h, kd = q.shape
+  vd = v.shape[-1]
+  n = t // chunk
+  bv = _block_v(vd, STATE_BLOCK_V)
+  wy_terms = beta is not None
+  w = u = None
+  if wy_terms:
+    w, u = wy(k, v, beta, g, seg, chunk=chunk, want_u=True, interpret=interpret)
+  out = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)]
+  if store_states:  # in the inputs' dtype: the forward's matmuls used it rounded so already
+    out.append(jax.ShapeDtypeStruct((b * h, n, kd, vd), q.dtype))
+  kernel = functools.partial(_forward_kernel, heads=h, c=chunk, n_chunks=n, block_v=bv, scale=scale,
+                             wy=wy_terms, store_states=store_states, precise=_precision(q.dtype, interpret),
+                             **_flags(g, seg))
+  res = pl.pallas_call(kernel, grid=(b * h, vd // bv), out_shape=tuple(out), interpret=interpret,
+                       compiler_params=_params(interpret, FORWARD_PARAMS),
+                       )(*_present(q, k, None if wy_terms else v, w, u, g, seg, s0))
+  return (res[0], res[1], res[2] if store_states else None)
+
+
+def state_grads(q, k, w, g, seg, do, ds_final, *, scale, chunk, interpret=False):
+  """The reverse pass: dL/dS leaving every chunk [B*H, N, K, V] and the initial-state gradient
+  [B*H, K, V] (float32). w: W of `wy` (None for GLA); do: [B, T, H, V] in q's dtype."""
+  b, t, h, kd = q.shape
+  vd = do.shape[-1]
+  n = t // chunk
+  bv = _block_v(vd, STATE_BLOCK_V)
+  wy_terms = w is not None
+  kernel = functools.partial(_state_grad_kernel, heads=h, c=chunk, n_chunks=n, block_v=bv, scale=scale,
+                             wy=wy_terms, precise=_precision(q.dtype, interpret), **_flags(g, seg))
+  return pl.pallas_call(
+      kernel, grid=(b * h, vd // bv), interpret=interpret,
+      out_shape=(jax.ShapeDtypeStruct((b * h, n, kd, vd), jnp.float32),
+                 jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)),
+      compiler_params=_params(interpret, STATE_GRAD_PARAMS),
+  )(*_present(q, k if wy_terms else None, w, g, seg, do, ds_final))
+
+
+def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, *, scale, chunk, interpret=False):
+  """Every chunk's input gradients from the state entering it (s_in) and the gradient of the
+  state leaving it (ds_out), both [B*H, N, K, V]: dq, dk, dv in the inputs' dtype, dbeta and
+  dg [B, T, H] float32 (dbeta None for GLA, beta None; dg None when ungated)."""
+  b, t, h, kd = q.shape
+  n = t // chunk
+  wy_terms = beta is not None
+  out = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+         jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  if wy_terms:
+    out.append(jax.ShapeDtypeStruct(beta.shape, jnp.float32))
+  if g is not None:
+    out.append(jax.ShapeDtypeStruct(g.shape, jnp.float32))
+  vd = v.shape[-1]
+  kernel = functools.partial(_grad_kernel, heads=h, c=chunk, block_v=_block_v(vd, GRAD_BLOCK_V), scale=scale,
+                             wy=wy_terms, precise=_precision(q.dtype, interpret), **_flags(g, seg))
+  res = list(pl.pallas_call(kernel, grid=(b * h, n), out_shape=tuple(out), interpret=interpret,
+                            compiler_params=_params(interpret, GRAD_PARAMS),
+                            )(*_present(q, k, v, beta, g, seg, do, s_in, ds_out)))
+  dq, dk, dv = res[:3]
+  dbeta = res.pop(3) if wy_terms else None
+  return dq, dk, dv, dbeta, (res[3] if g is not None else None)
+
+
+def backward(q, k, v, beta, g, seg, s_in, do, ds_final, *, scale, chunk, interpret=False):
+  """(dq, dk, dv in the inputs' dtype, dbeta, dg float32 (None when beta / g is None), ds0 [B*H, K, V])."""
+  w = None
+  if beta is not None:
+    w, _ = wy(k, v, beta, g, seg, chunk=chunk, want_u=False, interpret=interpret)
+  ds_out, ds0 = state_grads(q, k, w, g, seg, do, ds_final, scale=scale, chunk=chunk, interpret=interpret)
+  grads = chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, scale=scale, chunk=chunk, interpret=interpret)
+  return (*grads, ds0)

@@ -1,0 +1,171 @@
+"""The fused GPU kernels (`chunk_kernels_triton`; the delta rule, and GLA with a scalar or no
+decay): per-chunk gradients against `jax.vjp` of the pure-JAX chunk, the whole op against the
+float32 scan (generic interpret mode), path selection, and the Triton lowering.
+`test_pallas_agreement.py` covers the same ops through "pallas:generic" at more lengths; these
+add the solve's block merge (C = 32, 64), several value blocks and K != V."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from pallas_kernels.common import chunk_kernels_triton as ck
+from pallas_kernels.common.chunked import chunk_vjp
+from pallas_kernels.common.chunking import segment_chunks, to_chunks
+from pallas_kernels.ops.delta_rule.chunk import delta_rule_chunk_terms
+from pallas_kernels.ops.delta_rule.pallas import delta_rule_fused
+from pallas_kernels.ops.gla.chunk import gla_chunk_terms
+from pallas_kernels.ops.gla.pallas import gla_fused
+from tests.conftest import assert_rel_close
+from tests.kernels.recurrence_cases import make_inputs
+from tests.kernels.test_chunk_agreement import TOL, check_against_reference, random_segments
+
+
+def test_unit_lower_inverse_matches_solve():
+  rng = np.random.default_rng(0)
+  for c in (16, 48, 64):
+    a = jnp.asarray(np.tril(rng.standard_normal((c, c)), -1) * 0.3, jnp.float32)
+    ref = jnp.linalg.inv(jnp.eye(c) + a)
+    for block in (8, 16):
+      assert_rel_close(f"C={c} block={block}", ref, ck.unit_lower_inverse(a, "highest", block=block), 1e-5)
+
+
+@pytest.mark.parametrize("family, gated, segments, c, kd, vd, dtype", [
+    ("delta", True, True, 32, 16, 128, jnp.float32),
+    ("delta", False, False, 16, 32, 24, jnp.float32),
+    ("delta", True, False, 64, 16, 16, jnp.bfloat16),
+    ("gla", True, True, 32, 16, 128, jnp.float32),
+    ("gla", False, False, 16, 32, 16, jnp.bfloat16),
+], ids=["delta-gated-seg-C32-V128", "delta-C16-K32-V24", "delta-gated-C64-bf16",
+        "gla-scalar-seg-C32-V128", "gla-nodecay-C16-bf16"])
+def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtype):
+  """`_grad_kernel` with random incoming states and state gradients vs `chunked.chunk_vjp`."""
+  b, h, n = 1, 2, 2
+  t = n * c
+  rng = np.random.default_rng(c + vd)
+  normal = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  k = normal(b, t, h, kd)
+  k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  q, v, do = normal(b, t, h, kd), normal(b, t, h, vd), normal(b, t, h, vd)
+  q, k, v, do = (x.astype(dtype) for x in (q, k, v, do))
+  beta = jax.nn.sigmoid(normal(b, t, h)) if family == "delta" else None
+  g = jax.nn.log_sigmoid(normal(b, t, h)) if gated else None
+  seg = jnp.asarray(random_segments(rng, b, t, 3)) if segments else None
+  s_in, ds_out = normal(b * h, n, kd, vd), normal(b * h, n, kd, vd)
+  s_in = s_in.astype(dtype)  # the forward stores the states in the inputs' dtype
+  scale = kd ** -0.5
+
+  got = ck.chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, scale=scale, chunk=c, interpret=True)
+
+  chunked = lambda x: to_chunks(x, c)
+  seg_c, prev_c = segment_chunks(seg, b, t, h, c)
+  g_or_zero = chunked(jnp.zeros((b, t, h), jnp.float32) if g is None else g)
+  gates = (chunked(beta), g_or_zero) if family == "delta" else (g_or_zero,)
+  terms = delta_rule_chunk_terms if family == "delta" else gla_chunk_terms
+  states = lambda s: s.astype(jnp.float32).reshape(b, h, n, kd, vd)
+  vjp = jax.vmap(jax.vmap(jax.vmap(functools.partial(chunk_vjp, terms, scale))))
+  dq, dk, dv, dgates, _ = vjp(chunked(q), chunked(k), chunked(v), gates, seg_c, prev_c,
+                              states(s_in), chunked(do), states(ds_out))
+  dbeta, dg = dgates if family == "delta" else (None, dgates[0])
+  back = lambda x: jnp.moveaxis(x, 1, 3).reshape(b, t, h, *x.shape[4:])
+  tol = TOL[dtype]
+  for name, ref, out in zip(("dq", "dk", "dv", "dbeta", "dg"), (dq, dk, dv, dbeta, dg), got):
+    if out is None:
+      assert (name == "dg" and not gated) or (name == "dbeta" and family == "gla"), name
+      continue
+    assert out.dtype == (dtype if name in ("dq", "dk", "dv") else jnp.float32), name
+    assert_rel_close(name, back(ref).astype(jnp.float32), out.astype(jnp.float32), tol)
+
+
+@pytest.mark.parametrize("variant, t, c, kd, vd, dtype, segments", [
+    ("gated_delta", 70, 32, 16, 128, jnp.float32, True),
+    ("delta", 50, 64, 32, 16, jnp.float32, False),
+    ("gated_delta", 45, 16, 16, 64, jnp.bfloat16, True),
+    ("gla_scalar", 70, 32, 32, 128, jnp.float32, True),
+], ids=["gated-seg-C32-V128", "ungated-C64-K32-V16", "gated-seg-C16-bf16", "gla-scalar-seg-C32-V128"])
+def test_fused_op_matches_scan(variant, t, c, kd, vd, dtype, segments, monkeypatch):
+  """Forward, final state and every gradient (q, k, v, beta, g, initial state) vs the f32 scan."""
+  monkeypatch.setenv("PALLAS_KERNELS_FUSED", "1")
+  inputs = make_inputs(31, variant, b=2, t=t, h=2, kd=kd, vd=vd, dtype=dtype)
+  seg = jnp.asarray(random_segments(np.random.default_rng(31), 2, t, 3)) if segments else None
+  check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic")
+
+
+def _kernel_names(fn, *args):
+  """Names of the kernels of every pallas_call in fn's jaxpr, in order."""
+  def walk(jaxpr, out):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        out.append(eqn.params["jaxpr"].debug_info.func_name)
+      for p in eqn.params.values():
+        inner = getattr(p, "jaxpr", p)
+        if hasattr(inner, "eqns") and eqn.primitive.name != "pallas_call":
+          walk(inner, out)
+    return out
+  return walk(jax.make_jaxpr(fn)(*args).jaxpr, [])
+
+
+def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
+  import pallas_kernels as pk
+
+  monkeypatch.setenv("PALLAS_KERNELS_INTERPRET", "generic")
+  monkeypatch.setenv("PALLAS_KERNELS_FUSED", "1")
+  x = make_inputs(1, "gated_delta", t=20)
+  f = lambda q: pk.delta_rule(q, x["k"], x["v"], x["beta"], g=x["g"], impl="pallas")[0].sum()
+  assert _kernel_names(jax.grad(f), x["q"]) == ["_wy_kernel", "_forward_kernel", "_wy_kernel",
+                                                 "_state_grad_kernel", "_grad_kernel"]
+  y = make_inputs(1, "gla_scalar", t=20)
+  f_gla = lambda q, g: pk.gla(q, y["k"], y["v"], g, impl="pallas")[0].sum()
+  assert _kernel_names(jax.grad(f_gla), y["q"], y["g"]) == ["_forward_kernel", "_state_grad_kernel",
+                                                            "_grad_kernel"]
+  per_dim = make_inputs(1, "gla_perdim", t=20)["g"]  # per-dimension decay: the state-pass path
+  assert "_state_grad_kernel" not in _kernel_names(jax.grad(f_gla), y["q"], per_dim)
+  monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
+  assert "_wy_kernel" not in _kernel_names(jax.grad(f), x["q"])
+  assert "_state_grad_kernel" not in _kernel_names(jax.grad(f_gla), y["q"], y["g"])
+  monkeypatch.delenv("PALLAS_KERNELS_FUSED")    # the measured default per op
+  f_ungated = lambda q: pk.delta_rule(q, x["k"], x["v"], x["beta"], impl="pallas")[0].sum()
+  assert "_wy_kernel" in _kernel_names(jax.grad(f_ungated), x["q"])
+  assert "_wy_kernel" not in _kernel_names(jax.grad(f), x["q"])
+  assert "_state_grad_kernel" not in _kernel_names(jax.grad(f_gla), y["q"], y["g"])
+  monkeypatch.setenv("PALLAS_KERNELS_FUSED", "yes")
+  with pytest.raises(ValueError, match="PALLAS_KERNELS_FUSED"):
+    jax.make_jaxpr(f)(x["q"])
+
+
+def _fused_fwd_bwd(family, kd, gated, segments):
+  def loss(q, k, v, beta, g, s0, seg):
+    common = dict(scale=kd ** -0.5, s0=s0, segment_ids=seg if segments else None, chunk_size=64,
+                  interpret=False)
+    if family == "delta":
+      o, s = delta_rule_fused(q, k, v, beta, g if gated else None, **common)
+    else:
+      o, s = gla_fused(q, k, v, g if gated else None, **common)
+    return o.astype(jnp.float32).sum() + s.sum()
+  return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+
+
+@pytest.mark.skipif(jax.__version_info__ >= (0, 11),
+                    reason="jax >= 0.11 exports for cuda only with an abstract GPU device; the H100 run covers it")
+@pytest.mark.parametrize("family, kd, vd, dtype, gated, segments", [
+    ("delta", 64, 64, jnp.bfloat16, True, True), ("delta", 128, 128, jnp.bfloat16, True, True),
+    ("delta", 64, 128, jnp.bfloat16, False, False), ("delta", 128, 64, jnp.float32, False, True),
+    ("delta", 128, 128, jnp.float32, True, False),
+    ("gla", 64, 64, jnp.bfloat16, True, True), ("gla", 128, 128, jnp.bfloat16, False, False),
+    ("gla", 128, 128, jnp.float32, True, False),
+])
+def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segments):
+  b, t, h = 2, 256, 2
+  spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
+  args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h), spec(b, t, h),
+          spec(b, h, kd, vd, dt=jnp.float32), spec(b, t, dt=jnp.int32))
+  exported = export.export(
+      jax.jit(_fused_fwd_bwd(family, kd, gated, segments)), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(*args)
+  # forward: (delta: W/U and) the state pass; backward: (delta: W,) the reverse pass, the chunk gradients
+  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (5 if family == "delta" else 3)
