@@ -1,10 +1,25 @@
-"""Shared test setup: 8 fake CPU devices for sharding tests, one relative-error check."""
+"""Shared test setup: 8 fake CPU devices for sharding tests, compiled programs released after
+each test module, one relative-error check."""
+import gc
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Every XLA:CPU executable keeps its JIT-compiled code in memory maps. One process running the
+  whole suite reached Linux's default limit of 65,530 maps (vm.max_map_count) in the model tests
+  and crashed inside the compiler (SIGSEGV / SIGABRT, jax 0.10); the kernel agreement modules
+  alone add ~25,000 maps. Dropping jax's caches once a module is done frees its executables."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 def rel_err(out, ref) -> float:
