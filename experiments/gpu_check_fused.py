@@ -1,6 +1,7 @@
 """GPU check of the fused delta-rule kernels (pallas_kernels/common/chunk_kernels_triton.py).
 
-    python experiments/gpu_check_fused.py [--out DIR] [--params '{"GRAD_PARAMS": [8, 1]}'] [--skip-check]
+    python experiments/gpu_check_fused.py [--out DIR] [--params '{"DQK_PARAMS": [8, 1]}'] [--skip-check]
+                                          [--sweep '[{}, {"DQK_PARAMS": [4, 1]}]']
 
 (a) agreement: the fused path vs impl="scan" (float32 reference) at 1x1024x4x128x128, float32 and
     bf16 inputs, delta rule ungated and gated: relative error of o, the final state and every
@@ -9,7 +10,10 @@
 (b) timing: fwd and fwd+bwd (jitted, median of 20 after 3 warm-up calls, block_until_ready) of
     impl="chunk", the older Pallas path ("state_pass": kernels over XLA terms) and the fused
     kernels, bf16 8x2048x16x128: delta rule ungated and gated, GLA per-dim decay (chunk and
-    state_pass only: no fused kernels for it yet) and GLA scalar decay; plus compiled temp memory.
+    state_pass only: no fused kernels for it yet) and GLA scalar decay; plus compiled temp memory;
+    and flash-linear-attention's kernel for each (when torch and fla import), in the same process.
+(c) with --sweep: the fused delta rule's fwd+bwd for each set of kernel constants, and the
+    backward's stages timed alone.
 Writes gpu_check_fused.json into --out (default $OUT, else experiments/results/kernels).
 `--params` overrides the kernels' constants ((num_warps, num_stages) per kernel, value-block
 widths), e.g. to tune them; `--skip-check` times only.
@@ -122,14 +126,15 @@ def check(report):
   report["agreement"] = rows
 
 
-def median_ms(fn, arg, iters=20, warmup=3):
-  """fn: a compiled (or jitted) function of one argument."""
+def median_ms(fn, arg, iters=20, warmup=3, sync=jax.block_until_ready, call_with_arg=True):
+  """fn: a compiled (or jitted) function of one argument (or of none)."""
+  call = (lambda: fn(arg)) if call_with_arg else fn
   for _ in range(warmup):
-    jax.block_until_ready(fn(arg))
+    sync(call())
   times = []
   for _ in range(iters):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(arg))
+    sync(call())
     times.append(time.perf_counter() - t0)
   return 1e3 * statistics.median(times)
 
@@ -151,10 +156,15 @@ def bench(report):
   for op, gated, impls in cases:
     x = inputs(op, b, t, h, d, d, jnp.bfloat16, gated)
     do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
-    for impl in impls:
+    for impl in impls + (() if SMOKE else ("fla",)):
+      row = {"op": op + ("_gated" if gated else ""), "impl": impl, "shape": [b, t, h, d, d], "dtype": "bfloat16"}
+      if impl == "fla":
+        time_fla(op, x, do, row)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        continue
       f = (delta_fn if op == "delta" else gla_fn)(impl)
       o_only = lambda x, f=f: f(x)[0]
-      row = {"op": op + ("_gated" if gated else ""), "impl": impl, "shape": [b, t, h, d, d], "dtype": "bfloat16"}
       try:
         t0 = time.time()
         fwd = jax.jit(o_only).lower(x).compile()
@@ -171,31 +181,142 @@ def bench(report):
   report["timing"] = rows
 
 
+PARAM_NAMES = ("WY_PARAMS", "FORWARD_PARAMS", "STATE_GRAD_PARAMS", "DQK_PARAMS", "WY_GRAD_PARAMS",
+               "GRAD_BLOCK_K", "GRAD_BLOCK_V", "STATE_BLOCK_V")
+
+
+def kernel_params():
+  return {n: getattr(chunk_kernels_triton, n) for n in PARAM_NAMES}
+
+
+def set_params(params):
+  for name, value in params.items():
+    assert name in PARAM_NAMES, name
+    setattr(chunk_kernels_triton, name, tuple(value) if isinstance(value, list) else value)
+
+
+def fla_fns(op, x, do):
+  """fwd, fwd+bwd and sync of flash-linear-attention's kernel for the same inputs (bf16 torch)."""
+  import torch
+  to_t = lambda a: torch.from_dlpack(np.asarray(a.astype(jnp.float32))).cuda().to(torch.bfloat16).requires_grad_()
+  t = {n: to_t(a) for n, a in x.items() if n != "s0"}
+  s0 = torch.from_dlpack(np.asarray(x["s0"])).cuda().requires_grad_()
+  if op == "delta" and "g" in t:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    call = lambda: chunk_gated_delta_rule(t["q"], t["k"], t["v"], t["g"].float(), t["beta"], initial_state=s0)[0]
+  elif op == "delta":
+    from fla.ops.delta_rule import chunk_delta_rule
+    call = lambda: chunk_delta_rule(t["q"], t["k"], t["v"], t["beta"], initial_state=s0)[0]
+  elif op == "gla_scalar":
+    from fla.ops.simple_gla import chunk_simple_gla
+    call = lambda: chunk_simple_gla(t["q"], t["k"], t["v"], t["g"].float(), initial_state=s0)[0]
+  else:
+    from fla.ops.gla import chunk_gla
+    call = lambda: chunk_gla(t["q"], t["k"], t["v"], t["g"], initial_state=s0)[0]
+  params = [a for a in t.values()] + [s0]
+  do_t = torch.from_dlpack(np.asarray(do.astype(jnp.float32))).cuda().to(torch.bfloat16)
+
+  def fwd(_):
+    with torch.no_grad():
+      return call()
+
+  def fwd_bwd(_):
+    return torch.autograd.grad(call(), params, do_t, allow_unused=True)
+
+  return fwd, fwd_bwd, lambda _: torch.cuda.synchronize()
+
+
+def time_fla(op, x, do, row):
+  try:
+    import torch  # noqa: F401
+    fwd, fwd_bwd, sync = fla_fns(op, x, do)
+    row["fwd_ms"] = median_ms(fwd, None, sync=sync)
+    row["fwd_bwd_ms"] = median_ms(fwd_bwd, None, sync=sync)
+  except Exception as e:  # fla is a peer: its absence must not stop the run
+    row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+
+
+def sweep(report, param_sets):
+  """Fused delta-rule fwd+bwd (ungated and gated) at the timing shape for each set of kernel
+  constants, and the backward's stages timed alone at the default set."""
+  b, t, h, d = (1, 128, 2, 16) if SMOKE else (8, 2048, 16, 128)
+  default = kernel_params()
+  rows = []
+  for gated in (False, True):
+    x = inputs("delta", b, t, h, d, d, jnp.bfloat16, gated)
+    do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
+    for params in param_sets:
+      set_params(default)
+      set_params(params)
+      f = delta_fn("fused")
+      row = {"op": "delta" + ("_gated" if gated else ""), "params": params}
+      try:
+        fb = jax.jit(lambda x, f=f: jax.vjp(lambda x: f(x)[0], x)[1](do)).lower(x).compile()
+        row["fwd_bwd_ms"] = median_ms(fb, x)
+      except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+  set_params(default)
+  report["sweep"] = rows
+  report["stages"] = stages(b, t, h, d)
+
+
+def stages(b, t, h, d):
+  """ms of each backward stage of the fused delta rule (ungated, bf16), run alone."""
+  ck = chunk_kernels_triton
+  x = inputs("delta", b, t, h, d, d, jnp.bfloat16, False)
+  do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
+  beta = x["beta"].astype(jnp.float32)
+  common = dict(scale=d ** -0.5, chunk=CHUNK, interpret=SMOKE)
+  s0 = x["s0"].reshape(b * h, d, d)
+  _, _, saved = ck.forward(x["q"], x["k"], x["v"], beta, None, s0, None, store_states=True, **common)
+  s_in, w, xx = saved
+  ds_out, _, dx = ck.state_grads(x["q"], x["k"], w, None, None, do, s0, **common)
+  fns = {
+      "forward (wy + state pass, storing)": lambda: ck.forward(x["q"], x["k"], x["v"], beta, None, s0, None,
+                                                               store_states=True, **common),
+      "state_grads": lambda: ck.state_grads(x["q"], x["k"], w, None, None, do, s0, **common),
+      "chunk_grads (dqk + wy_grad)": lambda: ck.chunk_grads(x["q"], x["k"], x["v"], beta, None, None, do, s_in,
+                                                            ds_out, xx, dx, **common),
+      "dqk only (the GLA form)": lambda: ck.chunk_grads(x["q"], x["k"], x["v"], None, None, None, do, s_in,
+                                                         ds_out, None, dx.astype(jnp.bfloat16), **common),
+  }
+  out = {}
+  for name, fn in fns.items():
+    try:
+      out[name] = median_ms(jax.jit(fn).lower().compile(), None, call_with_arg=False)
+    except Exception as e:
+      out[name] = f"{type(e).__name__}: {str(e)[:500]}"
+    print(json.dumps({"stage": name, "ms": out[name]}), flush=True)
+  return out
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernels"))
   ap.add_argument("--params", default=None,
-                  help='JSON of chunk_kernels_triton constants, e.g. {"GRAD_PARAMS": [4, 2], "STATE_BLOCK_V": 32}')
+                  help='JSON of chunk_kernels_triton constants, e.g. {"DQK_PARAMS": [4, 2], "STATE_BLOCK_V": 32}')
   ap.add_argument("--skip-check", action="store_true")
   ap.add_argument("--skip-bench", action="store_true")
+  ap.add_argument("--sweep", default=None,
+                  help='JSON list of constant sets to time the fused delta rule with, e.g. [{}, {"DQK_PARAMS": [4, 2]}]')
   ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
   args = ap.parse_args()
   global SMOKE
   SMOKE = args.smoke
   report = {"device": str(jax.devices()[0]), "jax": jax.__version__}
   if args.params:
-    for name, value in json.loads(args.params).items():
-      assert hasattr(chunk_kernels_triton, name), name
-      setattr(chunk_kernels_triton, name, tuple(value) if isinstance(value, list) else value)
+    set_params(json.loads(args.params))
     report["params"] = json.loads(args.params)
-  report["kernel_params"] = {n: getattr(chunk_kernels_triton, n) for n in
-                             ("WY_PARAMS", "FORWARD_PARAMS", "STATE_GRAD_PARAMS", "GRAD_PARAMS",
-                              "GRAD_BLOCK_V", "STATE_BLOCK_V")}
+  report["kernel_params"] = kernel_params()
   t0 = time.time()
   if not args.skip_check:
     check(report)
   if not args.skip_bench:
     bench(report)
+  if args.sweep:
+    sweep(report, json.loads(args.sweep))
   report["wall_s"] = time.time() - t0
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "gpu_check_fused.json")

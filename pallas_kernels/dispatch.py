@@ -49,7 +49,8 @@ def pallas_backend() -> str:
 # fwd+bwd, experiments/results/kernels/gpu_check_fused.json): delta rule fused 10.7 ms vs
 # 11.5; gated delta rule 14.3 vs 12.6; scalar-decay GLA 5.1 vs 3.2. The fused path needs about
 # 4x less temporary memory (457 vs 1921 MB for the delta rule): PALLAS_KERNELS_FUSED=1 picks it
-# everywhere it exists, =0 nowhere.
+# everywhere it exists, =0 nowhere. Measured with session 2's single gradient kernel; the split
+# one (experiments/NOTES.md) is predicted to flip the other two entries once timed.
 FUSED_BY_DEFAULT = {"delta_rule": True, "gated_delta_rule": False, "gla": False}
 
 

@@ -14,14 +14,17 @@ exp(b_C - b_i), lambda = exp(b_C), Gamma_ij = exp(b_i - b_j) on the causal same-
     P = scale (Q K^T) * Gamma                                      (diagonal included)
     O = scale e * (Q S) + P X,   S' = lambda S + (d * K)^T X
 
-Kernels (programs over (B*H, chunk) are chunk-parallel, over (B*H, value block) sequential):
-  `_wy_kernel`         (B*H, N):  W, U (only W in the backward) into [B*H, N, C, *] buffers.
+Kernels (programs over (B*H, chunk[, key block]) are chunk-parallel, over (B*H, value block)
+sequential):
+  `_wy_kernel`         (B*H, N):  W, U into [B*H, N, C, *] buffers.
   `_forward_kernel`    (B*H, V/BV): the state pass with the output fused: X, O, S' per chunk;
-                       stores the state entering every chunk (in the inputs' dtype, which the
-                       forward's matmuls already rounded it to) when the backward needs it.
+                       for the backward it stores the state entering every chunk and X (in the
+                       inputs' dtype, which the forward's matmuls already rounded them to).
   `_state_grad_kernel` (B*H, V/BV): the reverse pass, H = dL/dS' of each chunk:
-                       dX = P^T dO + d * (K H),  dS = lambda H + scale (e * Q)^T dO - W^T dX.
-  `_grad_kernel`       (B*H, N):  every input gradient of one chunk from S, H and dO.
+                       dX = P^T dO + d * (K H) (stored),  dS = lambda H + scale (e * Q)^T dO - W^T dX.
+  `_dqk_kernel`        (B*H, N, K/BK): dQ, the dK terms outside the solve, dW = -dX S^T and the
+                       decay-gradient terms, from X, dX, S and H.
+  `_wy_grad_kernel`    (B*H, N):  back through the solve: dV, dbeta, the rest of dK and of db.
 
 The solve: T = (I + A)^-1 with A strictly lower. D, the 16 x 16 diagonal blocks of A, are
 inverted by forward substitution on register tiles (row r of all four blocks at once: a masked
@@ -40,7 +43,8 @@ Backward of one chunk (hand-derived; checked against `jax.vjp` of `chunked.chunk
     db  = rowsum(Dg) - colsum(Dg) + e * rowsum(scale (dO S^T) * Q) - d * rowsum((X H^T) * K)
           + beta e * rowsum(R_K * K) + [i = C] (sum_j d_j rowsum((X H^T) * K)_j + lambda <H, S>),
           with Dg = dP * P + dA * A (the log-Gamma gradient); dg = reverse cumsum of db.
-The gradient of the incoming state comes from the reverse pass, not from `_grad_kernel`.
+The gradient of the incoming state comes from the reverse pass. Each db term is a sum over key
+columns, so `_dqk_kernel`'s key blocks and `_wy_grad_kernel` each add their share.
 
 Matmul operands: bf16 inputs give bf16 operands where both are inputs (exact products) and in
 the state passes (as `state_pass_triton`); float32 intermediates (T, W, X, R) stay float32 and
@@ -58,15 +62,14 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 
-# (num_warps, num_stages) per kernel: the knobs to tune on the device. Offline (Triton 3.6 on the
-# TTIR these kernels lower to, sm_90a, bf16, K = V = 128): every kernel compiles; ptxas reports
-# 227-255 registers everywhere, a few hundred spilled bytes in the state passes at 4 warps and
-# about 6 KB spilled in `_grad_kernel` at 8 warps (196 KB of shared memory).
+# (num_warps, num_stages) per kernel: the knobs to tune on the device (gpu_check_fused.py --params).
 WY_PARAMS = (4, 1)
 FORWARD_PARAMS = (4, 1)
 STATE_GRAD_PARAMS = (4, 1)
-GRAD_PARAMS = (8, 1)
-GRAD_BLOCK_V = 64     # value columns per step of `_grad_kernel`'s loop
+DQK_PARAMS = (8, 1)
+WY_GRAD_PARAMS = (8, 1)
+GRAD_BLOCK_K = 64     # key columns per program of `_dqk_kernel` (and per step of `_wy_grad_kernel`)
+GRAD_BLOCK_V = 64     # value columns per step of both gradient kernels' loops
 STATE_BLOCK_V = 64    # value columns per program of the two sequential passes
 SOLVE_BLOCK = 16
 
@@ -250,8 +253,9 @@ def _wy_kernel(*refs, heads, c, block_v, has_g, has_seg, want_u, precise):
 
 
 def _forward_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, store_states, precise):
-  r = _split_refs(refs, ("q", "k", "v", "w", "u", "g", "seg", "s0", "o", "s_final", "s_in"),
-                  {"v": not wy, "w": wy, "u": wy, "g": has_g, "seg": has_seg, "s_in": store_states})
+  r = _split_refs(refs, ("q", "k", "v", "w", "u", "g", "seg", "s0", "o", "s_final", "s_in", "x"),
+                  {"v": not wy, "w": wy, "u": wy, "g": has_g, "seg": has_seg, "s_in": store_states,
+                   "x": store_states and wy})
   bh, vb = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(vb * block_v, block_v)
   ld = _Loader(bh, heads, c)
@@ -266,6 +270,8 @@ def _forward_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_se
     if wy:
       x = _f32(r["u"][bh, n, :, cols]) - _mm(r["w"][bh, n], s_mm, precise)
       x_mm = x.astype(mm)
+      if store_states:
+        ld.store_tok(r["x"], n, x_mm, cols)
     else:
       x_mm = ld.tok(r["v"], n, cols)
       x = _f32(x_mm)
@@ -279,8 +285,8 @@ def _forward_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_se
 
 
 def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, precise):
-  r = _split_refs(refs, ("q", "k", "w", "g", "seg", "do", "ds_final", "ds_out", "ds0"),
-                  {"k": wy, "w": wy, "g": has_g, "seg": has_seg})
+  r = _split_refs(refs, ("q", "k", "w", "g", "seg", "do", "ds_final", "ds_out", "dx", "ds0"),
+                  {"w": wy, "g": has_g, "seg": has_seg})
   bh, vb = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(vb * block_v, block_v)
   ld = _Loader(bh, heads, c)
@@ -290,99 +296,96 @@ def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has
     n = n_chunks - 1 - i
     r["ds_out"][bh, n, :, cols] = ds
     geo = ld.geometry(r["g"], r["seg"], n)
-    q = ld.tok(r["q"], n)
+    q, k = ld.tok(r["q"], n), ld.tok(r["k"], n)
     do = ld.tok(r["do"], n, cols)
     do_e = do if geo.e is None else _rows(_f32(do), geo.e).astype(mm)
+    p = scale * _mm(q, k, precise, tb=True) * geo.gamma
+    dx = _mm(p.astype(mm), do, precise, ta=True) + _rows(_mm(k, ds.astype(mm), precise), geo.d)
+    ld.store_tok(r["dx"], n, dx, cols)
     ds_in = (ds if geo.lam is None else geo.lam * ds) + scale * _mm(q, do_e, precise, ta=True)
     if not wy:
       return ds_in
-    k = ld.tok(r["k"], n)
-    p = scale * _mm(q, k, precise, tb=True) * geo.gamma
-    dx = _mm(p.astype(mm), do, precise, ta=True) + _rows(_mm(k, ds.astype(mm), precise), geo.d)
     return ds_in - _mm(r["w"][bh, n], dx.astype(mm), precise, ta=True)
 
   r["ds0"][bh, :, cols] = jax.lax.fori_loop(0, n_chunks, step, r["ds_final"][bh, :, cols])
 
 
-def _grad_kernel(*refs, heads, c, block_v, scale, wy, has_g, has_seg, precise):
-  r = _split_refs(refs, ("q", "k", "v", "beta", "g", "seg", "do", "s_in", "ds_out",
-                         "dq", "dk", "dv", "dbeta", "dg"),
-                  {"beta": wy, "dbeta": wy, "g": has_g, "seg": has_seg, "dg": has_g})
-  bh, n = pl.program_id(0), pl.program_id(1)
+def _dqk_kernel(*refs, heads, c, block_k, block_v, scale, wy, has_g, has_seg, precise):
+  """dq, the dk terms outside the WY solve, dW = -dX S^T and the log-decay gradient's terms of one
+  chunk and one block of key columns (program (B*H, N, K/BK))."""
+  r = _split_refs(refs, ("q", "k", "x", "g", "seg", "do", "dx", "s_in", "ds_out", "dq", "dk", "dw", "db"),
+                  {"dx": wy, "dw": wy, "g": has_g, "seg": has_seg, "db": has_g})
+  bh, n, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  kcols = pl.ds(kb * block_k, block_k)
   ld = _Loader(bh, heads, c)
-  if wy:
-    geo, k, beta, kkt, a, t = _wy_terms(ld, r, n, precise)
-  else:
-    geo, k = ld.geometry(r["g"], r["seg"], n), ld.tok(r["k"], n)
-  e = _vec(geo.e, c)
-  q = ld.tok(r["q"], n)
-  kf = _f32(k)
-  kd = kf.shape[1]
-  p = scale * _mm(q, k, precise, tb=True) * geo.gamma
-  if wy:
-    be = beta * e
-    w = _mm(t, _rows(kf, be), precise)
-
+  geo = ld.geometry(r["g"], r["seg"], n)
   zeros = lambda *s: jnp.zeros(s, jnp.float32)
-  dp, dqe, dkz = zeros(c, c), zeros(c, kd), zeros(c, kd)
-  if wy:
-    ra, rsk, dbeta = zeros(c, c), zeros(c), zeros(c)
+  dp, dqe, xh, dw = zeros(c, c), zeros(c, block_k), zeros(c, block_k), zeros(c, block_k)
   dlam = jnp.float32(0.0)
-  vd = r["v"].shape[-1]
-  for j in range(vd // block_v):
+  for j in range(r["x"].shape[-1] // block_v):
     cols = pl.ds(j * block_v, block_v)
-    v = _f32(ld.tok(r["v"], n, cols))
-    do = _f32(ld.tok(r["do"], n, cols))
-    s = _f32(r["s_in"][bh, n, :, cols])
-    hs = r["ds_out"][bh, n, :, cols]
-    x = _mm(t, _rows(v, beta), precise) - _mm(w, s, precise) if wy else v
-    dx = _mm(p, do, precise, ta=True) + _rows(_mm(kf, hs, precise), geo.d)
+    do, x = ld.tok(r["do"], n, cols), ld.tok(r["x"], n, cols)
+    s = r["s_in"][bh, n, kcols, cols]
+    hs = r["ds_out"][bh, n, kcols, cols]
     dp += _mm(do, x, precise, tb=True)
     dqe += _mm(do, s, precise, tb=True)
-    dkz += _rows(_mm(x, hs, precise, tb=True), geo.d)
+    xh += _mm(_f32(x), hs, precise, tb=True)
     if wy:
-      rr = _mm(t, dx, precise, ta=True)
-      ld.store_tok(r["dv"], n, _rows(rr, beta), cols)
-      ra += _mm(rr, x, precise, tb=True)
-      rs = _mm(rr, s, precise, tb=True)
-      dkz -= _rows(rs, be)
-      rsk += jnp.sum(rs * kf, axis=1)
-      dbeta += jnp.sum(rr * v, axis=1)
-    else:
-      ld.store_tok(r["dv"], n, dx, cols)
+      dw -= _mm(ld.tok(r["dx"], n, cols), _f32(s), precise, tb=True)
     if has_g:
-      dlam += jnp.sum(hs * s)
-
-  # dkz = d * (X H^T) - beta e * (R S^T);  rsk = rowsum((R S^T) * K)
+      dlam += jnp.sum(hs * _f32(s))
+  q, k = _f32(ld.tok(r["q"], n, kcols)), _f32(ld.tok(r["k"], n, kcols))
   dpg = scale * dp * geo.gamma
   dq_state = scale * _rows(dqe, geo.e)
-  qf = _f32(q)
-  ld.store_tok(r["dq"], n, _mm(dpg, kf, precise) + dq_state)
-  dk = _mm(dpg, qf, precise, ta=True) + dkz
-  rows, cols = _iota(c)
+  ld.store_tok(r["dq"], n, _mm(dpg, k, precise) + dq_state, kcols)
+  xh = _rows(xh, geo.d)
+  ld.store_tok(r["dk"], n, _mm(dpg, q, precise, ta=True) + xh, kcols)
   if wy:
-    da = jnp.where((rows > cols) & geo.causal, -ra, 0.0)
-    g_mat = beta[:, None] * geo.gamma * da
-    dk += _mm(g_mat, kf, precise) + _mm(g_mat, kf, precise, ta=True)
-    dbeta = dbeta - e * rsk + jnp.sum(da * kkt * geo.gamma, axis=1)
-    ld.store_scalar(r["dbeta"], n, dbeta)
-  ld.store_tok(r["dk"], n, dk)
+    ld.store_tok(r["dw"], n, dw, kcols)
   if has_g:
-    dgam = dp * p
-    dkz_k = jnp.sum(dkz * kf, axis=1)            # d * rowsum(XH^T * K) - beta e * rsk
-    db = jnp.sum(dq_state * qf, axis=1) - dkz_k
-    xh_k = dkz_k                                   # d * rowsum(XH^T * K)
-    if wy:
-      dgam += da * a
-      db -= 2.0 * be * rsk
-      xh_k = dkz_k + be * rsk
-    db += jnp.sum(dgam, axis=1) - jnp.sum(dgam, axis=0)
+    # every term is a sum over key columns: the blocks' partial sums add up in `chunk_grads`
+    dgam = dp * (scale * _mm(q, k, precise, tb=True) * geo.gamma)     # dP * P, this block's share of P
+    xh_k = jnp.sum(xh * k, axis=1)
+    db = jnp.sum(dq_state * q, axis=1) - xh_k + jnp.sum(dgam, axis=1) - jnp.sum(dgam, axis=0)
     lam = 1.0 if geo.lam is None else geo.lam
-    last = jnp.sum(xh_k) + lam * dlam
     idx = jax.lax.broadcasted_iota(jnp.int32, (c,), 0)
-    db = db + jnp.where(idx == c - 1, last, 0.0)
-    dg = jnp.sum(jnp.where(cols >= rows, db[None, :], 0.0), axis=1)   # reverse cumsum
-    ld.store_scalar(r["dg"], n, dg)
+    db = db + jnp.where(idx == c - 1, jnp.sum(xh_k) + lam * dlam, 0.0)
+    r["db"][kb, ld.b, pl.ds(n * c, c), ld.h] = db
+
+
+def _wy_grad_kernel(*refs, heads, c, block_k, block_v, has_g, has_seg, precise):
+  """Back through the WY solve of one chunk (program (B*H, N)): dv, dbeta, the rest of dk and of
+  the log-decay gradient, from dU = dX and dW."""
+  r = _split_refs(refs, ("k", "v", "beta", "g", "seg", "x", "dx", "dw", "dk_part",
+                         "dk", "dv", "dbeta", "db"),
+                  {"g": has_g, "seg": has_seg, "db": has_g})
+  bh, n = pl.program_id(0), pl.program_id(1)
+  ld = _Loader(bh, heads, c)
+  geo, _, beta, kkt, a, t = _wy_terms(ld, r, n, precise)
+  e = _vec(geo.e, c)
+  ra, dbeta = jnp.zeros((c, c), jnp.float32), jnp.zeros((c,), jnp.float32)
+  for j in range(r["v"].shape[-1] // block_v):
+    cols = pl.ds(j * block_v, block_v)
+    rr = _mm(t, ld.tok(r["dx"], n, cols), precise, ta=True)          # R = T^T dX
+    ld.store_tok(r["dv"], n, _rows(rr, beta), cols)
+    ra += _mm(rr, _f32(ld.tok(r["x"], n, cols)), precise, tb=True)
+    dbeta += jnp.sum(rr * _f32(ld.tok(r["v"], n, cols)), axis=1)
+  rows, cols_ = _iota(c)
+  da = jnp.where((rows > cols_) & geo.causal, -ra, 0.0)               # dA = -R X^T on A's support
+  g_mat = beta[:, None] * geo.gamma * da
+  be = beta * e
+  rsk = jnp.zeros((c,), jnp.float32)
+  for j in range(r["k"].shape[-1] // block_k):
+    kcols = pl.ds(j * block_k, block_k)
+    rk = _mm(t, ld.tok(r["dw"], n, kcols), precise, ta=True)         # R_K = T^T dW
+    k = _f32(ld.tok(r["k"], n, kcols))
+    rsk += jnp.sum(rk * k, axis=1)
+    dk = ld.tok(r["dk_part"], n, kcols) + _rows(rk, be) + _mm(g_mat, k, precise) + _mm(g_mat, k, precise, ta=True)
+    ld.store_tok(r["dk"], n, dk, kcols)
+  ld.store_scalar(r["dbeta"], n, dbeta + e * rsk + jnp.sum(da * kkt * geo.gamma, axis=1))
+  if has_g:
+    dga = da * a
+    ld.store_scalar(r["db"], n, be * rsk + jnp.sum(dga, axis=1) - jnp.sum(dga, axis=0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,8 +422,10 @@ def wy(k, v, beta, g, seg, *, chunk, want_u, interpret=False):
 
 
 def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=False):
-  """O [B, T, H, V] in v's dtype, the final state [B*H, K, V] float32 and (if `store_states`)
-  the state entering every chunk [B*H, N, K, V] in q's dtype. s0: [B*H, K, V] float32.
+  """O [B, T, H, V] in v's dtype, the final state [B*H, K, V] float32 and, if `store_states`, what
+  the backward needs (else None): the state entering every chunk [B*H, N, K, V] in q's dtype (the
+  forward's matmuls already rounded it so), and for the delta rule W [B*H, N, C, K] and
+  X [B, T, H, V] in q's dtype (GLA: None, None). s0: [B*H, K, V] float32.
   beta None: GLA with a scalar (or no) decay, X = V; else the delta rule, X = U - W S."""
   b, t, h, kd = q.shape
   vd = v.shape[-1]
@@ -431,20 +436,26 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
   if wy_terms:
     w, u = wy(k, v, beta, g, seg, chunk=chunk, want_u=True, interpret=interpret)
   out = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)]
-  if store_states:  # in the inputs' dtype: the forward's matmuls used it rounded so already
+  if store_states:
     out.append(jax.ShapeDtypeStruct((b * h, n, kd, vd), q.dtype))
+    if wy_terms:
+      out.append(jax.ShapeDtypeStruct(v.shape, q.dtype))
   kernel = functools.partial(_forward_kernel, heads=h, c=chunk, n_chunks=n, block_v=bv, scale=scale,
                              wy=wy_terms, store_states=store_states, precise=_precision(q.dtype, interpret),
                              **_flags(g, seg))
   res = pl.pallas_call(kernel, grid=(b * h, vd // bv), out_shape=tuple(out), interpret=interpret,
                        compiler_params=_params(interpret, FORWARD_PARAMS),
                        )(*_present(q, k, None if wy_terms else v, w, u, g, seg, s0))
-  return (res[0], res[1], res[2] if store_states else None)
+  saved = None
+  if store_states:
+    saved = (res[2], w, res[3]) if wy_terms else (res[2], None, None)
+  return res[0], res[1], saved
 
 
 def state_grads(q, k, w, g, seg, do, ds_final, *, scale, chunk, interpret=False):
-  """The reverse pass: dL/dS leaving every chunk [B*H, N, K, V] and the initial-state gradient
-  [B*H, K, V] (float32). w: W of `wy` (None for GLA); do: [B, T, H, V] in q's dtype."""
+  """The reverse pass: dL/dS leaving every chunk [B*H, N, K, V], the initial-state gradient
+  [B*H, K, V] (both float32) and dL/dX [B, T, H, V] (the delta rule: float32; GLA, X = V: dv in
+  do's dtype). w: W of `wy` (None for GLA); do: [B, T, H, V] in q's dtype."""
   b, t, h, kd = q.shape
   vd = do.shape[-1]
   n = t // chunk
@@ -452,43 +463,76 @@ def state_grads(q, k, w, g, seg, do, ds_final, *, scale, chunk, interpret=False)
   wy_terms = w is not None
   kernel = functools.partial(_state_grad_kernel, heads=h, c=chunk, n_chunks=n, block_v=bv, scale=scale,
                              wy=wy_terms, precise=_precision(q.dtype, interpret), **_flags(g, seg))
-  return pl.pallas_call(
+  ds_out, dx, ds0 = pl.pallas_call(
       kernel, grid=(b * h, vd // bv), interpret=interpret,
       out_shape=(jax.ShapeDtypeStruct((b * h, n, kd, vd), jnp.float32),
+                 jax.ShapeDtypeStruct(do.shape, jnp.float32 if wy_terms else do.dtype),
                  jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)),
       compiler_params=_params(interpret, STATE_GRAD_PARAMS),
-  )(*_present(q, k if wy_terms else None, w, g, seg, do, ds_final))
+  )(*_present(q, k, w, g, seg, do, ds_final))
+  return ds_out, ds0, dx
 
 
-def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, *, scale, chunk, interpret=False):
+def _chunk_reverse_cumsum(x, chunk):
+  """[B, T, H]: the reverse cumulative sum inside each chunk of T (b is a chunk-local cumsum of g)."""
+  b, t, h = x.shape
+  x = x.reshape(b, t // chunk, chunk, h)
+  return jnp.flip(jnp.cumsum(jnp.flip(x, 2), axis=2), 2).reshape(b, t, h)
+
+
+def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, *, scale, chunk, interpret=False):
   """Every chunk's input gradients from the state entering it (s_in) and the gradient of the
-  state leaving it (ds_out), both [B*H, N, K, V]: dq, dk, dv in the inputs' dtype, dbeta and
-  dg [B, T, H] float32 (dbeta None for GLA, beta None; dg None when ungated)."""
+  state leaving it (ds_out), both [B*H, N, K, V], the forward's X and dL/dX (the delta rule; for
+  GLA x is None, X = V, and dx is dv): dq, dk, dv in the inputs' dtype, dbeta and dg [B, T, H]
+  float32 (dbeta None for GLA, beta None; dg None when ungated).
+  Two kernels: `_dqk_kernel` (program per chunk and key block) and, for the delta rule,
+  `_wy_grad_kernel` (per chunk) through the solve; splitting them keeps each kernel's float32
+  accumulators within the register file."""
   b, t, h, kd = q.shape
+  vd = v.shape[-1]
   n = t // chunk
   wy_terms = beta is not None
-  out = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-         jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  bk = _block_v(kd, GRAD_BLOCK_K)
+  bv = _block_v(vd, GRAD_BLOCK_V)
+  flags = _flags(g, seg)
+  precise = _precision(q.dtype, interpret)
+  out = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+         jax.ShapeDtypeStruct(k.shape, jnp.float32 if wy_terms else k.dtype)]
   if wy_terms:
-    out.append(jax.ShapeDtypeStruct(beta.shape, jnp.float32))
+    out.append(jax.ShapeDtypeStruct(k.shape, jnp.float32))
   if g is not None:
-    out.append(jax.ShapeDtypeStruct(g.shape, jnp.float32))
-  vd = v.shape[-1]
-  kernel = functools.partial(_grad_kernel, heads=h, c=chunk, block_v=_block_v(vd, GRAD_BLOCK_V), scale=scale,
-                             wy=wy_terms, precise=_precision(q.dtype, interpret), **_flags(g, seg))
-  res = list(pl.pallas_call(kernel, grid=(b * h, n), out_shape=tuple(out), interpret=interpret,
-                            compiler_params=_params(interpret, GRAD_PARAMS),
-                            )(*_present(q, k, v, beta, g, seg, do, s_in, ds_out)))
-  dq, dk, dv = res[:3]
-  dbeta = res.pop(3) if wy_terms else None
-  return dq, dk, dv, dbeta, (res[3] if g is not None else None)
+    out.append(jax.ShapeDtypeStruct((kd // bk, b, t, h), jnp.float32))
+  kernel = functools.partial(_dqk_kernel, heads=h, c=chunk, block_k=bk, block_v=bv, scale=scale,
+                             wy=wy_terms, precise=precise, **flags)
+  res = pl.pallas_call(kernel, grid=(b * h, n, kd // bk), out_shape=tuple(out), interpret=interpret,
+                       compiler_params=_params(interpret, DQK_PARAMS),
+                       )(*_present(q, k, x if wy_terms else v, g, seg, do, dx if wy_terms else None,
+                                   s_in, ds_out))
+  dq, dk = res[0], res[1]
+  db = None if g is None else jnp.sum(res[-1], axis=0)
+  dv, dbeta = dx, None
+  if wy_terms:
+    out = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+           jax.ShapeDtypeStruct(beta.shape, jnp.float32)]
+    if g is not None:
+      out.append(jax.ShapeDtypeStruct(g.shape, jnp.float32))
+    kernel = functools.partial(_wy_grad_kernel, heads=h, c=chunk, block_k=bk, block_v=bv,
+                               precise=precise, **flags)
+    res = pl.pallas_call(kernel, grid=(b * h, n), out_shape=tuple(out), interpret=interpret,
+                         compiler_params=_params(interpret, WY_GRAD_PARAMS),
+                         )(*_present(k, v, beta, g, seg, x, dx, res[2], dk))
+    dk, dv, dbeta = res[:3]
+    if g is not None:
+      db = db + res[3]
+  dg = None if g is None else _chunk_reverse_cumsum(db, chunk)
+  return dq, dk, dv, dbeta, dg
 
 
-def backward(q, k, v, beta, g, seg, s_in, do, ds_final, *, scale, chunk, interpret=False):
-  """(dq, dk, dv in the inputs' dtype, dbeta, dg float32 (None when beta / g is None), ds0 [B*H, K, V])."""
-  w = None
-  if beta is not None:
-    w, _ = wy(k, v, beta, g, seg, chunk=chunk, want_u=False, interpret=interpret)
-  ds_out, ds0 = state_grads(q, k, w, g, seg, do, ds_final, scale=scale, chunk=chunk, interpret=interpret)
-  grads = chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, scale=scale, chunk=chunk, interpret=interpret)
+def backward(q, k, v, beta, g, seg, saved, do, ds_final, *, scale, chunk, interpret=False):
+  """(dq, dk, dv in the inputs' dtype, dbeta, dg float32 (None when beta / g is None), ds0 [B*H, K, V]).
+  saved: what `forward(store_states=True)` returned for the backward."""
+  s_in, w, x = saved
+  ds_out, ds0, dx = state_grads(q, k, w, g, seg, do, ds_final, scale=scale, chunk=chunk, interpret=interpret)
+  grads = chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, scale=scale, chunk=chunk,
+                      interpret=interpret)
   return (*grads, ds0)

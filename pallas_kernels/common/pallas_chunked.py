@@ -95,10 +95,10 @@ def make_fused_op():
 
   def forward(scale, chunk, interpret, q, k, v, beta, g, s0, seg, store_states):
     b, _, h, _ = q.shape
-    o, s_final, s_in = kernels.forward(q, k, v, beta, g, s0.reshape(b * h, *s0.shape[2:]), seg,
-                                       scale=scale, chunk=chunk, store_states=store_states,
-                                       interpret=interpret)
-    return o, s_final.reshape(s0.shape), s_in
+    o, s_final, saved = kernels.forward(q, k, v, beta, g, s0.reshape(b * h, *s0.shape[2:]), seg,
+                                        scale=scale, chunk=chunk, store_states=store_states,
+                                        interpret=interpret)
+    return o, s_final.reshape(s0.shape), saved
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
   def op(scale, chunk, interpret, q, k, v, beta, g, s0, seg):
@@ -106,15 +106,15 @@ def make_fused_op():
     return o, s_final
 
   def op_fwd(scale, chunk, interpret, q, k, v, beta, g, s0, seg):
-    o, s_final, s_in = forward(scale, chunk, interpret, q, k, v, beta, g, s0, seg, True)
-    return (o, s_final), (q, k, v, beta, g, seg, s_in)
+    o, s_final, saved = forward(scale, chunk, interpret, q, k, v, beta, g, s0, seg, True)
+    return (o, s_final), (q, k, v, beta, g, seg, saved)
 
   def op_bwd(scale, chunk, interpret, residuals, cotangents):
-    q, k, v, beta, g, seg, s_in = residuals
+    q, k, v, beta, g, seg, saved = residuals
     do, ds_final = cotangents
     b, _, h, _ = q.shape
     dq, dk, dv, dbeta, dg, ds0 = kernels.backward(
-        q, k, v, beta, g, seg, s_in, do.astype(v.dtype), ds_final.reshape(b * h, *ds_final.shape[2:]),
+        q, k, v, beta, g, seg, saved, do.astype(v.dtype), ds_final.reshape(b * h, *ds_final.shape[2:]),
         scale=scale, chunk=chunk, interpret=interpret)
     return dq, dk, dv, dbeta, dg, ds0.reshape(ds_final.shape), None
 

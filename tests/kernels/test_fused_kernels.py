@@ -43,7 +43,7 @@ def test_unit_lower_inverse_matches_solve():
 ], ids=["delta-gated-seg-C32-V128", "delta-C16-K32-V24", "delta-gated-C64-bf16",
         "gla-scalar-seg-C32-V128", "gla-nodecay-C16-bf16"])
 def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtype):
-  """`_grad_kernel` with random incoming states and state gradients vs `chunked.chunk_vjp`."""
+  """The two gradient kernels with random incoming states and state gradients vs `chunked.chunk_vjp`."""
   b, h, n = 1, 2, 2
   t = n * c
   rng = np.random.default_rng(c + vd)
@@ -59,8 +59,6 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
   s_in = s_in.astype(dtype)  # the forward stores the states in the inputs' dtype
   scale = kd ** -0.5
 
-  got = ck.chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, scale=scale, chunk=c, interpret=True)
-
   chunked = lambda x: to_chunks(x, c)
   seg_c, prev_c = segment_chunks(seg, b, t, h, c)
   g_or_zero = chunked(jnp.zeros((b, t, h), jnp.float32) if g is None else g)
@@ -70,8 +68,21 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
   vjp = jax.vmap(jax.vmap(jax.vmap(functools.partial(chunk_vjp, terms, scale))))
   dq, dk, dv, dgates, _ = vjp(chunked(q), chunked(k), chunked(v), gates, seg_c, prev_c,
                               states(s_in), chunked(do), states(ds_out))
-  dbeta, dg = dgates if family == "delta" else (None, dgates[0])
+  # the kernels' other inputs, X and dL/dX, from the pure-JAX chunk terms
+  tms = jax.vmap(jax.vmap(jax.vmap(lambda *a: terms(*a, scale))))(chunked(q), chunked(k), chunked(v), gates,
+                                                                   seg_c, prev_c)
+  f32 = lambda x: x.astype(jnp.float32)
+  hp = functools.partial(jnp.einsum, precision="highest")
+  x_ref = f32(chunked(v)) if family == "gla" else tms.u_CV - hp("bhnck,bhnkv->bhncv", tms.w_CK, states(s_in))
+  dx_ref = (hp("bhnij,bhniv->bhnjv", tms.p_CC, f32(chunked(do)))
+            + hp("bhnck,bhnkv->bhncv", tms.kd_CK, states(ds_out)))
   back = lambda x: jnp.moveaxis(x, 1, 3).reshape(b, t, h, *x.shape[4:])
+  x_in = None if family == "gla" else back(x_ref).astype(dtype)   # stored in the inputs' dtype
+  dx_in = back(dx_ref) if family == "delta" else back(dx_ref).astype(dtype)
+  got = ck.chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x_in, dx_in, scale=scale, chunk=c,
+                       interpret=True)
+
+  dbeta, dg = dgates if family == "delta" else (None, dgates[0])
   tol = TOL[dtype]
   for name, ref, out in zip(("dq", "dk", "dv", "dbeta", "dg"), (dq, dk, dv, dbeta, dg), got):
     if out is None:
@@ -116,12 +127,13 @@ def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "1")
   x = make_inputs(1, "gated_delta", t=20)
   f = lambda q: pk.delta_rule(q, x["k"], x["v"], x["beta"], g=x["g"], impl="pallas")[0].sum()
-  assert _kernel_names(jax.grad(f), x["q"]) == ["_wy_kernel", "_forward_kernel", "_wy_kernel",
-                                                 "_state_grad_kernel", "_grad_kernel"]
+  assert _kernel_names(jax.grad(f), x["q"]) == ["_wy_kernel", "_forward_kernel", "_state_grad_kernel",
+                                                 "_dqk_kernel",
+                                                 "_wy_grad_kernel"]
   y = make_inputs(1, "gla_scalar", t=20)
   f_gla = lambda q, g: pk.gla(q, y["k"], y["v"], g, impl="pallas")[0].sum()
   assert _kernel_names(jax.grad(f_gla), y["q"], y["g"]) == ["_forward_kernel", "_state_grad_kernel",
-                                                            "_grad_kernel"]
+                                                            "_dqk_kernel"]
   per_dim = make_inputs(1, "gla_perdim", t=20)["g"]  # per-dimension decay: the state-pass path
   assert "_state_grad_kernel" not in _kernel_names(jax.grad(f_gla), y["q"], per_dim)
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
@@ -167,5 +179,5 @@ def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segmen
       jax.jit(_fused_fwd_bwd(family, kd, gated, segments)), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
   )(*args)
-  # forward: (delta: W/U and) the state pass; backward: (delta: W,) the reverse pass, the chunk gradients
+  # forward: (delta: W/U and) the state pass; backward: the reverse pass, dq/dk (delta: and the solve's)
   assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (5 if family == "delta" else 3)
