@@ -3,13 +3,13 @@
     python experiments/gpu_check_fused.py [--out DIR] [--params '{"DQK_PARAMS": [8, 1]}'] [--skip-check]
                                           [--sweep '[{}, {"DQK_PARAMS": [4, 1]}]']
 
-(a) agreement: the fused path vs impl="scan" (float32 reference) at 1x1024x4x128x128, float32 and
-    bf16 inputs, delta rule ungated and gated: relative error of o, the final state and every
-    gradient (q, k, v, beta, g, initial state).
-    Also GLA with a scalar decay.
+(a) agreement: the fused path (float32 and bf16) and the Mosaic GPU state-pass path (bf16) vs
+    impl="scan" (float32 reference) at 1x1024x4x128x128, delta rule ungated and gated, GLA with a
+    scalar and (Mosaic GPU only) a per-dimension decay: relative error of o, the final state and
+    every gradient (q, k, v, beta, g, initial state).
 (b) timing: fwd and fwd+bwd (jitted, median of 20 after 3 warm-up calls, block_until_ready) of
-    impl="chunk", the older Pallas path ("state_pass": kernels over XLA terms) and the fused
-    kernels, bf16 8x2048x16x128: delta rule ungated and gated, GLA per-dim decay (chunk and
+    impl="chunk", the older Pallas path ("state_pass": Triton kernels over XLA terms; "mosaic_gpu":
+    the same with the Mosaic GPU kernels, jax >= 0.11) and the fused kernels, bf16 8x2048x16x128: delta rule ungated and gated, GLA per-dim decay (chunk and
     state_pass only: no fused kernels for it yet) and GLA scalar decay; plus compiled temp memory;
     and flash-linear-attention's kernel for each (when torch and fla import), in the same process.
 (c) with --sweep: the fused delta rule's fwd+bwd for each set of kernel constants, and the
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from pallas_kernels.common import chunk_kernels_triton
+from pallas_kernels.common import chunk_kernels_triton, state_pass_mosaic_gpu
 from pallas_kernels.ops.delta_rule.pallas import delta_rule_fused, delta_rule_state_pass
 from pallas_kernels.ops.gla.pallas import gla_fused, gla_state_pass
 
@@ -62,6 +62,17 @@ def inputs(op, b, t, h, kd, vd, dtype, gated, seed=0):
   return {n: jnp.asarray(a, jnp.float32 if n == "s0" else dtype) for n, a in x.items()}
 
 
+def _backend(impl):
+  """The state-pass kernels' backend: "state_pass" Triton, "mosaic_gpu" Mosaic GPU."""
+  if impl == "mosaic_gpu":
+    return "mosaic_gpu_interpret" if SMOKE else "mosaic_gpu"
+  return "interpret" if SMOKE else "triton"
+
+
+def mosaic_gpu_ok():
+  return state_pass_mosaic_gpu.supports(jnp.bfloat16, CHUNK, 128, 128) is None
+
+
 def delta_fn(impl):
   """(x) -> (o, final state) for one delta-rule path."""
   def f(x):
@@ -73,8 +84,7 @@ def delta_fn(impl):
     common = dict(scale=kd ** -0.5, s0=x["s0"], segment_ids=None, chunk_size=CHUNK)
     if impl == "fused":
       return delta_rule_fused(x["q"], x["k"], x["v"], x["beta"], g, interpret=SMOKE, **common)
-    return delta_rule_state_pass(x["q"], x["k"], x["v"], x["beta"], g,
-                                 backend="interpret" if SMOKE else "triton", **common)
+    return delta_rule_state_pass(x["q"], x["k"], x["v"], x["beta"], g, backend=_backend(impl), **common)
   return f
 
 
@@ -87,7 +97,7 @@ def gla_fn(impl):
     common = dict(scale=kd ** -0.5, s0=x["s0"], segment_ids=None, chunk_size=CHUNK)
     if impl == "fused":
       return gla_fused(x["q"], x["k"], x["v"], x["g"], interpret=SMOKE, **common)
-    return gla_state_pass(x["q"], x["k"], x["v"], x["g"], backend="interpret" if SMOKE else "triton", **common)
+    return gla_state_pass(x["q"], x["k"], x["v"], x["g"], backend=_backend(impl), **common)
   return f
 
 
@@ -103,26 +113,35 @@ def value_and_grads(f, x, cts):
 
 
 def check(report):
-  b, t, h, d = (1, 100, 2, 16) if SMOKE else (1, 1024, 4, 128)
+  """Each kernel path vs the float32 scan: the fused Triton kernels (float32 and bf16) and the
+  Mosaic GPU state-pass kernels (bf16 only: wgmma has no float32 beyond TF32)."""
+  b, t, h, d = (1, 100, 2, 64) if SMOKE else (1, 1024, 4, 128)
   rows = []
-  for op, gated in (("delta", False), ("delta", True), ("gla_scalar", True)):
+  for op, gated in (("delta", False), ("delta", True), ("gla_scalar", True), ("gla", None)):
     fn = delta_fn if op == "delta" else gla_fn
     for dtype in (jnp.float32, jnp.bfloat16):
+      impls = [] if op == "gla" else ["fused"]
+      if dtype == jnp.bfloat16 and mosaic_gpu_ok():
+        impls.append("mosaic_gpu")
+      if not impls:
+        continue
       x = inputs(op, b, t, h, d, d, dtype, gated, seed=1)
       rng = np.random.default_rng(2)
       cts = (jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32),
              jnp.asarray(rng.standard_normal((b, h, d, d)), jnp.float32))
       x32 = {n: a.astype(jnp.float32) for n, a in x.items()}
       (o_r, s_r), d_r = jax.jit(lambda x: value_and_grads(fn("scan"), x, cts))(x32)
-      (o, s), dx = jax.jit(lambda x: value_and_grads(fn("fused"), x, cts))(x)
-      row = {"op": "gated_delta" if gated and op == "delta" else op, "dtype": jnp.dtype(dtype).name,
-             "shape": [b, t, h, d, d], "o": rel(o, o_r), "final_state": rel(s, s_r)}
-      row.update({f"d{n}": rel(dx[n], d_r[n]) for n in x})
-      row["max"] = max(v for k, v in row.items() if k not in ("op", "dtype", "shape"))
-      row["tol"] = 1e-4 if dtype == jnp.float32 else 1e-2
-      row["ok"] = bool(np.isfinite(row["max"]) and row["max"] < row["tol"])
-      print(json.dumps(row), flush=True)
-      rows.append(row)
+      for impl in impls:
+        (o, s), dx = jax.jit(lambda x, impl=impl: value_and_grads(fn(impl), x, cts))(x)
+        row = {"op": "gated_delta" if gated and op == "delta" else op, "impl": impl,
+               "dtype": jnp.dtype(dtype).name, "shape": [b, t, h, d, d], "o": rel(o, o_r),
+               "final_state": rel(s, s_r)}
+        row.update({f"d{n}": rel(dx[n], d_r[n]) for n in x})
+        row["max"] = max(v for k, v in row.items() if k not in ("op", "impl", "dtype", "shape"))
+        row["tol"] = 1e-4 if dtype == jnp.float32 else 1e-2
+        row["ok"] = bool(np.isfinite(row["max"]) and row["max"] < row["tol"])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
   report["agreement"] = rows
 
 
@@ -147,11 +166,12 @@ def temp_mb(compiled):
 
 
 def bench(report):
-  b, t, h, d = (1, 128, 2, 16) if SMOKE else (8, 2048, 16, 128)
-  cases = [("delta", False, ("chunk", "state_pass", "fused")),
-           ("delta", True, ("state_pass", "fused")),
-           ("gla", None, ("chunk", "state_pass")),          # per-dimension decay: no fused kernels yet
-           ("gla_scalar", None, ("state_pass", "fused"))]
+  b, t, h, d = (1, 128, 2, 64) if SMOKE else (8, 2048, 16, 128)
+  mosaic = ("mosaic_gpu",) if mosaic_gpu_ok() else ()
+  cases = [("delta", False, ("chunk", "state_pass", "fused") + mosaic),
+           ("delta", True, ("state_pass", "fused") + mosaic),
+           ("gla", None, ("chunk", "state_pass") + mosaic),          # per-dimension decay: no fused kernels yet
+           ("gla_scalar", None, ("state_pass", "fused") + mosaic)]
   rows = []
   for op, gated, impls in cases:
     x = inputs(op, b, t, h, d, d, jnp.bfloat16, gated)
@@ -348,22 +368,27 @@ def markdown(results_dir: str) -> str:
   ops = {"delta": "delta rule", "delta_gated": "gated delta rule", "gla": "GLA per-dim decay",
          "gla_scalar": "GLA scalar decay"}
   names = {"chunk": "chunk (XLA)", "state_pass": "pallas: state-pass kernels + XLA terms",
+           "mosaic_gpu": "pallas: Mosaic GPU state-pass kernels + XLA terms", "fla": "flash-linear-attention 0.6.0",
            "fused": "pallas: fused kernels"}
   lines = [f"Recurrence kernels (H100 {res.get('device')}, jax {res.get('jax')}; bf16, 8x2048x16x128, median of 20; "
            "fla 0.6.0 from bench_kernels.json of the same machine kind):", "",
            "| op | path | fwd ms | fwd+bwd ms | fwd+bwd temp MB | fwd+bwd / fla |", "|---|---|---|---|---|---|"]
+  same_run = {t["op"]: t["fwd_bwd_ms"] for t in res["timing"] if t.get("impl") == "fla" and "fwd_bwd_ms" in t}
   for t in res["timing"]:
     if "fwd_bwd_ms" not in t:
       continue
-    peer = fla.get(("delta_rule", "fwd_bwd")) if t["op"] == "delta" else None
+    peer = same_run.get(t["op"]) or (fla.get(("delta_rule", "fwd_bwd")) if t["op"] == "delta" else None)
     ratio = f"{t['fwd_bwd_ms'] / peer:.1f}x" if peer else ""
-    lines.append(f"| {ops.get(t['op'], t['op'])} | {names.get(t['impl'], t['impl'])} | {t['fwd_ms']:.2f} | {t['fwd_bwd_ms']:.2f} | "
-                 f"{t['fwd_bwd_temp_mb']:.0f} | {ratio} |")
-  if fla:
+    temp = t.get("fwd_bwd_temp_mb")
+    temp = f"{temp:.0f}" if isinstance(temp, (int, float)) else "-"
+    lines.append(f"| {ops.get(t['op'], t['op'])} | {names.get(t['impl'], t['impl'])} | {t['fwd_ms']:.2f} | "
+                 f"{t['fwd_bwd_ms']:.2f} | {temp} | {ratio} |")
+  if fla and not same_run:
     lines += ["", f"flash-linear-attention delta rule: fwd {fla.get(('delta_rule', 'fwd'), float('nan')):.2f} ms, "
               f"fwd+bwd {fla.get(('delta_rule', 'fwd_bwd'), float('nan')):.2f} ms."]
-  worst = max((a["max"] for a in res.get("agreement", []) if a.get("dtype") == "float32"), default=None)
-  worst_bf16 = max((a["max"] for a in res.get("agreement", []) if a.get("dtype") == "bfloat16"), default=None)
+  fused = [a for a in res.get("agreement", []) if a.get("impl", "fused") == "fused"]
+  worst = max((a["max"] for a in fused if a.get("dtype") == "float32"), default=None)
+  worst_bf16 = max((a["max"] for a in fused if a.get("dtype") == "bfloat16"), default=None)
   if worst is not None:
     lines += ["", f"Fused kernels vs the float32 scan on this GPU (1x1024x4x128, outputs and every gradient): "
               f"float32 <= {worst:.1e}, bf16 <= {worst_bf16:.1e} relative error."]

@@ -27,21 +27,50 @@ def resolve_impl(impl: str, available: tuple[str, ...]) -> str:
   return impl
 
 
-def pallas_backend() -> str:
-  """The kernel backend for impl="pallas": Triton on GPU, Mosaic on TPU, interpret mode on CPU.
+def pallas_backend(dtype=None, kd: int | None = None, vd: int | None = None,
+                   chunk_size: int | None = None) -> str:
+  """The kernel backend for impl="pallas": Triton (or Mosaic GPU) on GPU, Mosaic on TPU,
+  interpret mode on CPU. dtype, kd, vd and chunk_size (of the op's inputs) decide whether the
+  Mosaic GPU kernels can take the op.
 
-  On CPU, PALLAS_KERNELS_INTERPRET=tpu runs the TPU kernels under TPU interpret
-  semantics instead of the generic interpreter.
+  On GPU, PALLAS_KERNELS_GPU=mosaic_gpu takes the Mosaic GPU state-pass kernels where they apply
+  (Hopper or newer, 16-bit inputs, C, K, V multiples of 64) and Triton elsewhere; the default
+  stays "triton" until the Mosaic GPU kernels are timed on the H100. On CPU,
+  PALLAS_KERNELS_INTERPRET=tpu runs the TPU kernels under TPU interpret semantics and
+  =mosaic_gpu the Mosaic GPU kernels under GPU interpret mode (jax >= 0.11) instead of the
+  generic interpreter.
   """
   platform = jax.default_backend()
   if platform in ("gpu", "cuda", "rocm"):
+    choice = os.environ.get("PALLAS_KERNELS_GPU", "triton")
+    if choice not in ("triton", "mosaic_gpu"):
+      raise ValueError(f"PALLAS_KERNELS_GPU: expected 'triton' or 'mosaic_gpu', got {choice!r}")
+    if choice == "mosaic_gpu" and _hopper() and _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) is None:
+      return "mosaic_gpu"
     return "triton"
   if platform == "tpu":
     return "tpu"
   mode = os.environ.get("PALLAS_KERNELS_INTERPRET", "generic")
-  if mode not in ("generic", "tpu"):
-    raise ValueError(f"PALLAS_KERNELS_INTERPRET: expected 'generic' or 'tpu', got {mode!r}")
-  return "interpret" if mode == "generic" else "tpu_interpret"
+  if mode not in ("generic", "tpu", "mosaic_gpu"):
+    raise ValueError(f"PALLAS_KERNELS_INTERPRET: expected 'generic', 'tpu' or 'mosaic_gpu', got {mode!r}")
+  if mode == "mosaic_gpu":
+    why = _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size)
+    if why is not None:
+      raise ValueError(f"PALLAS_KERNELS_INTERPRET=mosaic_gpu: {why}")
+    return "mosaic_gpu_interpret"
+  return {"generic": "interpret", "tpu": "tpu_interpret"}[mode]
+
+
+def _hopper() -> bool:
+  capability = getattr(jax.devices()[0], "compute_capability", "0")
+  return float(capability) >= 9.0
+
+
+def _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) -> str | None:
+  if dtype is None:
+    return "the op's dtype and sizes are needed to pick the Mosaic GPU kernels"
+  from pallas_kernels.common import state_pass_mosaic_gpu  # noqa: PLC0415 (jax.experimental.pallas.mosaic_gpu is heavy)
+  return state_pass_mosaic_gpu.supports(dtype, chunk_size, kd, vd)
 
 
 # Whether impl="pallas" takes the fully fused GPU kernels (`chunk_kernels_triton`) or the

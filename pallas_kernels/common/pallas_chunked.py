@@ -4,7 +4,7 @@
 chunks at once: the family's `chunk_terms` in the forward, and in the backward the per-chunk
 VJP given the stored incoming state and the state gradient from the backward kernel. The two
 passes over chunks (states forward, state gradients in reverse) are the Pallas kernels of the
-backend module: `state_pass_triton` on GPU, `state_pass_tpu` on TPU.
+backend module: `state_pass_triton` or `state_pass_mosaic_gpu` on GPU, `state_pass_tpu` on TPU.
 
 `make_fused_op` (GPU; the delta rule, and GLA with a scalar or no decay): every stage,
 chunk-parallel work included, is a kernel of `chunk_kernels_triton`; the only arrays between
@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import chunk_kernels_triton, state_pass_tpu, state_pass_triton
+from pallas_kernels.common import chunk_kernels_triton, state_pass_mosaic_gpu, state_pass_tpu, state_pass_triton
 from pallas_kernels.common.chunked import ChunkTerms, chunk_vjp
 from pallas_kernels.common.chunking import num_chunks
 
@@ -28,6 +28,8 @@ BACKENDS = {
     "tpu": (state_pass_tpu, False),
     "interpret": (state_pass_triton, True),
     "tpu_interpret": (state_pass_tpu, True),
+    "mosaic_gpu": (state_pass_mosaic_gpu, False),
+    "mosaic_gpu_interpret": (state_pass_mosaic_gpu, True),
 }
 
 

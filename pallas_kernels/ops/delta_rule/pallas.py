@@ -30,7 +30,7 @@ def delta_rule_state_pass(q, k, v, beta, g, *, scale, s0, segment_ids, chunk_siz
 
 
 def delta_rule_pallas(q, k, v, beta, g, *, scale, s0, segment_ids, chunk_size):
-  backend = pallas_backend()
+  backend = pallas_backend(q.dtype, q.shape[-1], v.shape[-1], chunk_size)
   check_pallas_shapes(backend, q.shape[-1], v.shape[-1], chunk_size)
   if fused_kernels(backend, "delta_rule" if g is None else "gated_delta_rule"):
     return delta_rule_fused(q, k, v, beta, g, scale=scale, s0=s0, segment_ids=segment_ids,

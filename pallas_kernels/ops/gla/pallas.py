@@ -33,7 +33,7 @@ def gla_state_pass(q, k, v, g, *, scale, s0, segment_ids, chunk_size, backend):
 
 
 def gla_pallas(q, k, v, g, *, scale, s0, segment_ids, chunk_size):
-  backend = pallas_backend()
+  backend = pallas_backend(q.dtype, q.shape[-1], v.shape[-1], chunk_size)
   check_pallas_shapes(backend, q.shape[-1], v.shape[-1], chunk_size)
   if fused_kernels(backend, "gla") and (g is None or g.ndim == 3):
     return gla_fused(q, k, v, g, scale=scale, s0=s0, segment_ids=segment_ids, chunk_size=chunk_size,
