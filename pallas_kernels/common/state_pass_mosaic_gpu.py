@@ -3,10 +3,11 @@ the chunked algorithm.
 
 Same contract as `state_pass_triton`, for 16-bit terms: one warpgroup per (batch*head, 64-wide
 value block) walks the chunks. Per chunk, TMA copies the chunk's terms into swizzled shared
-memory; the float32 state stays in registers (WGMMA layout), and its 16-bit copy in shared memory
-is the B operand of the wgmmas (16-bit operands, float32 accumulators). The state entering every
-chunk goes back to HBM through a float32 staging buffer and a TMA store that overlaps the next
-chunk's work.
+memory (two buffer slots where they fit, so chunk n+1's copies overlap chunk n's wgmmas); the
+float32 state stays in registers (WGMMA layout), and its 16-bit copy in shared memory is the B
+operand of the wgmmas (16-bit operands, float32 accumulators). The state entering every chunk
+goes back to HBM through a float32 staging buffer and a TMA store that overlaps the next chunk's
+work.
 
 wgmma tiles need C, K and V to be multiples of 64 (M of a warpgroup matmul is 64, and 128-byte
 swizzled tiles hold 64 16-bit values per row); wgmma takes float32 only as TF32, so float32
@@ -28,6 +29,7 @@ except ImportError:  # jax builds without Mosaic GPU
 
 BLOCK_V = 64
 SWIZZLE = 128  # bytes
+SMEM_BUDGET = 200 * 1024  # of the H100's 227 KB per block
 
 
 def supports(dtype, c, kd, vd) -> str | None:
@@ -58,12 +60,43 @@ def _matmul(shape, *operand_pairs):
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
 
-def _fetch(pairs, barriers):
-  """TMA copies of (HBM ref, shared buffer) pairs, each on its own barrier; then waits for all."""
-  for i, (src, dst) in enumerate(pairs):
-    plgpu.copy_gmem_to_smem(src, dst, barriers.at[i])
-  for i in range(len(pairs)):
-    plgpu.barrier_wait(barriers.at[i])
+def _fetch_one(src, dst, barrier):
+  plgpu.copy_gmem_to_smem(src, dst, barrier)
+  plgpu.barrier_wait(barrier)
+
+
+def _walk(n_chunks, sources, buffers, barriers, body, carry, *, reverse):
+  """Runs `carry = body(n, views, carry)` over the chunks (in reverse if `reverse`), where `views`
+  are the shared-memory copies of `sources[j](n)` (HBM ref views). With two buffer slots (a
+  leading axis of 2 on every buffer) the TMA copies of the next chunk's inputs go out before this
+  chunk's wgmmas, into the slot the previous chunk has finished reading; with one slot, right
+  after this chunk's wgmmas."""
+  slots, n_in = buffers[0].shape[0], len(buffers)
+  chunk = (lambda i: n_chunks - 1 - i) if reverse else (lambda i: i)
+
+  def fetch(i, slot):
+    for j, (src, buf) in enumerate(zip(sources, buffers)):
+      plgpu.copy_gmem_to_smem(src(chunk(i)), buf.at[slot], barriers.at[slot * n_in + j])
+
+  def prefetch(i, slot):
+    @pl.when(i + 1 < n_chunks)
+    def _():
+      fetch(i + 1, slot)
+
+  fetch(0, 0)
+
+  def step(i, carry):
+    slot = lax.rem(i, slots)
+    if slots > 1:
+      prefetch(i, 1 - slot)
+    for j in range(n_in):
+      plgpu.barrier_wait(barriers.at[slot * n_in + j])
+    carry = body(chunk(i), [buf.at[slot] for buf in buffers], carry)
+    if slots == 1:
+      prefetch(i, 0)
+    return carry
+
+  return lax.fori_loop(0, n_chunks, step, carry)
 
 
 def _row_scale(decay_ref, x):
@@ -82,39 +115,40 @@ def _stage_out(value, staging, dst):
 
 
 def _forward_body(*refs, n_chunks, has_w):
-  if has_w:
-    qe, p, kd, decay, u, w, s0, o, s_in, s_final = refs[:10]
-    qe_s, p_s, kd_s, u_s, w_s, s_s, x_s, o_s, f32_s, bars = refs[10:]
-  else:
-    qe, p, kd, decay, u, s0, o, s_in, s_final = refs[:9]
-    qe_s, p_s, kd_s, u_s, s_s, x_s, o_s, f32_s, bars = refs[9:]
+  n_in = 5 if has_w else 4
+  qe, p, kd, decay, u = refs[:5]
+  w = refs[5] if has_w else None
+  s0, o, s_in, s_final = refs[n_in + 1:n_in + 5]
+  *buffers, s_s, x_s, o_s, f32_s, bars = refs[n_in + 5:]
   bh = lax.axis_index("bh")
   cols = pl.ds(lax.axis_index("v") * BLOCK_V, BLOCK_V)
-  c, kd_dim = qe_s.shape
+  c, kd_dim = buffers[0].shape[1:]
   mm = s_s.dtype
-  _fetch([(s0.at[bh, :, cols], f32_s)], bars)
+  sources = [lambda n: qe.at[bh, n], lambda n: p.at[bh, n], lambda n: kd.at[bh, n],
+             lambda n: u.at[bh, n, :, cols]] + ([lambda n: w.at[bh, n]] if has_w else [])
+  last_barrier = bars.at[bars.shape[0] - 1]
+  _fetch_one(s0.at[bh, :, cols], f32_s, last_barrier)
   s_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
 
-  def step(n, s):
+  def body(n, views, s):
+    qe_v, p_v, kd_v, u_v = views[:4]
     _stage_out(s, f32_s, s_in.at[bh, n, :, cols])
     s_s[...] = s.astype(mm)
     plgpu.commit_smem()
-    pairs = [(qe.at[bh, n], qe_s), (p.at[bh, n], p_s), (kd.at[bh, n], kd_s), (u.at[bh, n, :, cols], u_s)]
-    _fetch(pairs + ([(w.at[bh, n], w_s)] if has_w else []), bars)
-    x_src = u_s   # GLA: X = U
+    x_src = u_v   # GLA: X = U
     if has_w:
-      x = plgpu.load(u_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32) - _matmul((c, BLOCK_V), (w_s, s_s))
+      x = plgpu.load(u_v, layout=plgpu.Layout.WGMMA).astype(jnp.float32) - _matmul((c, BLOCK_V), (views[4], s_s))
       x_s[...] = x.astype(mm)
       plgpu.commit_smem()
       x_src = x_s
-    out = _matmul((c, BLOCK_V), (qe_s, s_s), (p_s, x_src))
+    out = _matmul((c, BLOCK_V), (qe_v, s_s), (p_v, x_src))
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     o_s[...] = out.astype(o_s.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_s, o.at[bh, n, :, cols])
-    return _row_scale(decay.at[bh, n], s) + _matmul((kd_dim, BLOCK_V), (kd_s.transpose((1, 0)), x_src))
+    return _row_scale(decay.at[bh, n], s) + _matmul((kd_dim, BLOCK_V), (kd_v.transpose((1, 0)), x_src))
 
-  s = lax.fori_loop(0, n_chunks, step, s_init)
+  s = _walk(n_chunks, sources, buffers, bars, body, s_init, reverse=False)
   _stage_out(s, f32_s, s_final.at[bh, :, cols])
   plgpu.wait_smem_to_gmem(0)
 
@@ -122,34 +156,34 @@ def _forward_body(*refs, n_chunks, has_w):
 def _backward_body(*refs, n_chunks, has_w):
   if has_w:
     qe, p, kd, decay, w, do, ds_final, ds_out, ds0 = refs[:9]
-    qe_s, p_s, kd_s, w_s, do_s, ds_s, y_s, f32_s, bars = refs[9:]
+    *buffers, ds_s, y_s, f32_s, bars = refs[9:]
   else:
     qe, decay, do, ds_final, ds_out, ds0 = refs[:6]
-    qe_s, do_s, f32_s, bars = refs[6:]
+    *buffers, f32_s, bars = refs[6:]
   bh = lax.axis_index("bh")
   cols = pl.ds(lax.axis_index("v") * BLOCK_V, BLOCK_V)
-  c, kd_dim = qe_s.shape
-  _fetch([(ds_final.at[bh, :, cols], f32_s)], bars)
+  c, kd_dim = buffers[0].shape[1:]
+  sources = [lambda n: qe.at[bh, n], lambda n: do.at[bh, n, :, cols]]
+  if has_w:
+    sources += [lambda n: p.at[bh, n], lambda n: kd.at[bh, n], lambda n: w.at[bh, n]]
+  _fetch_one(ds_final.at[bh, :, cols], f32_s, bars.at[bars.shape[0] - 1])
   ds_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
 
-  def step(i, ds):
-    n = n_chunks - 1 - i
+  def body(n, views, ds):
+    qe_v, do_v = views[:2]
     _stage_out(ds, f32_s, ds_out.at[bh, n, :, cols])
-    pairs = [(qe.at[bh, n], qe_s), (do.at[bh, n, :, cols], do_s)]
-    if has_w:
-      ds_s[...] = ds.astype(ds_s.dtype)
-      plgpu.commit_smem()
-      pairs += [(p.at[bh, n], p_s), (kd.at[bh, n], kd_s), (w.at[bh, n], w_s)]
-    _fetch(pairs, bars)
-    ds_in = _row_scale(decay.at[bh, n], ds) + _matmul((kd_dim, BLOCK_V), (qe_s.transpose((1, 0)), do_s))
+    ds_in = _row_scale(decay.at[bh, n], ds) + _matmul((kd_dim, BLOCK_V), (qe_v.transpose((1, 0)), do_v))
     if not has_w:
       return ds_in
-    y = _matmul((c, BLOCK_V), (kd_s, ds_s), (p_s.transpose((1, 0)), do_s))
+    p_v, kd_v, w_v = views[2:]
+    ds_s[...] = ds.astype(ds_s.dtype)
+    plgpu.commit_smem()
+    y = _matmul((c, BLOCK_V), (kd_v, ds_s), (p_v.transpose((1, 0)), do_v))
     y_s[...] = y.astype(y_s.dtype)
     plgpu.commit_smem()
-    return ds_in - _matmul((kd_dim, BLOCK_V), (w_s.transpose((1, 0)), y_s))
+    return ds_in - _matmul((kd_dim, BLOCK_V), (w_v.transpose((1, 0)), y_s))
 
-  ds = lax.fori_loop(0, n_chunks, step, ds_init)
+  ds = _walk(n_chunks, sources, buffers, bars, body, ds_init, reverse=True)
   _stage_out(ds, f32_s, ds0.at[bh, :, cols])
   plgpu.wait_smem_to_gmem(0)
 
@@ -158,6 +192,25 @@ def _check(dtype, c, kd, vd):
   why = supports(dtype, c, kd, vd)
   if why:
     raise ValueError(f"Mosaic GPU state-pass kernels: {why}")
+
+
+def _nbytes(shape, dtype):
+  size = jnp.dtype(dtype).itemsize
+  for d in shape:
+    size *= d
+  return size
+
+
+def _scratch(per_chunk, fixed, n_barriers_extra=1):
+  """Shared memory: the per-chunk input buffers (two slots when both fit in SMEM_BUDGET, so the
+  next chunk's copies overlap this chunk's work; else one), the fixed buffers, and the TMA
+  barriers (one per input and slot, plus `n_barriers_extra`)."""
+  per_slot = sum(_nbytes(shape, dtype) for shape, dtype in per_chunk)
+  fixed_bytes = sum(_nbytes(shape, dtype) for shape, dtype, _ in fixed)
+  slots = 2 if 2 * per_slot + fixed_bytes <= SMEM_BUDGET else 1
+  buffers = [_smem((slots, *shape), dtype) for shape, dtype in per_chunk]
+  rest = [_smem(shape, dtype) if swizzled else plgpu.SMEM(shape, dtype) for shape, dtype, swizzled in fixed]
+  return buffers + rest + [plgpu.Barrier(num_barriers=slots * len(per_chunk) + n_barriers_extra)]
 
 
 def _call(body, out_type, scratch, grid, interpret, *args):
@@ -174,16 +227,15 @@ def state_pass_forward(terms, s0, out_dtype, *, interpret=False):
   mm = terms.qe_CK.dtype
   _check(mm, c, kd, vd)
   has_w = terms.w_CK is not None
-  scratch = [_smem((c, kd), mm), _smem((c, c), mm), _smem((c, kd), mm), _smem((c, BLOCK_V), mm)]
-  scratch += [_smem((c, kd), mm)] if has_w else []
-  scratch += [_smem((kd, BLOCK_V), mm), _smem((c, BLOCK_V), mm), _smem((c, BLOCK_V), out_dtype),
-              plgpu.SMEM((kd, BLOCK_V), jnp.float32), plgpu.Barrier(num_barriers=5)]
+  per_chunk = [((c, kd), mm), ((c, c), mm), ((c, kd), mm), ((c, BLOCK_V), mm)] + ([((c, kd), mm)] if has_w else [])
+  fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True), ((c, BLOCK_V), out_dtype, True),
+           ((kd, BLOCK_V), jnp.float32, False)]
   inputs = [terms.qe_CK, terms.p_CC, terms.kd_CK, terms.decay_K, terms.u_CV]
   inputs += ([terms.w_CK] if has_w else []) + [s0]
   out_type = (jax.ShapeDtypeStruct((bh, n, c, vd), out_dtype), jax.ShapeDtypeStruct((bh, n, kd, vd), jnp.float32),
               jax.ShapeDtypeStruct((bh, kd, vd), jnp.float32))
-  o, s_in, s_final = _call(functools.partial(_forward_body, n_chunks=n, has_w=has_w), out_type, scratch,
-                           (bh, vd // BLOCK_V), interpret, *inputs)
+  o, s_in, s_final = _call(functools.partial(_forward_body, n_chunks=n, has_w=has_w), out_type,
+                           _scratch(per_chunk, fixed), (bh, vd // BLOCK_V), interpret, *inputs)
   return o, s_in, s_final
 
 
@@ -194,14 +246,14 @@ def state_pass_backward(terms, do, ds_final, *, interpret=False):
   mm = terms.qe_CK.dtype
   _check(mm, c, kd, vd)
   has_w = terms.w_CK is not None
+  per_chunk = [((c, kd), mm), ((c, BLOCK_V), mm)]
+  fixed = [((kd, BLOCK_V), jnp.float32, False)]
   if has_w:
     inputs = [terms.qe_CK, terms.p_CC, terms.kd_CK, terms.decay_K, terms.w_CK, do, ds_final]
-    scratch = [_smem((c, kd), mm), _smem((c, c), mm), _smem((c, kd), mm), _smem((c, kd), mm),
-               _smem((c, BLOCK_V), mm), _smem((kd, BLOCK_V), mm), _smem((c, BLOCK_V), mm)]
+    per_chunk += [((c, c), mm), ((c, kd), mm), ((c, kd), mm)]
+    fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True)] + fixed
   else:
     inputs = [terms.qe_CK, terms.decay_K, do, ds_final]
-    scratch = [_smem((c, kd), mm), _smem((c, BLOCK_V), mm)]
-  scratch += [plgpu.SMEM((kd, BLOCK_V), jnp.float32), plgpu.Barrier(num_barriers=5)]
   out_type = (jax.ShapeDtypeStruct((bh, n, kd, vd), jnp.float32), jax.ShapeDtypeStruct((bh, kd, vd), jnp.float32))
-  return _call(functools.partial(_backward_body, n_chunks=n, has_w=has_w), out_type, scratch,
-               (bh, vd // BLOCK_V), interpret, *inputs)
+  return _call(functools.partial(_backward_body, n_chunks=n, has_w=has_w), out_type,
+               _scratch(per_chunk, fixed), (bh, vd // BLOCK_V), interpret, *inputs)
