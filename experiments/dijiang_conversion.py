@@ -95,16 +95,16 @@ def run(version: str, out: str, seed: int = 0, learn_decay: bool = False, teache
         ft_steps: int | None = None, log=print) -> dict:
   from efficient_lm import convert_to_dijiang, create_model
   from efficient_lm.training.optim import OptimConfig
-  from experiments import charlm
 
   started = time.time()
   v = dict(VERSIONS[version])
   v.update({k: x for k, x in (("teacher_steps", teacher_steps), ("ft_steps", ft_steps)) if x})
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, FILE)
-  data = charlm.load_chars(limit_chars=v["limit_chars"])
+  data = lmrun.load_chars(limit_chars=v["limit_chars"])
   dtype = lmrun.compute_dtype()
-  val = data.val_batches(v["batch_size"], v["seq_len"], v["eval_windows"])
+  bs, t = v["batch_size"], v["seq_len"]
+  val = lmrun.eval_windows(data.val, bs, t, v["eval_windows"])
   tcfg = teacher_config(v, data.vocab_size, dtype)
   res = {"version": version, "config": {**{k: (list(x) if isinstance(x, tuple) else x) for k, x in v.items()},
                                         "compute_dtype": dtype, "data": data.path,
@@ -120,26 +120,25 @@ def run(version: str, out: str, seed: int = 0, learn_decay: bool = False, teache
     write_json(path, res)
 
   # 1. the teacher
-  teacher = create_model(tcfg, seed=seed)
-  res["config"]["teacher_params"] = charlm.param_count(teacher)
-  log(f"teacher: {res['config']['teacher_params'] / 1e6:.2f}M parameters, {v['teacher_steps']} steps")
   tocfg = OptimConfig(lr=v["teacher_lr"], warmup_steps=v["teacher_warmup"], b2=0.99, weight_decay=0.1)
-  trainer = charlm.Trainer(teacher, tocfg, v["teacher_steps"])
-  params, rest, rec = trainer.fit(teacher, data, lr=v["teacher_lr"], batch_size=v["batch_size"],
-                                  seq_len=v["seq_len"], seed=seed, val_batches=val, eval_every=v["eval_every"],
-                                  log=log)
-  res["teacher"] = rec
+  trainer = lmrun.Trainer(create_model(tcfg, seed=seed), tocfg, v["teacher_steps"], seed=seed)
+  res["config"]["teacher_params"] = trainer.n_params
+  log(f"teacher: {trainer.n_params / 1e6:.2f}M parameters, {v['teacher_steps']} steps")
+  rec, params = trainer.fit(v["teacher_lr"], lmrun.random_batches(data.train, bs, t, seed), val,
+                            eval_every=v["eval_every"], log=log)
+  res["teacher"] = lmrun.val_record(rec, lr=v["teacher_lr"], seed=seed, batch_size=bs, seq_len=t)
+  log(f"  teacher: val {rec['eval_loss']:.4f}, {rec['wall_s']} s")
   save("teacher")
-  teacher = trainer.merge(params, rest)
+  teacher = trainer.merge(params)
   del trainer
 
   # 2. conversion
   converted = convert_to_dijiang(teacher, seed=seed, learn_decay=learn_decay, impl=v["impl"])
-  res["config"]["dijiang_params"] = charlm.param_count(converted)
   ft_steps = v["ft_steps"]
   focfg = OptimConfig(lr=1.0, warmup_steps=max(ft_steps // 10, 1), b2=0.99, weight_decay=0.1)
-  ftrain = charlm.Trainer(converted, focfg, ft_steps)
-  res["converted_before"] = {"val_loss": ftrain.evaluate(*ftrain.split(converted), val)}
+  ftrain = lmrun.Trainer(converted, focfg, ft_steps, seed=seed)
+  res["config"]["dijiang_params"] = ftrain.n_params
+  res["converted_before"] = {"val_loss": ftrain.evaluate(ftrain.params0, val)["loss"]}
   log(f"converted, before fine-tuning: val {res['converted_before']['val_loss']:.4f}")
   save("converted")
 
@@ -150,8 +149,11 @@ def run(version: str, out: str, seed: int = 0, learn_decay: bool = False, teache
       model = converted if kind == "finetune" else create_model(converted.config, seed=seed + 1)
       log(f"{kind}: lr {lr:g}, {ft_steps} steps")
       try:
-        _, _, rec = ftrain.fit(model, data, lr=lr, batch_size=v["batch_size"], seq_len=v["seq_len"],
-                               seed=seed + 100, val_batches=val, eval_every=eval_every, log=log)
+        _, params, rest = lmrun.Trainer.split(model)
+        rec, _ = ftrain.fit(lr, lmrun.random_batches(data.train, bs, t, seed + 100), val, params=params,
+                            rest=rest, eval_every=eval_every, log=log)
+        rec = lmrun.val_record(rec, lr=lr, seed=seed + 100, batch_size=bs, seq_len=t)
+        log(f"  done: val {rec['val_loss']:.4f}")
         if kind == "finetune":
           rec["val_curve"].insert(0, [0, res["converted_before"]["val_loss"]])
       except Exception as e:  # keep the other runs

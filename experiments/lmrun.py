@@ -1,5 +1,6 @@
-"""What mqar.py, shakespeare.py and wikitext2.py share: a lean training loop over the library's
-train step, and a pool of worker processes that share one GPU.
+"""What the experiments share (mqar, shakespeare, wikitext2, dijiang_conversion, moe_routing): a
+lean training loop over the library's train step, and a pool of worker processes that share one
+GPU.
 
 Training (`Trainer`): the library's pure step (`efficient_lm.training.step.make_train_step`:
 chunked head + loss, dropout keyed by the step) and optimizer (`make_optimizer`: AdamW with the
@@ -129,58 +130,74 @@ def set_lr(opt_state, lr: float):
 
 
 class Trainer:
-  """One model shape: its initial parameters, one compiled train step and eval step."""
+  """One model shape: its initial parameters, one compiled train step and eval step; `fit`
+  trains from those parameters or from any others of the same shape (another seed, a converted
+  model). `model`: a ModelConfig (built here with `seed`) or a built model."""
 
-  def __init__(self, model_cfg, ocfg, steps: int, *, seed: int = 0, loss_chunk_size: int = 1024):
+  def __init__(self, model, ocfg, steps: int, *, seed: int = 0, loss_chunk_size: int = 1024):
     import jax  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
     from efficient_lm.models import LM  # noqa: PLC0415
     from efficient_lm.training.step import StepOptions, make_eval_step, make_train_step  # noqa: PLC0415
 
-    self.cfg, self.steps, self.seed = model_cfg, steps, seed
-    model = LM(model_cfg, rngs=nnx.Rngs(seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    self.params0 = nnx.to_pure_dict(params)
-    self.rest = nnx.to_pure_dict(rest)
+    if not isinstance(model, nnx.Module):
+      model = LM(model, rngs=nnx.Rngs(seed))
+    self.cfg, self.steps, self.seed = model.config, steps, seed
+    self.graphdef, self.params0, self.rest = self.split(model)
     self.n_params = int(sum(x.size for x in jax.tree.leaves(self.params0)))
     self.opt, self.schedule = make_opt(ocfg, steps, self.params0)
-    opts = StepOptions(loss_chunk_size=loss_chunk_size, dropout=model_cfg.dropout > 0,
+    moe = getattr(self.cfg, "n_experts", 0) > 0       # as the library's loop decides it
+    opts = StepOptions(loss_chunk_size=loss_chunk_size, moe=moe, dropout=getattr(self.cfg, "dropout", 0.0) > 0,
                        dropout_seed=seed)
-    self._step = jax.jit(make_train_step(graphdef, self.opt, self.schedule, opts),
+    self._step = jax.jit(make_train_step(self.graphdef, self.opt, self.schedule, opts),
                          donate_argnums=(0,))
-    self._eval = jax.jit(make_eval_step(graphdef, loss_chunk_size=loss_chunk_size))
+    self._eval = jax.jit(make_eval_step(self.graphdef, moe=moe, loss_chunk_size=loss_chunk_size))
 
-  def init_state(self, lr: float):
+  @staticmethod
+  def split(model):
+    """-> (graphdef, params, rest) of a model, as pure dicts."""
+    from flax import nnx  # noqa: PLC0415
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+  def merge(self, params, rest=None):
+    from flax import nnx  # noqa: PLC0415
+    return nnx.merge(self.graphdef, params, self.rest if rest is None else rest)
+
+  def init_state(self, lr: float, params=None):
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
-    params = jax.tree.map(jnp.array, self.params0)  # a fresh copy: the step donates its state
+    params = jax.tree.map(jnp.array, self.params0 if params is None else params)  # the step donates its state
     return {"params": params, "opt_state": set_lr(self.opt.init(params), lr),
             "step": jnp.zeros((), jnp.int32)}
 
-  def evaluate(self, params, batches) -> dict:
+  def evaluate(self, params, batches, rest=None) -> dict:
     import jax  # noqa: PLC0415
+    rest = self.rest if rest is None else rest
     ce = correct = tokens = 0.0
     for b in batches:
-      out = jax.device_get(self._eval(params, b, self.rest))
+      out = jax.device_get(self._eval(params, b, rest))
       ce += float(out["ce"])
       correct += float(out["correct"])
       tokens += float(out["tokens"])
     tokens = max(tokens, 1.0)
     return {"loss": ce / tokens, "accuracy": correct / tokens, "tokens": tokens}
 
-  def fit(self, lr: float, next_batch: Callable[[int], dict], eval_batches, *, eval_every: int = 0,
-          log_every: int = 100, log=print, deadline: float | None = None) -> dict:
-    """Train from the initial parameters at peak `lr`; `next_batch(step)` -> a batch dict of
-    numpy arrays. -> record: final eval, curves, timings. The last evaluation always runs."""
+  def fit(self, lr: float, next_batch: Callable[[int], dict], eval_batches, *, params=None, rest=None,
+          eval_every: int = 0, log_every: int = 100, log=print, deadline: float | None = None):
+    """Train at peak `lr` from `params` (default: the initial ones); `next_batch(step)` -> a
+    batch dict of numpy arrays. -> (record: final eval, curves, timings; the trained params).
+    The last evaluation always runs."""
     import jax  # noqa: PLC0415
-    state = self.init_state(lr)
+    rest = self.rest if rest is None else rest
+    state = self.init_state(lr, params)
     t0 = time.time()
     train_curve, eval_curve, times = [], [], []
     compile_s, mark, mark_step, nonfinite = None, None, 0, 0
     steps_done = 0
     for s in range(1, self.steps + 1):
-      state, m = self._step(state, next_batch(s - 1), self.rest)
+      state, m = self._step(state, next_batch(s - 1), rest)
       steps_done = s
       if s == 1:
         jax.block_until_ready(m)
@@ -195,7 +212,7 @@ class Trainer:
         nonfinite += not bool(host["finite"])
         train_curve.append([s, float(host["loss"]), float(host["accuracy"])])
         if do_eval:
-          ev = self.evaluate(state["params"], eval_batches)
+          ev = self.evaluate(state["params"], eval_batches, rest)
           eval_curve.append([s, ev["loss"], ev["accuracy"]])
           log(f"    step {s}: train {float(host['loss']):.4f} eval {ev['loss']:.4f} "
               f"acc {ev['accuracy']:.3f}")
@@ -203,13 +220,24 @@ class Trainer:
         if deadline is not None and time.time() > deadline:
           log(f"    deadline reached at step {s}: stopping this run early")
           break
-    ev = self.evaluate(state["params"], eval_batches)
+    ev = self.evaluate(state["params"], eval_batches, rest)
     eval_curve.append([steps_done, ev["loss"], ev["accuracy"]])
-    return {"eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"], "steps": steps_done,
-            "train_curve": train_curve, "eval_curve": eval_curve,
-            "step_s": statistics.median(times) if times else None,
-            "compile_s": round(compile_s or 0.0, 2), "wall_s": round(time.time() - t0, 2),
-            "nonfinite_steps": nonfinite}
+    record = {"eval_loss": ev["loss"], "eval_accuracy": ev["accuracy"], "steps": steps_done,
+              "train_curve": train_curve, "eval_curve": eval_curve,
+              "step_s": statistics.median(times) if times else None,
+              "compile_s": round(compile_s or 0.0, 2), "wall_s": round(time.time() - t0, 2),
+              "nonfinite_steps": nonfinite}
+    return record, state["params"]
+
+
+def val_record(rec: dict, *, lr: float, seed: int, batch_size: int, seq_len: int) -> dict:
+  """A `Trainer.fit` record in the schema of the analysis experiments' results files
+  (dijiang.json, moe_routing.json): validation loss and curve, train-loss curve, step time."""
+  return {"val_loss": rec["eval_loss"], "val_curve": [[s, loss] for s, loss, _ in rec["eval_curve"]],
+          "train_curve": [[s, loss] for s, loss, _ in rec["train_curve"]], "lr": lr, "seed": seed,
+          "steps": rec["steps"], "batch_size": batch_size, "seq_len": seq_len,
+          "tokens": rec["steps"] * batch_size * seq_len, "step_time_s": rec["step_s"],
+          "compile_s": rec["compile_s"], "wall_s": rec["wall_s"]}
 
 
 # ------------------------------------------------------------------ token-stream LMs

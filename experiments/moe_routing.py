@@ -284,16 +284,16 @@ def run(version: str, out: str, routers=ROUTERS, seeds=None, fresh: bool = False
   of this call) is not started; the rest is left for the next call."""
   from efficient_lm import create_model
   from efficient_lm.training.optim import OptimConfig
-  from experiments import charlm
 
   started = time.time()
   v = dict(VERSIONS[version], **({"steps": steps} if steps else {}))
   seeds = tuple(v["seeds"] if seeds is None else seeds)
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, FILE)
-  data = charlm.load_chars(limit_chars=v["limit_chars"])
+  data = lmrun.load_chars(limit_chars=v["limit_chars"])
   dtype = lmrun.compute_dtype()
-  val = data.val_batches(v["batch_size"], v["seq_len"], v["eval_windows"])
+  bs, t = v["batch_size"], v["seq_len"]
+  val = lmrun.eval_windows(data.val, bs, t, v["eval_windows"])
   res = {"version": version,
          "config": {**{k: (list(x) if isinstance(x, tuple) else x) for k, x in v.items()}, "seeds": list(seeds),
                     "compute_dtype": dtype, "data": data.path, "train_chars": int(data.train.size),
@@ -337,15 +337,16 @@ def run(version: str, out: str, routers=ROUTERS, seeds=None, fresh: bool = False
       res["config"]["aux_loss_coef"] = cfg.aux_loss_coef
       model = create_model(cfg, seed=seed)
       if router not in trainers:
-        trainers[router] = charlm.Trainer(model, ocfg, v["steps"], moe=True)
+        trainers[router] = lmrun.Trainer(model, ocfg, v["steps"], seed=seed)
       trainer = trainers[router]
-      log(f"{router} router, seed {seed}: {charlm.param_count(model) / 1e6:.2f}M parameters, {v['steps']} steps")
-      rec = {"router": router, "seed": seed, "params": charlm.param_count(model)}
+      log(f"{router} router, seed {seed}: {trainer.n_params / 1e6:.2f}M parameters, {v['steps']} steps")
+      rec = {"router": router, "seed": seed, "params": trainer.n_params}
       try:
-        params, rest, fit = trainer.fit(model, data, lr=v["lr"], batch_size=v["batch_size"], seq_len=v["seq_len"],
-                                        seed=seed, val_batches=val, eval_every=v["eval_every"],
-                                        log_every=v["log_every"], log=log)
-        rec.update(fit)
+        _, params, rest = lmrun.Trainer.split(model)
+        fit, params = trainer.fit(v["lr"], lmrun.random_batches(data.train, bs, t, seed), val, params=params,
+                                  rest=rest, eval_every=v["eval_every"], log_every=v["log_every"], log=log)
+        rec.update(lmrun.val_record(fit, lr=v["lr"], seed=seed, batch_size=bs, seq_len=t))
+        log(f"  done: val {rec['val_loss']:.4f}, {rec['step_time_s'] or float('nan'):.4f} s/step")
         rec["analysis"] = analyze(trainer, params, rest, cfg, val, seed=seed)
         a = rec["analysis"]
         log(f"  MI {a['mean_mi']:.4f} nats (shuffled {a['mean_mi_shuffled']:.4f}), expert cos {a['mean_cos']:.4f}, "

@@ -221,7 +221,7 @@ def work(task: dict, emit) -> None:
     nb = lambda s: mqar_batch(rng, v["batch"], task["seq_len"], task["n_pairs"], v["vocab"])
     t0 = time.time()
     try:
-      rec = trainer.fit(lr, nb, evals, log_every=v["log_every"], deadline=deadline,
+      rec, _ = trainer.fit(lr, nb, evals, log_every=v["log_every"], deadline=deadline,
                         log=lambda m: print(m, flush=True))
     except Exception as e:  # keep the other learning rates
       emit({"kind": "failed", "lr": lr, "error": f"{type(e).__name__}: {e}"[:1000]})

@@ -138,7 +138,7 @@ def work(task: dict, emit) -> None:
   evals = lmrun.eval_windows(data.val, v["batch"], v["seq_len"], v["eval_windows"])
   nb = lmrun.random_batches(data.train, v["batch"], v["seq_len"], seed=task["seed"])
   t0 = time.time()
-  rec = trainer.fit(v["lr"], nb, evals, eval_every=v["eval_every"], log_every=v["log_every"],
+  rec, _ = trainer.fit(v["lr"], nb, evals, eval_every=v["eval_every"], log_every=v["log_every"],
                     deadline=task.get("deadline"), log=lambda m: print(m, flush=True))
   curve = lmrun.curve_summary(rec)
   row = {"model": task["model"], "label": LABELS.get(task["model"], task["model"]),
