@@ -31,16 +31,16 @@ from efficient_lm.layers.norms import RMSNorm
 from pallas_kernels import gla, gla_step
 
 
-def feature_map(x, kind: str):
-  """phi(x) in float32 (see the module docstring)."""
-  x32 = x.astype(jnp.float32)
-  if kind == "elu":
-    return jax.nn.elu(x32) + 1.0
-  if kind == "relu":
-    return jax.nn.relu(x32)
-  if kind == "identity":
-    return x32
-  raise ValueError(f"feature_map: expected one of {FEATURE_MAPS}, got {kind!r}")
+_PHI = {"elu": lambda x: jax.nn.elu(x) + 1.0, "relu": jax.nn.relu, "identity": lambda x: x}
+assert tuple(_PHI) == FEATURE_MAPS
+
+
+def feature_map_fn(kind: str):
+  """phi of the module docstring, applied in float32."""
+  if kind not in _PHI:
+    raise ValueError(f"feature_map: expected one of {FEATURE_MAPS}, got {kind!r}")
+  phi = _PHI[kind]
+  return lambda x: phi(x.astype(jnp.float32))
 
 
 class LinearAttention(nnx.Module):
@@ -56,16 +56,14 @@ class LinearAttention(nnx.Module):
     self.o_norm = RMSNorm(value_dim // h, cfg.norm_eps, rngs=rngs, dtype=jnp.float32, param_dtype=jnp.float32)
     self.o_proj = Dense(value_dim, d, ("heads", "embed"), kernel_init=std, **kw)
     self.h, self.kd, self.vd = h, key_dim // h, value_dim // h
-    if cfg.feature_map not in FEATURE_MAPS:   # fail at build time, not at the first call
-      raise ValueError(f"feature_map: expected one of {FEATURE_MAPS}, got {cfg.feature_map!r}")
-    self.feature_map = cfg.feature_map
+    self.phi = feature_map_fn(cfg.feature_map)   # a bad name fails at build time, not at the first call
     self.impl, self.chunk_size = cfg.impl, cfg.chunk_size
     self.dtype = jnp.dtype(cfg.dtype)
 
   def _project(self, x):
     """Per-head phi(q), phi(k) (back in the compute dtype for the kernel) and v."""
     lead = x.shape[:-1]
-    phi = lambda y: feature_map(y.reshape(*lead, self.h, self.kd), self.feature_map).astype(self.dtype)
+    phi = lambda y: self.phi(y.reshape(*lead, self.h, self.kd)).astype(self.dtype)
     return phi(self.q_proj(x)), phi(self.k_proj(x)), self.v_proj(x).reshape(*lead, self.h, self.vd)
 
   def _out(self, o):
