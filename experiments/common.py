@@ -88,3 +88,16 @@ def pyplot():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
   return plt
+
+
+def results_and_pyplot(out: str, file: str):
+  """(the results JSON `out/file`, pyplot) for drawing a plot, or None after saying which is missing."""
+  path = os.path.join(out, file)
+  if not os.path.exists(path):
+    print(f"no results at {path}: nothing to plot")
+    return None
+  plt = pyplot()
+  if plt is None:
+    print("matplotlib is not installed: no plot (run --plot-only where it is)")
+    return None
+  return read_json(path), plt

@@ -428,6 +428,21 @@ def run_pool(tasks: list[dict], *, script: str, out: str, workers: int,
   return not cut
 
 
+def pool_script_start(args, name: str, work, plot) -> str | None:
+  """The start of a worker-pool experiment's main: its results folder (made), or None when this
+  process was a worker (it ran `work`) or was asked only to plot."""
+  from experiments.common import results_dir  # noqa: PLC0415
+  out = args.out or results_dir(name)
+  os.makedirs(out, exist_ok=True)
+  if args.worker:
+    worker_main(args.worker, work)
+    return None
+  if args.plot_only:
+    plot(out)
+    return None
+  return out
+
+
 def worker_main(task_path: str, work: Callable[[dict, Callable[[dict], None]], None]) -> None:
   """The worker side of `run_pool`: run one task, one JSON line per emitted record."""
   with open(task_path, encoding="utf-8") as f:

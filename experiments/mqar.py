@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 
 from experiments import lmrun  # noqa: E402
 from experiments.common import (  # noqa: E402
-    experiment_parser, pyplot, read_json, results_dir, run_meta, version_of, write_json)
+    experiment_parser, read_json, results_and_pyplot, run_meta, version_of, write_json)
 
 NAME = "mqar"
 FILE = "mqar.json"
@@ -270,13 +270,8 @@ def settings(args) -> dict:
 
 def main(argv=None) -> dict | None:
   args = parse(argv)
-  out = args.out or results_dir(NAME)
-  os.makedirs(out, exist_ok=True)
-  if args.worker:
-    lmrun.worker_main(args.worker, work)
-    return None
-  if args.plot_only:
-    plot(out)
+  out = lmrun.pool_script_start(args, NAME, work, plot)
+  if out is None:
     return None
   version = version_of(args)
   v = settings(args)
@@ -413,15 +408,10 @@ def markdown(results_dir: str) -> str:
 
 
 def plot(out: str) -> str | None:
-  path = os.path.join(out, FILE)
-  if not os.path.exists(path):
-    print(f"no results at {path}: nothing to plot")
+  loaded = results_and_pyplot(out, FILE)
+  if loaded is None:
     return None
-  plt = pyplot()
-  if plt is None:
-    print("matplotlib is not installed: no plot (run --plot-only where it is)")
-    return None
-  res = read_json(path)
+  res, plt = loaded
   best = best_rows(res["rows"])
   points = sorted({(k[2], k[3]) for k in best})
   if not points:

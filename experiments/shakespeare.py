@@ -50,7 +50,7 @@ if ROOT not in sys.path:
 
 
 from experiments import lmrun  # noqa: E402
-from experiments.common import experiment_parser, pyplot, read_json, results_dir, version_of  # noqa: E402
+from experiments.common import experiment_parser, read_json, results_and_pyplot, version_of  # noqa: E402
 
 NAME = "shakespeare"
 FILE = "shakespeare.json"
@@ -164,13 +164,8 @@ def parse(argv):
 
 def main(argv=None):
   args = parse(argv)
-  out = args.out or results_dir(NAME)
-  os.makedirs(out, exist_ok=True)
-  if args.worker:
-    lmrun.worker_main(args.worker, work)
-    return None
-  if args.plot_only:
-    plot(out)
+  out = lmrun.pool_script_start(args, NAME, work, plot)
+  if out is None:
     return None
   version = version_of(args)
   v = dict(VERSIONS[version])
@@ -250,15 +245,10 @@ def markdown(results_dir: str) -> str:
 
 
 def plot(out: str) -> str | None:
-  path = os.path.join(out, FILE)
-  if not os.path.exists(path):
-    print(f"no results at {path}: nothing to plot")
+  loaded = results_and_pyplot(out, FILE)
+  if loaded is None:
     return None
-  plt = pyplot()
-  if plt is None:
-    print("matplotlib is not installed: no plot (run --plot-only where it is)")
-    return None
-  res = read_json(path)
+  res, plt = loaded
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for i, r in enumerate(res.get("rows", [])):
     color = f"C{i}"
