@@ -22,6 +22,17 @@ def _release_compiled_programs():
   gc.collect()
 
 
+def require_shared_data(*files):
+  """Skips the calling test, naming what is absent, when these files of the shared data folder
+  (ELM_DATA_DIR, else ../shared/data beside the repository) are not there: it lies outside the
+  repository, so a clone on its own has no copy."""
+  from efficient_lm.training.config import shared_data_dir  # noqa: PLC0415
+  folder = shared_data_dir()
+  missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
+  if missing:
+    pytest.skip(f"{', '.join(missing)} absent from {folder} (set ELM_DATA_DIR)")
+
+
 def rel_err(out, ref) -> float:
   out = np.asarray(out, np.float64)
   ref = np.asarray(ref, np.float64)

@@ -16,6 +16,7 @@ from efficient_lm.layers.moe import load_balancing_loss
 from experiments import dijiang_conversion, inference, moe_routing
 from experiments.common import read_json
 from experiments.moe_routing import cosine_matrix, entropy, expert_similarity, load_stats, mutual_information
+from tests.conftest import require_shared_data
 
 # End-to-end runs (CPU-sized experiments / notebook kernels): the Python 3.11 CI leg runs them.
 pytestmark = pytest.mark.slow
@@ -185,6 +186,7 @@ def test_inference_quick(quick_dirs, tmp_path_factory):
 
 
 def test_dijiang_quick(quick_dirs, tmp_path_factory):
+  require_shared_data("tinyshakespeare.txt")
   out = _quick(dijiang_conversion, quick_dirs, tmp_path_factory, "dijiang")
   res = read_json(os.path.join(out, "dijiang.json"))
   assert res["version"] == "quick" and META_KEYS <= set(res["meta"]) and res["meta"]["stage"] == "done"
@@ -202,6 +204,7 @@ def test_dijiang_quick(quick_dirs, tmp_path_factory):
 
 
 def test_moe_routing_quick(quick_dirs, tmp_path_factory):
+  require_shared_data("tinyshakespeare.txt")
   out = _quick(moe_routing, quick_dirs, tmp_path_factory, "moe")
   res = read_json(os.path.join(out, "moe_routing.json"))
   assert res["version"] == "quick" and META_KEYS <= set(res["meta"]) and res["meta"]["stage"] == "done"

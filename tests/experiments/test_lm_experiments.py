@@ -16,6 +16,7 @@ import efficient_lm
 from efficient_lm import sharding as shd
 from experiments import lmrun, mqar, report, shakespeare, wikitext2
 from experiments.common import read_json, write_json
+from tests.conftest import require_shared_data
 from tests.training.helpers import small_run, with_train
 
 # End-to-end runs (CPU-sized experiments / notebook kernels): the Python 3.11 CI leg runs them.
@@ -171,6 +172,7 @@ def test_mqar_quick_end_to_end(tmp_path):
 
 
 def test_shakespeare_quick_end_to_end(tmp_path):
+  require_shared_data("tinyshakespeare.txt")
   out = str(tmp_path)
   shakespeare.main(["--quick", "--out", out, "--models", "transformer"])
   res = read_json(os.path.join(out, "shakespeare.json"))
@@ -193,6 +195,7 @@ def test_matched_sizes_for_the_reference_budget():
 
 
 def test_wikitext2_quick_end_to_end(tmp_path):
+  require_shared_data("wikitext2.valid.txt", "wikitext2.test.txt", "gpt-neox-20b.tokenizer.json")
   out = str(tmp_path)
   wikitext2.main(["--quick", "--out", out, "--models", "transformer"])
   res = read_json(os.path.join(out, "wikitext2.json"))

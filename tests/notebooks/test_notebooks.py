@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from tests.conftest import require_shared_data
+
 # End-to-end runs (CPU-sized experiments / notebook kernels): the Python 3.11 CI leg runs them.
 pytestmark = pytest.mark.slow
 
@@ -81,6 +83,8 @@ def test_committed_without_outputs(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path):
+  if os.path.basename(path) in ("02_train_shakespeare.ipynb", "04_checkpoint_generate.ipynb"):
+    require_shared_data("tinyshakespeare.txt")   # their data cell downloads it only where there is a network
   pytest.importorskip("nbclient")
   pytest.importorskip("ipykernel")
   pytest.importorskip("matplotlib")
