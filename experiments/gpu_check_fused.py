@@ -70,6 +70,8 @@ def _backend(impl):
 
 
 def mosaic_gpu_ok():
+  if os.environ.get("CHECK_SKIP_MOSAIC_GPU") == "1":
+    return False
   return state_pass_mosaic_gpu.supports(jnp.bfloat16, CHUNK, 128, 128) is None
 
 
@@ -123,6 +125,8 @@ def check(report):
       impls = [] if op == "gla" else ["fused"]
       if dtype == jnp.bfloat16 and mosaic_gpu_ok():
         impls.append("mosaic_gpu")
+      only = os.environ.get("CHECK_ONLY_IMPL")
+      impls = [i for i in impls if only in (None, i)]
       if not impls:
         continue
       x = inputs(op, b, t, h, d, d, dtype, gated, seed=1)
@@ -165,18 +169,40 @@ def temp_mb(compiled):
     return f"n/a ({type(e).__name__})"
 
 
-def bench(report):
-  b, t, h, d = (1, 128, 2, 64) if SMOKE else (8, 2048, 16, 128)
+def default_cases():
   mosaic = ("mosaic_gpu",) if mosaic_gpu_ok() else ()
-  cases = [("delta", False, ("chunk", "state_pass", "fused") + mosaic),
-           ("delta", True, ("state_pass", "fused") + mosaic),
-           ("gla", None, ("chunk", "state_pass") + mosaic),          # per-dimension decay: no fused kernels yet
-           ("gla_scalar", None, ("state_pass", "fused") + mosaic)]
-  rows = []
-  for op, gated, impls in cases:
+  return {"delta": ("chunk", "state_pass", "fused") + mosaic + ("fla",),
+          "delta_gated": ("state_pass", "fused") + mosaic + ("fla",),
+          "gla": ("chunk", "state_pass") + mosaic + ("fla",),  # per-dimension decay: no fused kernels yet
+          "gla_scalar": ("state_pass", "fused") + mosaic + ("fla",)}
+
+
+def parse_cases(text):
+  """'delta:fused,fla;gla_scalar:fused' -> {"delta": ("fused", "fla"), "gla_scalar": ("fused",)}"""
+  cases = {}
+  for part in text.split(";"):
+    op, impls = part.split(":")
+    if op not in default_cases():
+      raise ValueError(f"--cases: unknown op {op!r} (expected one of {sorted(default_cases())})")
+    cases[op] = tuple(impls.split(","))
+  return cases
+
+
+def bench(report, cases, shapes, out):
+  rows = report.setdefault("timing", [])
+  for b, t, h, d in shapes:
+    _bench_shape(rows, cases, b, t, h, d)
+    write_report(report, out)
+
+
+def _bench_shape(rows, cases, b, t, h, d):
+  for name, impls in cases.items():
+    op, gated = ("delta", name == "delta_gated") if name.startswith("delta") else (name, None)
     x = inputs(op, b, t, h, d, d, jnp.bfloat16, gated)
     do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
-    for impl in impls + (() if SMOKE else ("fla",)):
+    for impl in impls:
+      if impl == "fla" and SMOKE:
+        continue
       row = {"op": op + ("_gated" if gated else ""), "impl": impl, "shape": [b, t, h, d, d], "dtype": "bfloat16"}
       if impl == "fla":
         time_fla(op, x, do, row)
@@ -198,7 +224,6 @@ def bench(report):
         row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
       print(json.dumps(row), flush=True)
       rows.append(row)
-  report["timing"] = rows
 
 
 PARAM_NAMES = ("WY_PARAMS", "FORWARD_PARAMS", "STATE_GRAD_PARAMS", "DQK_PARAMS", "WY_GRAD_PARAMS",
@@ -322,6 +347,9 @@ def main():
   ap.add_argument("--sweep", default=None,
                   help='JSON list of constant sets to time the fused delta rule with, e.g. [{}, {"DQK_PARAMS": [4, 2]}]')
   ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+  ap.add_argument("--cases", default=None,
+                  help="ops and paths to time, e.g. 'delta:fused,fla;gla_scalar:state_pass,fused' (default: all)")
+  ap.add_argument("--shapes", default="8x2048x16x128", help="comma-separated BxTxHxD timing shapes")
   args = ap.parse_args()
   global SMOKE
   SMOKE = args.smoke
@@ -330,19 +358,30 @@ def main():
     set_params(json.loads(args.params))
     report["params"] = json.loads(args.params)
   report["kernel_params"] = kernel_params()
+  cases = parse_cases(args.cases) if args.cases else default_cases()
+  shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+  if SMOKE:
+    shapes = [(1, 128, 2, 64)]
   t0 = time.time()
   if not args.skip_check:
     check(report)
+    write_report(report, args.out)
   if not args.skip_bench:
-    bench(report)
+    bench(report, cases, shapes, args.out)
   if args.sweep:
     sweep(report, json.loads(args.sweep))
   report["wall_s"] = time.time() - t0
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "gpu_check_fused.json")
+  path = write_report(report, args.out)
+  print("wrote", path, f"({report['wall_s']:.0f} s)")
+
+
+def write_report(report, out):
+  """Written after every section, so a run cut off by its time limit keeps what it measured."""
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, "gpu_check_fused.json")
   with open(path, "w") as f:
     json.dump(report, f, indent=1)
-  print("wrote", path, f"({report['wall_s']:.0f} s)")
+  return path
 
 
 if __name__ == "__main__":
@@ -353,43 +392,45 @@ NAME, FILE = "kernels", "gpu_check_fused.json"
 
 
 def markdown(results_dir: str) -> str:
-  """README table: fwd / fwd+bwd ms and compiled temp memory of each path at the timing shape,
-  with flash-linear-attention's delta-rule time from bench_kernels.json beside it."""
+  """README table: fwd / fwd+bwd ms and compiled temp memory of each path at each timing shape,
+  with the ratio to flash-linear-attention's kernel timed in the same run."""
   import json  # noqa: PLC0415
   with open(os.path.join(results_dir, FILE)) as f:
     res = json.load(f)
-  fla = {}
-  bench = os.path.join(results_dir, "bench_kernels.json")
-  if os.path.exists(bench):
-    with open(bench) as f:
-      for r in json.load(f)["results"]:
-        if r["impl"] == "fla" and (r["B"], r["T"]) == (8, 2048) and "ms" in r:
-          fla[(r["op"], r["mode"])] = r["ms"]
   ops = {"delta": "delta rule", "delta_gated": "gated delta rule", "gla": "GLA per-dim decay",
          "gla_scalar": "GLA scalar decay"}
   names = {"chunk": "chunk (XLA)", "state_pass": "pallas: state-pass kernels + XLA terms",
            "mosaic_gpu": "pallas: Mosaic GPU state-pass kernels + XLA terms", "fla": "flash-linear-attention 0.6.0",
            "fused": "pallas: fused kernels"}
-  lines = [f"Recurrence kernels (H100 {res.get('device')}, jax {res.get('jax')}; bf16, 8x2048x16x128, median of 20; "
-           "fla 0.6.0 from bench_kernels.json of the same machine kind):", "",
-           "| op | path | fwd ms | fwd+bwd ms | fwd+bwd temp MB | fwd+bwd / fla |", "|---|---|---|---|---|---|"]
-  same_run = {t["op"]: t["fwd_bwd_ms"] for t in res["timing"] if t.get("impl") == "fla" and "fwd_bwd_ms" in t}
+  key = lambda t: (t["op"], tuple(t["shape"]), t.get("run"))
+  peer = {key(t): t["fwd_bwd_ms"] for t in res["timing"] if t["impl"] == "fla" and "fwd_bwd_ms" in t}
+  lines = [f"Recurrence kernels ({res.get('device')}, jax {res.get('jax')}; bf16, median of 20; fla timed in the "
+           "same run; commands in the file's `runs`):", "",
+           "| op | B x T x H x K x V | path | run | fwd ms | fwd+bwd ms | fwd+bwd temp MB | fwd+bwd / fla |",
+           "|---|---|---|---|---|---|---|---|"]
+  no_peer_bwd = set()
   for t in res["timing"]:
-    if "fwd_bwd_ms" not in t:
+    if t["impl"] == "fla" and "fwd_bwd_ms" not in t:
+      no_peer_bwd.add(ops.get(t["op"], t["op"]))
+    if "fwd_ms" not in t:
       continue
-    peer = same_run.get(t["op"]) or (fla.get(("delta_rule", "fwd_bwd")) if t["op"] == "delta" else None)
-    ratio = f"{t['fwd_bwd_ms'] / peer:.1f}x" if peer else ""
+    ratio = f"{t['fwd_bwd_ms'] / peer[key(t)]:.2f}x" if key(t) in peer and "fwd_bwd_ms" in t else "-"
     temp = t.get("fwd_bwd_temp_mb")
     temp = f"{temp:.0f}" if isinstance(temp, (int, float)) else "-"
-    lines.append(f"| {ops.get(t['op'], t['op'])} | {names.get(t['impl'], t['impl'])} | {t['fwd_ms']:.2f} | "
-                 f"{t['fwd_bwd_ms']:.2f} | {temp} | {ratio} |")
-  if fla and not same_run:
-    lines += ["", f"flash-linear-attention delta rule: fwd {fla.get(('delta_rule', 'fwd'), float('nan')):.2f} ms, "
-              f"fwd+bwd {fla.get(('delta_rule', 'fwd_bwd'), float('nan')):.2f} ms."]
-  fused = [a for a in res.get("agreement", []) if a.get("impl", "fused") == "fused"]
-  worst = max((a["max"] for a in fused if a.get("dtype") == "float32"), default=None)
-  worst_bf16 = max((a["max"] for a in fused if a.get("dtype") == "bfloat16"), default=None)
-  if worst is not None:
-    lines += ["", f"Fused kernels vs the float32 scan on this GPU (1x1024x4x128, outputs and every gradient): "
-              f"float32 <= {worst:.1e}, bf16 <= {worst_bf16:.1e} relative error."]
+    fwd_bwd = f"{t['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in t else "-"
+    lines.append(f"| {ops.get(t['op'], t['op'])} | {'x'.join(map(str, t['shape']))} | {names.get(t['impl'], t['impl'])} | "
+                 f"{t.get('run', '')} | {t['fwd_ms']:.2f} | {fwd_bwd} | {temp} | {ratio} |")
+  if no_peer_bwd:
+    lines += ["", f"fla's backward refused to run for {', '.join(sorted(no_peer_bwd))} (its guard against a "
+              "Triton < 3.7.1 miscompile on Hopper); only its forward is timed there."]
+  for impl, label in (("fused", "Fused Triton kernels"), ("mosaic_gpu", "Mosaic GPU kernels")):
+    rows = [a for a in res.get("agreement", []) if a.get("impl", "fused") == impl]
+    for dtype in ("float32", "bfloat16"):
+      worst = max((a["max"] for a in rows if a.get("dtype") == dtype), default=None)
+      if worst is not None:
+        lines += ["", f"{label} vs the float32 scan on this GPU ({dtype}, 1x1024x4x128, outputs and every "
+                  f"gradient): <= {worst:.1e} relative error."]
+  if res.get("stages"):
+    stages = ", ".join(f"{n} {ms:.2f} ms" for n, ms in res["stages"].items() if isinstance(ms, (int, float)))
+    lines += ["", f"Fused delta rule, each stage alone (8x2048x16x128): {stages}."]
   return "\n".join(lines)

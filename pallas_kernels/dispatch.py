@@ -8,23 +8,38 @@ import jax
 IMPLS = ("auto", "scan", "chunk", "pallas")
 
 
-def resolve_impl(impl: str, available: tuple[str, ...]) -> str:
+def resolve_impl(impl: str, available: tuple[str, ...], *, op: str | None = None, dtype=None,
+                 kd: int | None = None, vd: int | None = None, chunk_size: int | None = None) -> str:
   """Maps `impl` to one of the forms an op has.
 
-  "auto" takes the chunked XLA form (see below for why not Pallas yet); the
-  scan is never chosen automatically, since its gradient stores one state per token.
+  "auto" takes the Pallas form where the fused GPU kernels run `op` (a FUSED_BY_DEFAULT key; None
+  for an op without fused kernels, such as GLA with a per-dimension decay) and the chunked XLA
+  form everywhere else. Measured on the H200 (bf16, experiments/results/kernels/h200/): the fused
+  delta rule runs fwd+bwd in 3.9 ms against the chunked form's 17.3 ms at 8x2048x16x128, and a
+  DeltaNet-340m-shaped train step (8 layers, batch 8 x 2048) takes 54.6 ms against 127.6 ms with
+  less peak memory (9.8 vs 10.7 GB). The state-pass Pallas path (per-dimension GLA, TPU) is faster
+  than chunk as one op but needs 3-7x its temporary memory, and ran out of memory inside a train
+  step on the H100, so "auto" leaves those on chunk. The scan is never chosen automatically: its
+  gradient stores one state per token.
   """
   if impl not in IMPLS:
     raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
   if impl == "auto":
-    # The Pallas path wins as a single op on the H100 (delta rule fwd+bwd 11.4 ms vs 18.0 ms
-    # chunked) but inside a DeltaNet-340m train step it ran 595 ms at batch 2 and ran out of
-    # memory at batch 8, where the chunked form does 143 ms: "auto" takes the chunked form on
-    # every platform until the Pallas path is the faster one in models too.
-    return "chunk"
+    fused = op is not None and "pallas" in available and _fused_gpu_kernels_apply(op, dtype, kd, vd, chunk_size)
+    return "pallas" if fused else "chunk"
   if impl not in available:
     raise ValueError(f"impl: {impl!r} is not available for this op (available: {available})")
   return impl
+
+
+def _fused_gpu_kernels_apply(op, dtype, kd, vd, chunk_size) -> bool:
+  if jax.default_backend() != "gpu" or pallas_backend(dtype, kd, vd, chunk_size) != "triton":
+    return False
+  try:
+    check_pallas_shapes("triton", kd, vd, chunk_size)
+  except ValueError:
+    return False
+  return fused_kernels("triton", op)
 
 
 def pallas_backend(dtype=None, kd: int | None = None, vd: int | None = None,
@@ -74,13 +89,12 @@ def _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) -> str | None:
 
 
 # Whether impl="pallas" takes the fully fused GPU kernels (`chunk_kernels_triton`) or the
-# state-pass kernels over XLA-built terms, per op: the faster on the H100 (bf16, 8x2048x16x128,
-# fwd+bwd, experiments/results/kernels/gpu_check_fused.json): delta rule fused 10.7 ms vs
-# 11.5; gated delta rule 14.3 vs 12.6; scalar-decay GLA 5.1 vs 3.2. The fused path needs about
-# 4x less temporary memory (457 vs 1921 MB for the delta rule): PALLAS_KERNELS_FUSED=1 picks it
-# everywhere it exists, =0 nowhere. Measured with session 2's single gradient kernel; the split
-# one (experiments/NOTES.md) is predicted to flip the other two entries once timed.
-FUSED_BY_DEFAULT = {"delta_rule": True, "gated_delta_rule": False, "gla": False}
+# state-pass kernels over XLA-built terms, per op: the faster on the H200 (bf16, 8x2048x16x128,
+# fwd+bwd, experiments/results/kernels/h200/): delta rule fused 3.9 ms vs 10.3; gated delta rule
+# 5.9 vs 10.9; scalar-decay GLA 1.8 vs 2.4. The fused path also needs 1.5-3x less temporary
+# memory (833 vs 1921 MB for the delta rule). PALLAS_KERNELS_FUSED=0 takes the state-pass path
+# everywhere, =1 the fused one wherever it exists.
+FUSED_BY_DEFAULT = {"delta_rule": True, "gated_delta_rule": True, "gla": True}
 
 
 def fused_kernels(backend: str, op: str) -> bool:

@@ -101,7 +101,10 @@ def _walk(n_chunks, sources, buffers, barriers, body, carry, *, reverse):
 
 def _row_scale(decay_ref, x):
   """diag(decay) x for a [K] float32 HBM vector and a WGMMA-layout [K, BV] array."""
-  d = plgpu.load(decay_ref, layout=plgpu.Layout.WGMMA.reduce(1))
+  # optimized=False: jax 0.11's Mosaic GPU has optimized (vectorised) register transfers only for
+  # shared memory and refuses them for an HBM ref ("Only optimized transfers to SMEM supported");
+  # jax 0.12 plans them for HBM too. The plain loads read the same K values (once per chunk).
+  d = plgpu.load(decay_ref, layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
   return lax.broadcast_in_dim(d, x.shape, [0]) * x
 
 

@@ -73,6 +73,34 @@ def test_auto_resolves_to_chunk_on_cpu():
   assert_rel_close("auto vs scan", scan, auto, 1e-4)
 
 
+def test_auto_takes_the_fused_kernels_on_gpu_where_they_apply(monkeypatch):
+  from pallas_kernels import dispatch
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(dispatch, "_hopper", lambda: True)
+  monkeypatch.delenv("PALLAS_KERNELS_GPU", raising=False)
+  monkeypatch.delenv("PALLAS_KERNELS_FUSED", raising=False)
+  forms = ("scan", "chunk", "pallas")
+  auto = lambda op, kd=128, vd=128, chunk=64, **kw: resolve_impl(
+      "auto", forms, op=op, dtype=jnp.bfloat16, kd=kd, vd=vd, chunk_size=chunk, **kw)
+  for op in ("delta_rule", "gated_delta_rule", "gla"):
+    assert auto(op) == "pallas", op
+  assert auto("gla", kd=64, vd=2048) == "pallas"               # the Rodimus shape
+  assert auto(None) == "chunk"                                   # per-dimension GLA: no fused kernels
+  assert auto("delta_rule", kd=96) == "chunk"                    # Triton tiles need powers of two
+  assert auto("delta_rule", chunk=48) == "chunk"
+  assert resolve_impl("auto", ("scan", "chunk"), op="delta_rule", dtype=jnp.bfloat16, kd=128, vd=128,
+                      chunk_size=64) == "chunk"                  # an op without a Pallas form
+  monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")                # state-pass path: chunk under auto
+  assert auto("delta_rule") == "chunk"
+  monkeypatch.setenv("PALLAS_KERNELS_FUSED", "auto")
+  monkeypatch.setenv("PALLAS_KERNELS_GPU", "mosaic_gpu")         # Mosaic GPU state-pass kernels
+  monkeypatch.setattr(dispatch, "_mosaic_gpu_unsupported", lambda *_: None)
+  assert auto("delta_rule") == "chunk"
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  assert auto("delta_rule") == "chunk"
+
+
 def test_final_state_only_when_asked():
   o, s = pk.delta_rule(q, k, v, beta, impl="chunk")
   assert s is None and o.shape == (B, T, H, V)

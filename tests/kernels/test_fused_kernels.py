@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from pallas_kernels import dispatch
 from pallas_kernels.common import chunk_kernels_triton as ck
 from pallas_kernels.common.chunked import chunk_vjp
 from pallas_kernels.common.chunking import segment_chunks, to_chunks
@@ -139,11 +140,13 @@ def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
   assert "_wy_kernel" not in _kernel_names(jax.grad(f), x["q"])
   assert "_state_grad_kernel" not in _kernel_names(jax.grad(f_gla), y["q"], y["g"])
-  monkeypatch.delenv("PALLAS_KERNELS_FUSED")    # the measured default per op
+  monkeypatch.delenv("PALLAS_KERNELS_FUSED")    # the measured default: fused for every op that has them
   f_ungated = lambda q: pk.delta_rule(q, x["k"], x["v"], x["beta"], impl="pallas")[0].sum()
   assert "_wy_kernel" in _kernel_names(jax.grad(f_ungated), x["q"])
+  assert "_wy_kernel" in _kernel_names(jax.grad(f), x["q"])
+  assert "_state_grad_kernel" in _kernel_names(jax.grad(f_gla), y["q"], y["g"])
+  monkeypatch.setattr(dispatch, "FUSED_BY_DEFAULT", {**dispatch.FUSED_BY_DEFAULT, "gated_delta_rule": False})
   assert "_wy_kernel" not in _kernel_names(jax.grad(f), x["q"])
-  assert "_state_grad_kernel" not in _kernel_names(jax.grad(f_gla), y["q"], y["g"])
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "yes")
   with pytest.raises(ValueError, match="PALLAS_KERNELS_FUSED"):
     jax.make_jaxpr(f)(x["q"])

@@ -33,7 +33,8 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None, return_
   _checks.check_segment_ids(segment_ids, b, t)
   _checks.check_chunk_size(chunk_size, 1)
   scale = _checks.resolve_scale(scale, kd)
-  form = _FORMS[resolve_impl(impl, tuple(_FORMS))]
+  form = _FORMS[resolve_impl(impl, tuple(_FORMS), op="delta_rule" if g is None else "gated_delta_rule",
+                             dtype=q.dtype, kd=kd, vd=vd, chunk_size=chunk_size)]
   s0 = _checks.resolve_initial_state(initial_state, b, h, kd, vd)
   extra = {} if form is delta_rule_scan else {"chunk_size": chunk_size}
   o, s_final = form(q, k, v, beta, g, scale=scale, s0=s0, segment_ids=segment_ids, **extra)
