@@ -281,13 +281,13 @@ def time_fla(op, x, do, row):
     row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
 
 
-def sweep(report, param_sets):
-  """Fused delta-rule fwd+bwd (ungated and gated) at the timing shape for each set of kernel
-  constants, and the backward's stages timed alone at the default set."""
+def sweep(report, param_sets, ops=("delta", "delta_gated")):
+  """Fused delta-rule fwd+bwd (ungated and gated, or those of `ops`) at the timing shape for each
+  set of kernel constants, and the backward's stages timed alone at the default set."""
   b, t, h, d = (1, 128, 2, 16) if SMOKE else (8, 2048, 16, 128)
   default = kernel_params()
   rows = []
-  for gated in (False, True):
+  for gated in [g for g, op in ((False, "delta"), (True, "delta_gated")) if op in ops]:
     x = inputs("delta", b, t, h, d, d, jnp.bfloat16, gated)
     do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
     for params in param_sets:
@@ -369,7 +369,7 @@ def main():
   if not args.skip_bench:
     bench(report, cases, shapes, args.out)
   if args.sweep:
-    sweep(report, json.loads(args.sweep))
+    sweep(report, json.loads(args.sweep), *([tuple(cases)] if args.cases else []))
   report["wall_s"] = time.time() - t0
   path = write_report(report, args.out)
   print("wrote", path, f"({report['wall_s']:.0f} s)")
