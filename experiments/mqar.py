@@ -4,7 +4,8 @@
     python experiments/mqar.py --full           # width x (T, N) grid
     python experiments/mqar.py --quick          # CPU pipeline check (5-15 s a model on 2 cores)
     python experiments/mqar.py --plot-only [--out DIR]
-    options: --out DIR, --workers N, --steps S, --time-limit SEC, --fresh, --models a,b
+    options: --out DIR, --workers N, --steps S, --time-limit SEC, --fresh, --models a,b,
+             --widths, --points T:N, --lrs, --batch, --vocab, --eval-examples, --impl
 
 Task (experiments.md 1; the generator is `efficient_lm.data.mqar.MQARSource`, Zoology's
 `multiquery_ar`): vocab 8192; a sequence of T tokens holds N key-value pairs (keys from the lower
@@ -16,7 +17,8 @@ for the gaps; the per-example source costs 18 ms a batch, more than a GPU step);
 set is 1024 examples of `MQARSource` itself (split 1, disjoint stream), the same for all models.
 
 Models: 2 layers, width d, heads d/64: softmax attention (Transformer++), linear attention
-(elu+1 feature map; recorded as missing if the block kind is absent), GLA, DeltaNet, Rodimus
+(elu+1 feature map; recorded as missing if the block kind is absent), GLA (FLA's defaults: no short
+conv), GLA with FLA's optional short convs on q, k, v (the token shift recall needs), DeltaNet, Rodimus
 (mem 64), Rodimus+ (sliding window 16, far below the typical recall distance: the fraction of
 queries whose key lies inside the window is stored in meta), DiJiang from scratch. AdamW
 (b2 0.95, wd 0.1, clip 1), warmup 10%, cosine to 0.1x; bf16 compute on GPU, float32 params.
@@ -27,14 +29,14 @@ Budget: Zoology's batch 256 and a fresh training stream (no repeated examples); 
 width-64 transformer at T=64, N=4, vocab 256 reached 99.7% after 750 steps of 64).
 
 Versions:
-- minimum credible (default): width 128, T=256, N=32, 7 models x 3 lrs, 2000 steps of batch 256
+- minimum credible (default): width 128, T=256, N=32, 8 models x 3 lrs, 2000 steps of batch 256
   (131M tokens per run).
 - `--full`: widths 64, 128, 256, 512 x (T, N) in {256, 512} x {16, 32, 64}: 168 model
   configurations, 504 runs.
 - `--quick`: width 32, T=64, N=4, vocab 1024, 30 steps, scan recurrences, in-process (CPU).
 
-Concurrency: independent model configurations run as concurrent worker processes (default 7,
-one per model; `--workers`), each with 0.9/7 of the GPU memory; one compiled step per process
+Concurrency: independent model configurations run as concurrent worker processes (default 8,
+one per model; `--workers`), each with 0.9/8 of the GPU memory; one compiled step per process
 serves its 3 learning rates (lr lives in the optimizer state). See experiments/lmrun.py for why
 processes rather than vmap.
 
@@ -66,8 +68,9 @@ from experiments.common import (  # noqa: E402
 
 NAME = "mqar"
 FILE = "mqar.json"
-MODELS = ("transformer", "linear_attention", "gla", "deltanet", "rodimus", "rodimus_plus", "dijiang")
+MODELS = ("transformer", "linear_attention", "gla", "gla_conv", "deltanet", "rodimus", "rodimus_plus", "dijiang")
 LABELS = {"transformer": "softmax attention", "linear_attention": "linear attention", "gla": "GLA",
+          "gla_conv": "GLA + short conv",
           "deltanet": "DeltaNet", "rodimus": "Rodimus", "rodimus_plus": "Rodimus+",
           "dijiang": "DiJiang"}
 ROW_KEYS = ("model", "width", "seq_len", "n_pairs", "lr", "accuracy", "loss", "steps", "wall_s")
@@ -76,7 +79,7 @@ VERSIONS = {
     "quick": dict(widths=(32,), points=((64, 4),), lrs=(3e-3,), steps=30, batch=16, vocab=1024,
                   eval_examples=32, impl="scan", window=8, mem_size=16, workers=0, log_every=10),
     "min": dict(widths=(128,), points=((256, 32),), lrs=(3e-3, 1e-3, 1e-2), steps=2000, batch=256,
-                vocab=8192, eval_examples=1024, impl="auto", window=16, mem_size=64, workers=7,
+                vocab=8192, eval_examples=1024, impl="auto", window=16, mem_size=64, workers=8,
                 log_every=250),
     "full": dict(widths=(64, 128, 256, 512), points=((256, 16), (256, 32), (256, 64), (512, 16),
                                                      (512, 32), (512, 64)),
@@ -174,9 +177,9 @@ def recall_distances(seq_len, n_pairs, vocab=8192, n=2048, seed=123) -> np.ndarr
 
 
 def available_models() -> tuple[list[str], list[str]]:
-  """(present, missing) block kinds of MODELS in this checkout."""
-  from efficient_lm.configs import base  # noqa: PLC0415
-  present = [m for m in MODELS if m in base.BLOCK_KINDS]
+  """(present, missing) MODELS, each a `<model>-tiny` preset, in this checkout."""
+  from efficient_lm.configs import PRESETS  # noqa: PLC0415
+  present = [m for m in MODELS if f"{m}-tiny" in PRESETS]
   return present, [m for m in MODELS if m not in present]
 
 
@@ -250,6 +253,10 @@ def parse(argv):
   p.add_argument("--lrs", default=None, help="comma-separated learning rates")
   p.add_argument("--widths", default=None, help="comma-separated widths")
   p.add_argument("--points", default=None, help="T:N pairs, e.g. 256:32,512:64")
+  p.add_argument("--batch", type=int, default=None, help="training batch size")
+  p.add_argument("--vocab", type=int, default=None, help="vocabulary size")
+  p.add_argument("--eval-examples", type=int, default=None, help="size of the evaluation set")
+  p.add_argument("--impl", default=None, help="recurrence form (scan, chunk, pallas, auto)")
   return p.parse_args(argv)
 
 
@@ -263,6 +270,9 @@ def settings(args) -> dict:
     v["widths"] = tuple(int(x) for x in args.widths.split(","))
   if args.points:
     v["points"] = tuple(tuple(int(y) for y in x.split(":")) for x in args.points.split(","))
+  for name in ("batch", "vocab", "eval_examples", "impl"):
+    if getattr(args, name) is not None:
+      v[name] = getattr(args, name)
   if args.workers is not None:
     v["workers"] = args.workers
   return v

@@ -62,7 +62,7 @@ class ModelConfig:
   rodimus_plus_residual: str = "code"  # "code": attention output only feeds the FFN; "plain": x + a + f
   # DeltaNet / Gated DeltaNet
   expand_v: float = 1.0
-  use_short_conv: bool = True
+  use_short_conv: bool | None = None   # convs on q, k, v (DeltaNet, GLA); None: FLA's default (DeltaNet on, GLA off)
   use_output_gate: bool = False        # rmsnorm(o) * silu(W_g h) instead of rmsnorm(o)
   allow_neg_eigval: bool = False       # beta = 2 * sigmoid(.)
   # GLA (FLA's layer)
@@ -93,6 +93,10 @@ class ModelConfig:
   @property
   def layer_kinds(self) -> tuple[str, ...]:
     return tuple(self.layer_pattern) if self.layer_pattern else (self.kind,) * self.n_layers
+
+  def short_conv(self, layer_default: bool) -> bool:
+    """Whether a mixer puts short convs on q, k, v: `use_short_conv`, else the layer's default."""
+    return layer_default if self.use_short_conv is None else self.use_short_conv
 
   @property
   def attn_head_dim(self) -> int:

@@ -32,6 +32,7 @@ PRESETS: dict[str, ModelConfig] = {
     "deltanet-tiny": _tiny(DELTANET),
     "gated_deltanet-tiny": _tiny(GATED_DELTANET, n_heads=2, head_dim=16, expand_v=2.0),
     "gla-tiny": _tiny(GLA),
+    "gla_conv-tiny": _tiny(GLA, use_short_conv=True),
     "linear_attention-tiny": _tiny(LINEAR_ATTENTION),
     "dijiang-tiny": _tiny(DIJIANG),
     "smoe-tiny": _tiny(TRANSFORMER, n_experts=4, top_k=2, expert_hidden=64, router="linear"),

@@ -90,7 +90,7 @@ def fla_deltanet_rules(cfg: ModelConfig):
               rule(dst + ("mixer", "o_norm", "scale"), src + "attn.o_norm.weight")]
     linears = ["q_proj", "k_proj", "v_proj", "b_proj", "o_proj"] + (["g_proj"] if cfg.use_output_gate else [])
     rules += [rule(dst + ("mixer", n, "kernel"), src + f"attn.{n}.weight", fn=linear_t) for n in linears]
-    if cfg.use_short_conv:
+    if cfg.short_conv(True):
       rules += [rule(dst + ("mixer", "convs", j, "weight"), src + f"attn.{n}_conv1d.weight", fn=conv_t)
                 for j, n in enumerate("qkv")]
     rules += [rule(dst + ("mlp", ours, "kernel"), src + f"mlp.{ours}_proj.weight", fn=linear_t)

@@ -112,3 +112,15 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   logits = nnx.jit(lambda m, t: m(t))(model, jnp.zeros((1, 8), jnp.int32))
   assert logits.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_short_conv_defaults_follow_fla_and_the_field_overrides_them():
+  count = lambda name, **kw: efficient_lm.count_params(name, **kw)
+  gla = PRESETS["gla-tiny"]
+  key_dim, value_dim = int(gla.d_model * gla.expand_k), int(gla.d_model * gla.expand_v)
+  per_layer = gla.conv_size * (2 * key_dim + value_dim)   # depthwise q, k, v convs, no bias
+  assert count("gla_conv-tiny") - count("gla-tiny") == gla.n_layers * per_layer
+  assert count("gla-tiny", use_short_conv=True) == count("gla_conv-tiny")
+  assert count("deltanet-tiny", use_short_conv=False) < count("deltanet-tiny")   # DeltaNet: on by default
+  assert PRESETS["deltanet-tiny"].short_conv(True) and not PRESETS["gla-tiny"].short_conv(False)
+

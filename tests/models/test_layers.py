@@ -11,7 +11,7 @@ from efficient_lm.layers.attention import Attention
 from efficient_lm.layers.conv import causal_conv
 from efficient_lm.layers.rope import apply_rope, positions, segment_positions
 from efficient_lm.models import decode_state_growth
-from tests.conftest import assert_rel_close
+from tests.conftest import assert_rel_close, rel_err
 
 
 @pytest.mark.parametrize("n_k_heads, window", [(1, 3), (4, None), (2, 5)])
@@ -65,3 +65,31 @@ def test_decode_state_constant_unless_global_attention(kind, grows):
   cfg = efficient_lm.get_config(f"{kind}-tiny")
   fixed, per_token = decode_state_growth(cfg)
   assert (per_token > 0) == grows and fixed >= 0
+
+
+@pytest.mark.parametrize("short_conv", [False, True])
+def test_gla_mixer_convs_decode_and_segments(short_conv):
+  """GLA with and without FLA's optional short convs: prefill + one-token steps equal the forward,
+  and packed segments equal separate runs. The conv weights are scaled up from FLA's N(0, 0.02) so
+  the layer's output is not swamped by its norm's epsilon at init (it would be ~1e-4 of scale)."""
+  from efficient_lm.layers.mixers.gla import GLA
+  cfg = efficient_lm.get_config("gla-tiny", use_short_conv=short_conv)
+  mixer = GLA(cfg, rngs=nnx.Rngs(np.random.randint(1 << 30)))
+  assert (mixer.convs is not None) == short_conv
+  if short_conv:
+    for conv in mixer.convs:
+      conv.weight[...] = conv.weight[...] * 25.0
+  b, t, d = 2, 21, cfg.d_model
+  x = jax.random.normal(jax.random.key(np.random.randint(1 << 30)), (b, t, d))
+  full = mixer(x, None, None)
+  head, state = mixer.prefill(x[:, :13], None, t)
+  steps = [head]
+  for i in range(13, t):
+    y, state = mixer.step(x[:, i], state, i)
+    steps.append(y[:, None])
+  assert_rel_close("prefill + steps", full, jnp.concatenate(steps, axis=1), 1e-4)
+  seg = jnp.asarray([[1] * 9 + [2] * 12] * b)
+  packed = mixer(x, seg, None)
+  separate = jnp.concatenate([mixer(x[:, :9], None, None), mixer(x[:, 9:], None, None)], axis=1)
+  assert_rel_close("packed segments", separate, packed, 1e-4)
+  assert rel_err(full[:, 9:], packed[:, 9:]) > 1e-2     # without the ids the second segment differs

@@ -36,7 +36,7 @@ class DeltaNet(nnx.Module):
     self.v_proj = Dense(d, h * vd, ("embed", "heads"), kernel_init=std, **kw)
     self.b_proj = Dense(d, h, ("embed", None), kernel_init=std, **kw)
     conv = lambda c: ShortConv(c, cfg.conv_size, "heads", use_bias=False, activation=True, weight_init=std, **kw)
-    self.convs = nnx.List([conv(h * kd), conv(h * kd), conv(h * vd)]) if cfg.use_short_conv else None
+    self.convs = nnx.List([conv(h * kd), conv(h * kd), conv(h * vd)]) if cfg.short_conv(True) else None
     if gated:
       self.a_proj = Dense(d, h, ("embed", None), kernel_init=std, **kw)
       self.A_log = param(rngs, a_log_init, (h,), (None,), jnp.float32)

@@ -1,7 +1,8 @@
 """Gated linear attention mixer (FLA's `GatedLinearAttention` defaults: expand_k 0.5, expand_v 1,
-low-rank key gate, output gate fused with the per-head RMSNorm, no short conv).
+low-rank key gate, output gate fused with the per-head RMSNorm, no short conv; `use_short_conv=True`
+adds FLA's optional convs).
 
-    q, k, v = W_q h, W_k h, W_v h
+    q, k, v = W_q h, W_k h, W_v h          (with short convs: silu(conv4(W_q h)), ... as in DeltaNet)
     g = logsigmoid(W_gk2 (W_gk1 h) + b) / 16          (per key dim)
     o = gla(q, k, v, g, scale=K^-0.5)
     y = W_o( rmsnorm(o) * silu(W_g h) )               (one [V] norm weight shared by heads)
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_lm.layers.conv import ShortConv
 from efficient_lm.layers.core import Dense, normal
 from efficient_lm.layers.norms import RMSNorm
 from pallas_kernels import gla, gla_step
@@ -32,17 +34,23 @@ class GLA(nnx.Module):
     self.gk_up = Dense(cfg.gate_low_rank, key_dim, (None, "heads"), kernel_init=std, use_bias=True, **kw)
     self.o_norm = RMSNorm(value_dim // h, cfg.norm_eps, rngs=rngs, dtype=jnp.float32, param_dtype=jnp.float32)
     self.o_proj = Dense(value_dim, d, ("heads", "embed"), kernel_init=std, **kw)
+    conv = lambda c: ShortConv(c, cfg.conv_size, "heads", use_bias=False, activation=True, weight_init=std, **kw)
+    self.convs = nnx.List([conv(key_dim), conv(key_dim), conv(value_dim)]) if cfg.short_conv(False) else None
     self.h, self.kd, self.vd = h, key_dim // h, value_dim // h
     self.normalizer = cfg.gate_logit_normalizer
     self.impl, self.chunk_size = cfg.impl, cfg.chunk_size
 
-  def _project(self, x):
+  def _project(self, x, seg=None, conv_caches=None):
+    """Per-head q, k, v, g and the convs' new caches; conv_caches: the decode caches (one token)."""
     lead = x.shape[:-1]
-    q = self.q_proj(x).reshape(*lead, self.h, self.kd)
-    k = self.k_proj(x).reshape(*lead, self.h, self.kd)
-    v = self.v_proj(x).reshape(*lead, self.h, self.vd)
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    if self.convs is not None:
+      convs = zip(self.convs, (q, k, v), conv_caches or (None,) * 3)
+      (q, cq), (k, ck), (v, cv) = (c(y, seg) if cache is None else c.step(y, cache) for c, y, cache in convs)
+      conv_caches = [cq, ck, cv]
+    q, k, v = (y.reshape(*lead, self.h, -1) for y in (q, k, v))
     g = jax.nn.log_sigmoid(self.gk_up(self.gk_low(x)).astype(jnp.float32)) / self.normalizer
-    return q, k, v, g.reshape(*lead, self.h, self.kd)
+    return q, k, v, g.reshape(*lead, self.h, self.kd), conv_caches
 
   def _out(self, o, x):
     o = self.o_norm(o.astype(jnp.float32))
@@ -50,10 +58,10 @@ class GLA(nnx.Module):
     return self.o_proj(o.reshape(*o.shape[:-2], -1))
 
   def _forward(self, x_BTD, seg_BT, want_state):
-    q, k, v, g = self._project(x_BTD)
+    q, k, v, g, conv_caches = self._project(x_BTD, seg_BT)
     o, state = gla(q, k, v, g, scale=self.kd ** -0.5, segment_ids=seg_BT, return_final_state=want_state,
                    impl=self.impl, chunk_size=self.chunk_size)
-    return self._out(o, x_BTD), {"state": state}
+    return self._out(o, x_BTD), {"conv": conv_caches, "state": state}
 
   def __call__(self, x_BTD, seg_BT, pos_BT):
     return self._forward(x_BTD, seg_BT, False)[0]
@@ -62,9 +70,10 @@ class GLA(nnx.Module):
     return self._forward(x_BTD, None, True)
 
   def step(self, x_BD, cache, pos):
-    q, k, v, g = self._project(x_BD)
+    q, k, v, g, conv_caches = self._project(x_BD, conv_caches=cache["conv"])
     o, state = gla_step(q, k, v, g, cache["state"], scale=self.kd ** -0.5)
-    return self._out(o, x_BD), {"state": state}
+    return self._out(o, x_BD), {"conv": conv_caches, "state": state}
 
   def init_cache(self, batch_size, max_len):
-    return {"state": jnp.zeros((batch_size, self.h, self.kd, self.vd), jnp.float32)}
+    convs = None if self.convs is None else [c.init_cache(batch_size) for c in self.convs]
+    return {"conv": convs, "state": jnp.zeros((batch_size, self.h, self.kd, self.vd), jnp.float32)}
