@@ -227,7 +227,7 @@ def _bench_shape(rows, cases, b, t, h, d):
 
 
 PARAM_NAMES = ("WY_PARAMS", "FORWARD_PARAMS", "STATE_GRAD_PARAMS", "DQK_PARAMS", "WY_GRAD_PARAMS",
-               "GRAD_BLOCK_K", "GRAD_BLOCK_V", "STATE_BLOCK_V")
+               "GRAD_BLOCK_K", "GRAD_BLOCK_V", "STATE_BLOCK_V", "SPLIT_OUTPUT", "OUTPUT_PARAMS")
 
 
 def kernel_params():

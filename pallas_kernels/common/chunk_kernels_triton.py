@@ -20,6 +20,8 @@ sequential):
   `_forward_kernel`    (B*H, V/BV): the state pass with the output fused: X, O, S' per chunk;
                        for the backward it stores the state entering every chunk and X (in the
                        inputs' dtype, which the forward's matmuls already rounded them to).
+                       With SPLIT_OUTPUT (and the states stored) it leaves O out, and
+  `_output_kernel`     (B*H, N, V/BV) computes O from the stored state and X of every chunk.
   `_state_grad_kernel` (B*H, V/BV): the reverse pass, H = dL/dS' of each chunk:
                        dX = P^T dO + d * (K H) (stored),  dS = lambda H + scale (e * Q)^T dO - W^T dX.
   `_dqk_kernel`        (B*H, N, K/BK): dQ, the dK terms outside the solve, dW = -dX S^T and the
@@ -72,6 +74,13 @@ GRAD_BLOCK_K = 64     # key columns per program of `_dqk_kernel` (and per step o
 GRAD_BLOCK_V = 64     # value columns per step of both gradient kernels' loops
 STATE_BLOCK_V = 64    # value columns per program of the two sequential passes
 SOLVE_BLOCK = 16
+OUTPUT_PARAMS = (4, 1)
+# With store_states (a training step's forward), walk only the states and compute the outputs in
+# the chunk-parallel `_output_kernel` from the stored states and X, as flash-linear-attention
+# does: the sequential pass drops its 3 output-only matmuls a chunk (Q K^T, Q S, P X), which
+# matters when the B*H * V/BV sequential programs leave most SMs idle (B*H = 16: 32 of 132 on an
+# H200). Off until timed on a GPU (gpu_check_fused.py --params '{"SPLIT_OUTPUT": true}').
+SPLIT_OUTPUT = False
 
 
 def _f32(x):
@@ -252,20 +261,29 @@ def _wy_kernel(*refs, heads, c, block_v, has_g, has_seg, want_u, precise):
       r["u"][bh, n, :, cols] = _mm(t, _rows(v, beta), precise).astype(r["u"].dtype)
 
 
-def _forward_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, store_states, precise):
+def _chunk_output(q, k, s_mm, x_mm, geo, scale, precise):
+  """O of one chunk (float32): scale (e * (Q S) + P X), S and X in q's dtype. Shared by the fused
+  and the split forward, so both give the same output from the same operands."""
+  p = _mm(q, k, precise, tb=True) * geo.gamma
+  return scale * (_rows(_mm(q, s_mm, precise), geo.e) + _mm(p.astype(q.dtype), x_mm, precise))
+
+
+def _forward_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, store_states,
+                    with_output, precise):
+  """The state pass; O too if `with_output` (else `_output_kernel` computes it from s_in and X)."""
   r = _split_refs(refs, ("q", "k", "v", "w", "u", "g", "seg", "s0", "o", "s_final", "s_in", "x"),
-                  {"v": not wy, "w": wy, "u": wy, "g": has_g, "seg": has_seg, "s_in": store_states,
-                   "x": store_states and wy})
+                  {"q": with_output, "v": not wy, "w": wy, "u": wy, "g": has_g, "seg": has_seg,
+                   "o": with_output, "s_in": store_states, "x": store_states and wy})
   bh, vb = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(vb * block_v, block_v)
   ld = _Loader(bh, heads, c)
-  mm = r["q"].dtype
+  mm = (r["q"] if with_output else r["s_in"]).dtype    # q's dtype (s_in is stored in it)
 
   def step(n, s):
     if store_states:
       r["s_in"][bh, n, :, cols] = s.astype(r["s_in"].dtype)
     geo = ld.geometry(r["g"], r["seg"], n)
-    q, k = ld.tok(r["q"], n), ld.tok(r["k"], n)
+    k = ld.tok(r["k"], n)
     s_mm = s.astype(mm)
     if wy:
       x = _f32(r["u"][bh, n, :, cols]) - _mm(r["w"][bh, n], s_mm, precise)
@@ -275,13 +293,25 @@ def _forward_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_se
     else:
       x_mm = ld.tok(r["v"], n, cols)
       x = _f32(x_mm)
-    p = _mm(q, k, precise, tb=True) * geo.gamma
-    o = _rows(_mm(q, s_mm, precise), geo.e) + _mm(p.astype(mm), x_mm, precise)
-    ld.store_tok(r["o"], n, scale * o, cols)
+    if with_output:
+      ld.store_tok(r["o"], n, _chunk_output(ld.tok(r["q"], n), k, s_mm, x_mm, geo, scale, precise), cols)
     kx = _mm(k, x_mm if geo.d is None else _rows(x, geo.d).astype(mm), precise, ta=True)
     return (s if geo.lam is None else geo.lam * s) + kx
 
   r["s_final"][bh, :, cols] = jax.lax.fori_loop(0, n_chunks, step, r["s0"][bh, :, cols])
+
+
+def _output_kernel(*refs, heads, c, block_v, scale, has_g, has_seg, precise):
+  """O of one chunk and one value block (program (B*H, N, V/BV)) from the state entering the chunk
+  and X (GLA: V), both as the forward's state pass rounded them for its own matmuls."""
+  r = _split_refs(refs, ("q", "k", "x", "g", "seg", "s_in", "o"), {"g": has_g, "seg": has_seg})
+  bh, n, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  cols = pl.ds(vb * block_v, block_v)
+  ld = _Loader(bh, heads, c)
+  geo = ld.geometry(r["g"], r["seg"], n)
+  o = _chunk_output(ld.tok(r["q"], n), ld.tok(r["k"], n), r["s_in"][bh, n, :, cols],
+                    ld.tok(r["x"], n, cols), geo, scale, precise)
+  ld.store_tok(r["o"], n, o, cols)
 
 
 def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, precise):
@@ -426,30 +456,44 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
   the backward needs (else None): the state entering every chunk [B*H, N, K, V] in q's dtype (the
   forward's matmuls already rounded it so), and for the delta rule W [B*H, N, C, K] and
   X [B, T, H, V] in q's dtype (GLA: None, None). s0: [B*H, K, V] float32.
-  beta None: GLA with a scalar (or no) decay, X = V; else the delta rule, X = U - W S."""
+  beta None: GLA with a scalar (or no) decay, X = V; else the delta rule, X = U - W S.
+  SPLIT_OUTPUT with `store_states`: O from `_output_kernel` after the state pass (without the
+  states stored, inference, the split has nothing to read them from: O stays fused)."""
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n = t // chunk
   bv = _block_v(vd, STATE_BLOCK_V)
   wy_terms = beta is not None
+  split = SPLIT_OUTPUT and store_states
+  precise = _precision(q.dtype, interpret)
   w = u = None
   if wy_terms:
     w, u = wy(k, v, beta, g, seg, chunk=chunk, want_u=True, interpret=interpret)
-  out = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)]
+  o_shape = jax.ShapeDtypeStruct(v.shape, v.dtype)
+  out = [] if split else [o_shape]
+  out.append(jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32))
   if store_states:
     out.append(jax.ShapeDtypeStruct((b * h, n, kd, vd), q.dtype))
     if wy_terms:
       out.append(jax.ShapeDtypeStruct(v.shape, q.dtype))
   kernel = functools.partial(_forward_kernel, heads=h, c=chunk, n_chunks=n, block_v=bv, scale=scale,
-                             wy=wy_terms, store_states=store_states, precise=_precision(q.dtype, interpret),
-                             **_flags(g, seg))
-  res = pl.pallas_call(kernel, grid=(b * h, vd // bv), out_shape=tuple(out), interpret=interpret,
-                       compiler_params=_params(interpret, FORWARD_PARAMS),
-                       )(*_present(q, k, None if wy_terms else v, w, u, g, seg, s0))
-  saved = None
-  if store_states:
-    saved = (res[2], w, res[3]) if wy_terms else (res[2], None, None)
-  return res[0], res[1], saved
+                             wy=wy_terms, store_states=store_states, with_output=not split,
+                             precise=precise, **_flags(g, seg))
+  res = iter(pl.pallas_call(kernel, grid=(b * h, vd // bv), out_shape=tuple(out), interpret=interpret,
+                            compiler_params=_params(interpret, FORWARD_PARAMS),
+                            )(*_present(None if split else q, k, None if wy_terms else v, w, u, g, seg, s0)))
+  o = None if split else next(res)
+  s_final = next(res)
+  s_in = next(res) if store_states else None
+  x = next(res) if store_states and wy_terms else None
+  if split:
+    bo = _block_v(vd)    # chunk-parallel: N programs per head already fill the GPU
+    kernel = functools.partial(_output_kernel, heads=h, c=chunk, block_v=bo, scale=scale,
+                               precise=precise, **_flags(g, seg))
+    o = pl.pallas_call(kernel, grid=(b * h, n, vd // bo), out_shape=o_shape, interpret=interpret,
+                       compiler_params=_params(interpret, OUTPUT_PARAMS),
+                       )(*_present(q, k, x if wy_terms else v, g, seg, s_in))
+  return o, s_final, (s_in, w, x) if store_states else None
 
 
 def state_grads(q, k, w, g, seg, do, ds_final, *, scale, chunk, interpret=False):

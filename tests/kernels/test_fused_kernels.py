@@ -22,7 +22,7 @@ from pallas_kernels.ops.delta_rule.pallas import delta_rule_fused
 from pallas_kernels.ops.gla.chunk import gla_chunk_terms
 from pallas_kernels.ops.gla.pallas import gla_fused
 from tests.conftest import assert_rel_close
-from tests.kernels.recurrence_cases import make_inputs
+from tests.kernels.recurrence_cases import make_inputs, run
 from tests.kernels.test_chunk_agreement import TOL, check_against_reference, random_segments
 
 
@@ -93,17 +93,46 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
     assert_rel_close(name, back(ref).astype(jnp.float32), out.astype(jnp.float32), tol)
 
 
-@pytest.mark.parametrize("variant, t, c, kd, vd, dtype, segments", [
-    ("gated_delta", 70, 32, 16, 128, jnp.float32, True),
-    ("delta", 50, 64, 32, 16, jnp.float32, False),
-    ("gated_delta", 45, 16, 16, 64, jnp.bfloat16, True),
-    ("gla_scalar", 70, 32, 32, 128, jnp.float32, True),
-], ids=["gated-seg-C32-V128", "ungated-C64-K32-V16", "gated-seg-C16-bf16", "gla-scalar-seg-C32-V128"])
+SCAN_CASES = {   # id: (variant, t, c, kd, vd, dtype, segments)
+    "gated-seg-C32-V128": ("gated_delta", 70, 32, 16, 128, jnp.float32, True),
+    "ungated-C64-K32-V16": ("delta", 50, 64, 32, 16, jnp.float32, False),
+    "gated-seg-C16-bf16": ("gated_delta", 45, 16, 16, 64, jnp.bfloat16, True),
+    "gla-scalar-seg-C32-V128": ("gla_scalar", 70, 32, 32, 128, jnp.float32, True),
+}
+
+
+def _scan_cases(*ids):
+  return pytest.mark.parametrize("variant, t, c, kd, vd, dtype, segments",
+                                 [SCAN_CASES[i] for i in ids], ids=list(ids))
+
+
+def _scan_inputs(variant, t, kd, vd, dtype, segments):
+  inputs = make_inputs(31, variant, b=2, t=t, h=2, kd=kd, vd=vd, dtype=dtype)
+  seg = jnp.asarray(random_segments(np.random.default_rng(31), 2, t, 3)) if segments else None
+  return inputs, seg
+
+
+@_scan_cases(*SCAN_CASES)
 def test_fused_op_matches_scan(variant, t, c, kd, vd, dtype, segments, monkeypatch):
   """Forward, final state and every gradient (q, k, v, beta, g, initial state) vs the f32 scan."""
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "1")
-  inputs = make_inputs(31, variant, b=2, t=t, h=2, kd=kd, vd=vd, dtype=dtype)
-  seg = jnp.asarray(random_segments(np.random.default_rng(31), 2, t, 3)) if segments else None
+  inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
+  check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic")
+
+
+# the delta rule gated and ungated and GLA, with segments and T not a multiple of the chunk
+@_scan_cases("gated-seg-C32-V128", "ungated-C64-K32-V16", "gla-scalar-seg-C32-V128")
+def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, monkeypatch):
+  """SPLIT_OUTPUT: the training forward's O from `_output_kernel` (inference keeps O fused), the
+  same checks against the f32 scan."""
+  monkeypatch.setenv("PALLAS_KERNELS_FUSED", "1")
+  monkeypatch.setattr(ck, "SPLIT_OUTPUT", True)
+  inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
+  fwd = lambda x: run(variant, "pallas:generic", x, chunk_size=c, segment_ids=seg)[0].astype(jnp.float32).sum()
+  state_pass = (["_wy_kernel"] if "delta" in variant else []) + ["_forward_kernel"]
+  backward = ["_state_grad_kernel", "_dqk_kernel"] + (["_wy_grad_kernel"] if "delta" in variant else [])
+  assert _kernel_names(fwd, inputs) == state_pass
+  assert _kernel_names(jax.grad(fwd), inputs) == state_pass + ["_output_kernel"] + backward
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic")
 
 
@@ -161,19 +190,23 @@ def _fused_fwd_bwd(family, kd, gated, segments):
     else:
       o, s = gla_fused(q, k, v, g if gated else None, **common)
     return o.astype(jnp.float32).sum() + s.sum()
-  return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+  # the loss too, as a training step: under jax.grad alone XLA drops `_output_kernel` (O's value
+  # is not needed for the gradients)
+  return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))
 
 
 @pytest.mark.skipif(jax.__version_info__ >= (0, 11),
                     reason="jax >= 0.11 exports for cuda only with an abstract GPU device; the H100 run covers it")
-@pytest.mark.parametrize("family, kd, vd, dtype, gated, segments", [
-    ("delta", 64, 64, jnp.bfloat16, True, True), ("delta", 128, 128, jnp.bfloat16, True, True),
-    ("delta", 64, 128, jnp.bfloat16, False, False), ("delta", 128, 64, jnp.float32, False, True),
-    ("delta", 128, 128, jnp.float32, True, False),
-    ("gla", 64, 64, jnp.bfloat16, True, True), ("gla", 128, 128, jnp.bfloat16, False, False),
-    ("gla", 128, 128, jnp.float32, True, False),
+@pytest.mark.parametrize("family, kd, vd, dtype, gated, segments, split", [
+    ("delta", 64, 64, jnp.bfloat16, True, True, False), ("delta", 128, 128, jnp.bfloat16, True, True, False),
+    ("delta", 64, 128, jnp.bfloat16, False, False, False), ("delta", 128, 64, jnp.float32, False, True, False),
+    ("delta", 128, 128, jnp.float32, True, False, False),
+    ("gla", 64, 64, jnp.bfloat16, True, True, False), ("gla", 128, 128, jnp.bfloat16, False, False, False),
+    ("gla", 128, 128, jnp.float32, True, False, False),
+    ("delta", 128, 128, jnp.bfloat16, True, True, True),
 ])
-def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segments):
+def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segments, split, monkeypatch):
+  monkeypatch.setattr(ck, "SPLIT_OUTPUT", split)
   b, t, h = 2, 256, 2
   spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
   args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h), spec(b, t, h),
@@ -182,5 +215,6 @@ def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segmen
       jax.jit(_fused_fwd_bwd(family, kd, gated, segments)), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
   )(*args)
-  # forward: (delta: W/U and) the state pass; backward: the reverse pass, dq/dk (delta: and the solve's)
-  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (5 if family == "delta" else 3)
+  # forward: (delta: W/U and) the state pass (split: and the output); backward: the reverse pass,
+  # dq/dk (delta: and the solve's)
+  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (5 if family == "delta" else 3) + split
