@@ -148,7 +148,7 @@ class Trainer:
     self.n_params = int(sum(x.size for x in jax.tree.leaves(self.params0)))
     self.opt, self.schedule = make_opt(ocfg, steps, self.params0)
     moe = getattr(self.cfg, "n_experts", 0) > 0       # as the library's loop decides it
-    opts = StepOptions(loss_chunk_size=loss_chunk_size, moe=moe, dropout=getattr(self.cfg, "dropout", 0.0) > 0,
+    opts = StepOptions(loss_chunk_size=loss_chunk_size, moe=moe, dropout=self.cfg.uses_dropout,
                        dropout_seed=seed)
     self._step = jax.jit(make_train_step(self.graphdef, self.opt, self.schedule, opts),
                          donate_argnums=(0,))

@@ -50,6 +50,7 @@ class ModelConfig:
   rope_fraction: float = 1.0           # partial rotary: the first fraction of each head's dims
   conv_size: int = 4
   dropout: float = 0.0                 # training only: after the embedding and on each mixer / MLP output
+  attention_dropout: float = 0.0       # training only: on softmax attention's probabilities (nanoGPT's attn_dropout)
   # GPT-NeoX host options (transformer / swa blocks; the defaults keep Transformer++)
   parallel_residual: bool = False      # x + mixer(norm1(x)) + mlp(norm2(x)) (GPT-NeoX / Pythia)
   attn_bias: bool = False              # biases on the q, k, v and output projections of attention
@@ -93,6 +94,11 @@ class ModelConfig:
   @property
   def layer_kinds(self) -> tuple[str, ...]:
     return tuple(self.layer_pattern) if self.layer_pattern else (self.kind,) * self.n_layers
+
+  @property
+  def uses_dropout(self) -> bool:
+    """Whether a train step must pass the model a dropout key."""
+    return self.dropout > 0.0 or self.attention_dropout > 0.0
 
   def short_conv(self, layer_default: bool) -> bool:
     """Whether a mixer puts short convs on q, k, v: `use_short_conv`, else the layer's default."""
@@ -176,8 +182,9 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     _fail("head_dim", "DiJiang's GroupNorm needs head_dim dividing d_model")
   if cfg.feature_map not in FEATURE_MAPS:
     _fail("feature_map", f"expected one of {FEATURE_MAPS}, got {cfg.feature_map!r}")
-  if not 0.0 <= cfg.dropout < 1.0:
-    _fail("dropout", f"expected 0 <= dropout < 1, got {cfg.dropout!r}")
+  for name in ("dropout", "attention_dropout"):
+    if not 0.0 <= getattr(cfg, name) < 1.0:
+      _fail(name, f"expected 0 <= {name} < 1, got {getattr(cfg, name)!r}")
   if cfg.norm not in ("rms", "layer"):
     _fail("norm", f"expected 'rms' or 'layer', got {cfg.norm!r}")
   if cfg.mlp_kind not in MLP_KINDS:

@@ -8,6 +8,8 @@ One module covers the three variants the models need:
 - SW-SKA (Rodimus+): one shared key head, one value head per query head. The op wants as many
   key heads as value heads, so the one key head is broadcast.
 `use_bias` adds biases to the four projections (the GPT-NeoX host).
+Training with `dropout=(rate, key)` drops attention probabilities (nanoGPT's attn_dropout); the
+fused kernels take no dropout, so that path is plain XLA with the [B, N, T, S] probabilities.
 Packed documents: a mask from segment_ids, and RoPE positions restart in each segment.
 Decode caches: global keeps `[B, max_len, ...]` (grows with context); windowed keeps a ring of
 the last w keys and values (constant); the token being decoded is attended in addition.
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_lm import kernels
-from efficient_lm.layers.core import Dense, normal, scaled
+from efficient_lm.layers.core import Dense, dropout_fn, normal, scaled
 from efficient_lm.layers.rope import apply_rope
 
 
@@ -52,16 +54,21 @@ class Attention(nnx.Module):
     k = apply_rope(k, pos_BT, self.rope_base, self.rot_dim)
     return q, k, v
 
-  def _attend(self, q, k, v, mask, is_causal, window, impl="auto"):
+  def _attend(self, q, k, v, mask, is_causal, window, impl="auto", dropout=None):
     k = jnp.repeat(k, self.n_v_heads // self.n_k_heads, axis=2)  # SW-SKA: share the key head
-    o = kernels.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, window=window,
-                                      scale=self.head_dim ** -0.5, impl=impl)
+    scale = self.head_dim ** -0.5
+    if dropout is None:
+      o = kernels.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, window=window, scale=scale,
+                                        impl=impl)
+    else:
+      o = attention_with_dropout(q, k, v, mask=mask, window=window, scale=scale, dropout=dropout)
     return self.o_proj(o.reshape(*o.shape[:2], -1))
 
-  def __call__(self, x_BTD, seg_BT, pos_BT):
+  def __call__(self, x_BTD, seg_BT, pos_BT, dropout=None):
+    """`dropout`: None, or (rate, key) in training: dropout on the attention probabilities."""
     q, k, v = self._qkv(x_BTD, pos_BT)
     mask = None if seg_BT is None else (seg_BT[:, :, None] == seg_BT[:, None, :])[:, None]
-    return self._attend(q, k, v, mask, True, self.window)
+    return self._attend(q, k, v, mask, True, self.window, dropout=dropout)
 
   def prefill(self, x_BTD, pos_BT, max_len: int):
     """Forward over one document per row, returning the decode cache after it."""
@@ -101,3 +108,21 @@ class Attention(nnx.Module):
     s = max_len if self.window is None else self.window
     return {"k": jnp.zeros((batch_size, s, self.n_k_heads, self.head_dim), self.dtype),
             "v": jnp.zeros((batch_size, s, self.n_v_heads, self.head_dim), self.dtype)}
+
+
+def attention_with_dropout(q_BTNH, k_BTKH, v_BTKH, *, mask, window, scale, dropout):
+  """Causal softmax attention (keys s with 0 <= t - s <= window) with inverted dropout on the
+  probabilities; grouped key/value heads serve N / K query heads each, as in
+  `jax.nn.dot_product_attention`. mask: bool, broadcastable to [B, N, T, T]."""
+  rate, key = dropout
+  n, kv = q_BTNH.shape[2], k_BTKH.shape[2]
+  k_BTNH, v_BTNH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BTKH, v_BTKH))
+  logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BTNH, preferred_element_type=jnp.float32) * scale
+  t = q_BTNH.shape[1]
+  lag_TS = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
+  allowed = (lag_TS >= 0) & ((lag_TS <= window) if window is not None else True)
+  if mask is not None:
+    allowed = allowed & mask
+  probs = jax.nn.softmax(jnp.where(allowed, logits_BNTS, -jnp.inf), axis=-1)
+  probs = dropout_fn(probs, rate, key).astype(v_BTNH.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", probs, v_BTNH, preferred_element_type=jnp.float32).astype(v_BTNH.dtype)

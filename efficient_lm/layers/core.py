@@ -85,3 +85,9 @@ def mamba_dt_bias_init(dt_min=1e-3, dt_max=0.1, dt_floor=1e-4):
     dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     return softplus_inverse(jnp.maximum(dt, dt_floor)).astype(dtype)
   return initializer
+
+
+def dropout_fn(x, rate: float, key):
+  """Inverted dropout: zero each element with probability `rate`, scale the rest by 1/(1-rate)."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)

@@ -18,7 +18,7 @@ Calls:
   `aux["moe_aux_loss"]` = `aux_loss_coef * load_balance` (add it to the training loss; zero for
   dense models) and `aux["moe_load_balance"]` = the unscaled `E * sum_e f_e P_e` over all MoE
   layers' tokens together.
-- Dropout (`config.dropout > 0`) runs only when a PRNG key is passed, `model(..., dropout_key=k)`
+- Dropout (`config.dropout` or `config.attention_dropout` > 0) runs only when a PRNG key is passed, `model(..., dropout_key=k)`
   / `model.hidden(..., dropout_key=k)` (the train step does); without one (eval, prefill,
   decode) the model is deterministic.
 - `model.hidden(tokens_BT, segment_ids=None, return_aux=False)` -> the normalised final hidden
@@ -37,19 +37,13 @@ from flax import nnx
 
 from efficient_lm.configs import ModelConfig
 from efficient_lm.layers.attention import Attention
-from efficient_lm.layers.core import Dense, Embed, normal, param
+from efficient_lm.layers.core import Dense, Embed, dropout_fn, normal, param
 from efficient_lm.layers.mixers import GLA, DeltaNet, DiJiang, LinearAttention, Rodimus
 from efficient_lm.layers.mlp import GeluMLP, SwiGLU
 from efficient_lm.layers.moe import MoE, load_balancing_loss
 from efficient_lm.layers.norms import make_norm
 from efficient_lm.layers.rope import positions
 from efficient_lm.layers.router import RouterCell
-
-
-def dropout_fn(x, rate: float, key):
-  """Inverted dropout: zero each element with probability `rate`, scale the rest by 1/(1-rate)."""
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
 def _out_scale(cfg: ModelConfig) -> float:
@@ -101,6 +95,7 @@ class Block(nnx.Module):
       self.mlp = SwiGLU(d, cfg.mlp_hidden_size, out_scale=_out_scale(cfg), **kw)
     self.plain_residual = cfg.rodimus_plus_residual == "plain"
     self.parallel_residual = cfg.parallel_residual
+    self.dropout, self.attention_dropout = cfg.dropout, cfg.attention_dropout
 
   def _mlp(self, h, router_state, cell, drop=None):
     if isinstance(self.mlp, MoE):
@@ -139,14 +134,18 @@ class Block(nnx.Module):
       x = add(x, f)
     return x, caches, router_state, stats
 
-  def __call__(self, x_BTD, seg_BT, pos_BT, router_state, cell, dropout=None):
-    """`dropout`: None (deterministic) or (rate, key) in training."""
-    no_cache = lambda layer: (lambda h: (layer(h, seg_BT, pos_BT), None))
+  def __call__(self, x_BTD, seg_BT, pos_BT, router_state, cell, dropout_key=None):
+    """`dropout_key`: None (deterministic) or this block's PRNG key in training."""
+    def no_cache(layer, slot):
+      if dropout_key is not None and self.attention_dropout > 0.0 and isinstance(layer, Attention):
+        probs_drop = (self.attention_dropout, jax.random.fold_in(dropout_key, slot))
+        return lambda h: (layer(h, seg_BT, pos_BT, dropout=probs_drop), None)
+      return lambda h: (layer(h, seg_BT, pos_BT), None)
     drop = None
-    if dropout is not None:
-      rate, key = dropout
-      drop = lambda y, slot: dropout_fn(y, rate, jax.random.fold_in(key, slot))
-    x, _, router_state, stats = self._run(x_BTD, no_cache(self.mixer), self.attn and no_cache(self.attn),
+    if dropout_key is not None and self.dropout > 0.0:
+      drop = lambda y, slot: dropout_fn(y, self.dropout, jax.random.fold_in(dropout_key, slot))
+    # slots 0-2: the branch outputs (`_run`); 3, 4: the attention probabilities of mixer and attn
+    x, _, router_state, stats = self._run(x_BTD, no_cache(self.mixer, 3), self.attn and no_cache(self.attn, 4),
                                           router_state, cell, drop)
     return x, router_state, stats
 
@@ -217,15 +216,14 @@ class LM(nnx.Module):
     b, t = tokens_BT.shape
     x = self.embed(tokens_BT).astype(self.config.stream_dtype)
     rate = self.config.dropout
-    train_drop = dropout_key is not None and rate > 0.0
-    if train_drop:   # nanoGPT: after the embedding, then each branch output (Block._run)
+    if dropout_key is not None and rate > 0.0:   # nanoGPT: after the embedding, then each branch output
       x = dropout_fn(x, rate, jax.random.fold_in(dropout_key, 0))
     pos_BT = positions(segment_ids, b, t)
     router_state = self._router_state(b * t)
     stats = []
     for i, block in enumerate(self.blocks):
-      drop = (rate, jax.random.fold_in(dropout_key, i + 1)) if train_drop else None
-      x, router_state, s = block(x, segment_ids, pos_BT, router_state, self.router_cell, drop)
+      key = None if dropout_key is None else jax.random.fold_in(dropout_key, i + 1)
+      x, router_state, s = block(x, segment_ids, pos_BT, router_state, self.router_cell, key)
       if s is not None:
         stats.append(s)
     return x, stats

@@ -120,7 +120,7 @@ def build(cfg: RunConfig, model_cfg, mesh) -> Setup:
   batch_sh = shd.batch_sharding(mesh)
   moe = getattr(model_cfg, "n_experts", 0) > 0
   opts = StepOptions(grad_accum=cfg.train.grad_accum, z_loss=cfg.train.z_loss, moe=moe,
-                     dropout=getattr(model_cfg, "dropout", 0.0) > 0, dropout_seed=seed)
+                     dropout=model_cfg.uses_dropout, dropout_seed=seed)
   step_fn = make_train_step(graphdef, optimizer, schedule, opts)
   eval_fn = make_eval_step(graphdef, moe=moe)
   batch_tree = {k: batch_sh for k in ("inputs", "targets", "segment_ids", "loss_mask")}

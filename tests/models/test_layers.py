@@ -93,3 +93,44 @@ def test_gla_mixer_convs_decode_and_segments(short_conv):
   separate = jnp.concatenate([mixer(x[:, :9], None, None), mixer(x[:, 9:], None, None)], axis=1)
   assert_rel_close("packed segments", separate, packed, 1e-4)
   assert rel_err(full[:, 9:], packed[:, 9:]) > 1e-2     # without the ids the second segment differs
+
+
+@pytest.mark.parametrize("n_q, n_kv, window, segments", [(4, 4, None, False), (4, 2, 5, True), (2, 1, 3, False)])
+def test_attention_dropout_path(n_q, n_kv, window, segments):
+  """The training path with dropout on the probabilities: at rate 0 it is the XLA attention
+  (causal, window, segments, grouped heads); at rate 0.5 one key changes it, and the mean over
+  keys returns to it (inverted dropout keeps the expectation)."""
+  from efficient_lm import kernels
+  from efficient_lm.layers.attention import attention_with_dropout
+  b, t, hd = 2, 11, 8
+  keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3)
+  q = jax.random.normal(keys[0], (b, t, n_q, hd))
+  k, v = (jax.random.normal(kk, (b, t, n_kv, hd)) for kk in jax.random.split(keys[1]))
+  seg = jnp.asarray([[0] * 5 + [1] * 6, [0] * t])
+  mask = (seg[:, :, None] == seg[:, None, :])[:, None] if segments else None
+  ref = kernels.dot_product_attention(q, k, v, mask=mask, is_causal=True, window=window, scale=hd ** -0.5,
+                                      impl="xla")
+  run = lambda rate, key: attention_with_dropout(q, k, v, mask=mask, window=window, scale=hd ** -0.5,
+                                                 dropout=(rate, key))
+  assert_rel_close("rate 0", ref, run(0.0, keys[2]), 1e-5)
+  one = run(0.5, keys[2])
+  assert rel_err(one, ref) > 0.1
+  np.testing.assert_array_equal(one, run(0.5, keys[2]))        # the key decides the mask
+  mean = jnp.mean(jax.vmap(lambda kk: run(0.5, kk))(jax.random.split(keys[2], 2000)), axis=0)
+  assert_rel_close("mean over keys", ref, mean, 0.05)
+
+
+def test_attention_dropout_in_the_model_only_in_training():
+  cfg = dict(attention_dropout=0.3, dropout=0.0)
+  model = efficient_lm.create_model("transformer-tiny", **cfg)
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 256)
+  plain = model(tokens)
+  np.testing.assert_array_equal(plain, efficient_lm.create_model("transformer-tiny")(tokens))
+  trained = model(tokens, dropout_key=jax.random.key(1))
+  assert rel_err(trained, plain) > 1e-3
+  np.testing.assert_array_equal(trained, model(tokens, dropout_key=jax.random.key(1)))
+  no_softmax = efficient_lm.create_model("deltanet-tiny", **cfg)   # no softmax attention: nothing to drop
+  np.testing.assert_array_equal(no_softmax(tokens), no_softmax(tokens, dropout_key=jax.random.key(1)))
+  assert efficient_lm.get_config("transformer-tiny", **cfg).uses_dropout
+  with pytest.raises(ValueError, match="attention_dropout"):
+    efficient_lm.get_config("transformer-tiny", attention_dropout=1.0)
