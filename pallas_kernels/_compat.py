@@ -6,11 +6,20 @@ import os
 import jax
 
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
+
+try:  # deprecated since jax 0.11 and due to be removed; without it GPUs take the Mosaic GPU kernels
+  from jax.experimental.pallas import triton as pltriton
+except ImportError:
+  pltriton = None
+
+
+def has_triton_backend() -> bool:
+  return pltriton is not None
 
 
 def triton_params(num_warps: int, num_stages: int):
-  # The Triton backend is deprecated since jax 0.11; Mosaic GPU replaces this module's callers.
+  if pltriton is None:
+    raise RuntimeError("this jax has no Pallas Triton backend (jax.experimental.pallas.triton)")
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 

@@ -134,3 +134,37 @@ def test_chunk_grad_memory_is_per_chunk_not_per_token(op):
           for impl in ("chunk", "scan")}
   assert temp["scan"] >= per_token_state_bytes  # the reference does store every state
   assert temp["chunk"] < per_token_state_bytes / 8, temp
+
+
+def test_gpu_without_the_triton_backend_takes_mosaic_gpu_or_says_why(monkeypatch):
+  from pallas_kernels import _compat, dispatch
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(dispatch, "_hopper", lambda: True)
+  monkeypatch.delenv("PALLAS_KERNELS_GPU", raising=False)
+  monkeypatch.setattr(_compat, "pltriton", None)
+  monkeypatch.setattr(dispatch, "_mosaic_gpu_unsupported", lambda *_: None)
+  assert dispatch.pallas_backend(jnp.bfloat16, 128, 128, 64) == "mosaic_gpu"
+  assert resolve_impl("auto", ("scan", "chunk", "pallas"), op="delta_rule", dtype=jnp.bfloat16, kd=128,
+                      vd=128, chunk_size=64) == "chunk"     # auto takes Pallas only for the fused Triton kernels
+  monkeypatch.setattr(dispatch, "_mosaic_gpu_unsupported", lambda *_: "16-bit inputs only")
+  with pytest.raises(ValueError, match="no Pallas Triton backend and 16-bit inputs only; impl='chunk'"):
+    dispatch.pallas_backend(jnp.float32, 128, 128, 64)
+  with pytest.raises(RuntimeError, match="no Pallas Triton backend"):
+    _compat.triton_params(4, 1)
+
+
+def test_package_imports_without_the_triton_backend():
+  """A jax that has dropped jax.experimental.pallas.triton still imports the package and runs the
+  chunked form (a fresh interpreter in which that module cannot be imported)."""
+  import subprocess
+  import sys
+  code = ("import sys; sys.modules['jax.experimental.pallas.triton'] = None\n"
+          "import jax.numpy as jnp, pallas_kernels as pk\n"
+          "from pallas_kernels import _compat\n"
+          "assert not _compat.has_triton_backend()\n"
+          "x = jnp.ones((1, 8, 1, 16)) / 4\n"
+          "o, _ = pk.delta_rule(x, x, x, jnp.full((1, 8, 1), 0.5), impl='chunk', chunk_size=4)\n"
+          "print(float(o.sum()))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
