@@ -227,7 +227,8 @@ def _bench_shape(rows, cases, b, t, h, d):
 
 
 PARAM_NAMES = ("WY_PARAMS", "FORWARD_PARAMS", "STATE_GRAD_PARAMS", "DQK_PARAMS", "WY_GRAD_PARAMS",
-               "GRAD_BLOCK_K", "GRAD_BLOCK_V", "STATE_BLOCK_V", "SPLIT_OUTPUT", "OUTPUT_PARAMS")
+               "GRAD_BLOCK_K", "GRAD_BLOCK_V", "STATE_BLOCK_V", "SPLIT_OUTPUT", "OUTPUT_PARAMS",
+               "SPLIT_STATE_GRAD", "LOCAL_DX_PARAMS")
 
 
 def kernel_params():

@@ -24,6 +24,9 @@ sequential):
   `_output_kernel`     (B*H, N, V/BV) computes O from the stored state and X of every chunk.
   `_state_grad_kernel` (B*H, V/BV): the reverse pass, H = dL/dS' of each chunk:
                        dX = P^T dO + d * (K H) (stored),  dS = lambda H + scale (e * Q)^T dO - W^T dX.
+                       With SPLIT_STATE_GRAD it reads P^T dO, which does not depend on the
+                       state, from
+  `_local_dx_kernel`   (B*H, N, V/BV), which computes it for every chunk beforehand (float32).
   `_dqk_kernel`        (B*H, N, K/BK): dQ, the dK terms outside the solve, dW = -dX S^T and the
                        decay-gradient terms, from X, dX, S and H.
   `_wy_grad_kernel`    (B*H, N):  back through the solve: dV, dbeta, the rest of dK and of db.
@@ -81,6 +84,13 @@ OUTPUT_PARAMS = (4, 1)
 # matters when the B*H * V/BV sequential programs leave most SMs idle (B*H = 16: 32 of 132 on an
 # H200). Off until timed on a GPU (gpu_check_fused.py --params '{"SPLIT_OUTPUT": true}').
 SPLIT_OUTPUT = False
+LOCAL_DX_PARAMS = (4, 1)
+# The same split for the reverse pass: P^T dO, dX's state-free term, from the chunk-parallel
+# `_local_dx_kernel` into a float32 buffer, so `_state_grad_kernel` drops 2 matmuls a chunk
+# (Q K^T, P^T dO) from its sequential walk, for the same B*H * V/BV occupancy reason. Costs a
+# [B, T, H, V] float32 write and read. Off until timed on a GPU
+# (gpu_check_fused.py --params '{"SPLIT_STATE_GRAD": true}').
+SPLIT_STATE_GRAD = False
 
 
 def _f32(x):
@@ -314,9 +324,28 @@ def _output_kernel(*refs, heads, c, block_v, scale, has_g, has_seg, precise):
   ld.store_tok(r["o"], n, o, cols)
 
 
-def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, precise):
-  r = _split_refs(refs, ("q", "k", "w", "g", "seg", "do", "ds_final", "ds_out", "dx", "ds0"),
-                  {"w": wy, "g": has_g, "seg": has_seg})
+def _chunk_local_dx(q, k, do, geo, scale, precise):
+  """P^T dO of one chunk (float32), dX's term without the state. Shared by the fused and the split
+  reverse pass, so both give the same dX from the same operands."""
+  p = scale * _mm(q, k, precise, tb=True) * geo.gamma
+  return _mm(p.astype(q.dtype), do, precise, ta=True)
+
+
+def _local_dx_kernel(*refs, heads, c, block_v, scale, has_g, has_seg, precise):
+  """P^T dO of one chunk and one value block (program (B*H, N, V/BV)) for `_state_grad_kernel`."""
+  r = _split_refs(refs, ("q", "k", "g", "seg", "do", "dx_local"), {"g": has_g, "seg": has_seg})
+  bh, n, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  cols = pl.ds(vb * block_v, block_v)
+  ld = _Loader(bh, heads, c)
+  geo = ld.geometry(r["g"], r["seg"], n)
+  ld.store_tok(r["dx_local"], n, _chunk_local_dx(ld.tok(r["q"], n), ld.tok(r["k"], n),
+                                                 ld.tok(r["do"], n, cols), geo, scale, precise), cols)
+
+
+def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, split, precise):
+  """The reverse pass; P^T dO read from `_local_dx_kernel`'s output if `split`, else computed here."""
+  r = _split_refs(refs, ("q", "k", "w", "g", "seg", "do", "dx_local", "ds_final", "ds_out", "dx", "ds0"),
+                  {"w": wy, "g": has_g, "seg": has_seg, "dx_local": split})
   bh, vb = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(vb * block_v, block_v)
   ld = _Loader(bh, heads, c)
@@ -329,8 +358,8 @@ def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has
     q, k = ld.tok(r["q"], n), ld.tok(r["k"], n)
     do = ld.tok(r["do"], n, cols)
     do_e = do if geo.e is None else _rows(_f32(do), geo.e).astype(mm)
-    p = scale * _mm(q, k, precise, tb=True) * geo.gamma
-    dx = _mm(p.astype(mm), do, precise, ta=True) + _rows(_mm(k, ds.astype(mm), precise), geo.d)
+    local = ld.tok(r["dx_local"], n, cols) if split else _chunk_local_dx(q, k, do, geo, scale, precise)
+    dx = local + _rows(_mm(k, ds.astype(mm), precise), geo.d)
     ld.store_tok(r["dx"], n, dx, cols)
     ds_in = (ds if geo.lam is None else geo.lam * ds) + scale * _mm(q, do_e, precise, ta=True)
     if not wy:
@@ -499,21 +528,32 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
 def state_grads(q, k, w, g, seg, do, ds_final, *, scale, chunk, interpret=False):
   """The reverse pass: dL/dS leaving every chunk [B*H, N, K, V], the initial-state gradient
   [B*H, K, V] (both float32) and dL/dX [B, T, H, V] (the delta rule: float32; GLA, X = V: dv in
-  do's dtype). w: W of `wy` (None for GLA); do: [B, T, H, V] in q's dtype."""
+  do's dtype). w: W of `wy` (None for GLA); do: [B, T, H, V] in q's dtype.
+  SPLIT_STATE_GRAD: P^T dO from `_local_dx_kernel` first, in float32 as the fused pass adds it."""
   b, t, h, kd = q.shape
   vd = do.shape[-1]
   n = t // chunk
   bv = _block_v(vd, STATE_BLOCK_V)
   wy_terms = w is not None
+  precise = _precision(q.dtype, interpret)
+  dx_local = None
+  if SPLIT_STATE_GRAD:
+    bl = _block_v(vd)    # chunk-parallel, as `_output_kernel`
+    kernel = functools.partial(_local_dx_kernel, heads=h, c=chunk, block_v=bl, scale=scale,
+                               precise=precise, **_flags(g, seg))
+    dx_local = pl.pallas_call(kernel, grid=(b * h, n, vd // bl), interpret=interpret,
+                              out_shape=jax.ShapeDtypeStruct(do.shape, jnp.float32),
+                              compiler_params=_params(interpret, LOCAL_DX_PARAMS),
+                              )(*_present(q, k, g, seg, do))
   kernel = functools.partial(_state_grad_kernel, heads=h, c=chunk, n_chunks=n, block_v=bv, scale=scale,
-                             wy=wy_terms, precise=_precision(q.dtype, interpret), **_flags(g, seg))
+                             wy=wy_terms, split=SPLIT_STATE_GRAD, precise=precise, **_flags(g, seg))
   ds_out, dx, ds0 = pl.pallas_call(
       kernel, grid=(b * h, vd // bv), interpret=interpret,
       out_shape=(jax.ShapeDtypeStruct((b * h, n, kd, vd), jnp.float32),
                  jax.ShapeDtypeStruct(do.shape, jnp.float32 if wy_terms else do.dtype),
                  jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)),
       compiler_params=_params(interpret, STATE_GRAD_PARAMS),
-  )(*_present(q, k, w, g, seg, do, ds_final))
+  )(*_present(q, k, w, g, seg, do, dx_local, ds_final))
   return ds_out, ds0, dx
 
 

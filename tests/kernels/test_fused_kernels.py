@@ -120,20 +120,58 @@ def test_fused_op_matches_scan(variant, t, c, kd, vd, dtype, segments, monkeypat
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic")
 
 
-# the delta rule gated and ungated and GLA, with segments and T not a multiple of the chunk
-@_scan_cases("gated-seg-C32-V128", "ungated-C64-K32-V16", "gla-scalar-seg-C32-V128")
-def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, monkeypatch):
-  """SPLIT_OUTPUT: the training forward's O from `_output_kernel` (inference keeps O fused), the
-  same checks against the f32 scan."""
-  monkeypatch.setenv("PALLAS_KERNELS_FUSED", "1")
-  monkeypatch.setattr(ck, "SPLIT_OUTPUT", True)
+@pytest.fixture
+def split_flags(monkeypatch):
+  """Sets SPLIT_OUTPUT / SPLIT_STATE_GRAD for one test. The kernels read them while tracing, and
+  they are no part of the jit cache keys of `run` and `grads`: without clearing jax's caches a
+  test would rerun what an earlier test compiled with other flags (in a full run the split checks
+  took 0.2 s after `test_fused_op_matches_scan`, reusing its unsplit executables)."""
+  def set_flags(**flags):
+    monkeypatch.setenv("PALLAS_KERNELS_FUSED", "1")
+    for name, value in flags.items():
+      monkeypatch.setattr(ck, name, value)
+    jax.clear_caches()
+  yield set_flags
+  jax.clear_caches()    # nor may later tests reuse this test's executables
+
+
+def _check_split_matches_scan(variant, t, c, kd, vd, dtype, segments, *, split_output, split_state_grad):
+  """The kernels each flag adds run where they should (SPLIT_OUTPUT: in the training forward
+  only, inference keeps O fused), then forward and every gradient against the f32 scan."""
   inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
   fwd = lambda x: run(variant, "pallas:generic", x, chunk_size=c, segment_ids=seg)[0].astype(jnp.float32).sum()
   state_pass = (["_wy_kernel"] if "delta" in variant else []) + ["_forward_kernel"]
-  backward = ["_state_grad_kernel", "_dqk_kernel"] + (["_wy_grad_kernel"] if "delta" in variant else [])
+  backward = ((["_local_dx_kernel"] if split_state_grad else []) + ["_state_grad_kernel", "_dqk_kernel"]
+              + (["_wy_grad_kernel"] if "delta" in variant else []))
   assert _kernel_names(fwd, inputs) == state_pass
-  assert _kernel_names(jax.grad(fwd), inputs) == state_pass + ["_output_kernel"] + backward
+  assert _kernel_names(jax.grad(fwd), inputs) == (state_pass + (["_output_kernel"] if split_output else [])
+                                                  + backward)
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic")
+
+
+# the delta rule gated and ungated and GLA, with segments and T not a multiple of the chunk
+@_scan_cases("gated-seg-C32-V128", "ungated-C64-K32-V16", "gla-scalar-seg-C32-V128")
+def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, split_flags):
+  """SPLIT_OUTPUT: the training forward's O from `_output_kernel`."""
+  split_flags(SPLIT_OUTPUT=True)
+  _check_split_matches_scan(variant, t, c, kd, vd, dtype, segments, split_output=True, split_state_grad=False)
+
+
+SPLIT_STATE_GRAD_CASES = {   # id: (variant, t, c, kd, vd, dtype, segments, SPLIT_OUTPUT too)
+    **{i: (*SCAN_CASES[i], False) for i in ("gated-seg-C32-V128", "ungated-C64-K32-V16", "gla-scalar-seg-C32-V128")},
+    "gla-nodecay-C16-bf16": ("gla_nodecay", 45, 16, 32, 64, jnp.bfloat16, False, False),
+    "gated-seg-C16-bf16-split-output": (*SCAN_CASES["gated-seg-C16-bf16"], True),
+}
+
+
+@pytest.mark.parametrize("variant, t, c, kd, vd, dtype, segments, split_output",
+                         list(SPLIT_STATE_GRAD_CASES.values()), ids=list(SPLIT_STATE_GRAD_CASES))
+def test_split_state_grad_matches_scan(variant, t, c, kd, vd, dtype, segments, split_output, split_flags):
+  """SPLIT_STATE_GRAD: the reverse pass reads P^T dO from `_local_dx_kernel` (in one case with
+  SPLIT_OUTPUT too)."""
+  split_flags(SPLIT_STATE_GRAD=True, SPLIT_OUTPUT=split_output)
+  _check_split_matches_scan(variant, t, c, kd, vd, dtype, segments, split_output=split_output,
+                            split_state_grad=True)
 
 
 def _kernel_names(fn, *args):
@@ -197,16 +235,22 @@ def _fused_fwd_bwd(family, kd, gated, segments):
 
 @pytest.mark.skipif(jax.__version_info__ >= (0, 11),
                     reason="jax >= 0.11 exports for cuda only with an abstract GPU device; the H100 run covers it")
-@pytest.mark.parametrize("family, kd, vd, dtype, gated, segments, split", [
-    ("delta", 64, 64, jnp.bfloat16, True, True, False), ("delta", 128, 128, jnp.bfloat16, True, True, False),
-    ("delta", 64, 128, jnp.bfloat16, False, False, False), ("delta", 128, 64, jnp.float32, False, True, False),
-    ("delta", 128, 128, jnp.float32, True, False, False),
-    ("gla", 64, 64, jnp.bfloat16, True, True, False), ("gla", 128, 128, jnp.bfloat16, False, False, False),
-    ("gla", 128, 128, jnp.float32, True, False, False),
-    ("delta", 128, 128, jnp.bfloat16, True, True, True),
+@pytest.mark.parametrize("family, kd, vd, dtype, gated, segments, split, split_grad", [
+    ("delta", 64, 64, jnp.bfloat16, True, True, False, False),
+    ("delta", 128, 128, jnp.bfloat16, True, True, False, False),
+    ("delta", 64, 128, jnp.bfloat16, False, False, False, False),
+    ("delta", 128, 64, jnp.float32, False, True, False, False),
+    ("delta", 128, 128, jnp.float32, True, False, False, False),
+    ("gla", 64, 64, jnp.bfloat16, True, True, False, False),
+    ("gla", 128, 128, jnp.bfloat16, False, False, False, False),
+    ("gla", 128, 128, jnp.float32, True, False, False, False),
+    ("delta", 128, 128, jnp.bfloat16, True, True, True, False),
+    ("delta", 128, 128, jnp.bfloat16, True, True, False, True),
 ])
-def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segments, split, monkeypatch):
+def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segments, split, split_grad,
+                                            monkeypatch):
   monkeypatch.setattr(ck, "SPLIT_OUTPUT", split)
+  monkeypatch.setattr(ck, "SPLIT_STATE_GRAD", split_grad)
   b, t, h = 2, 256, 2
   spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
   args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h), spec(b, t, h),
@@ -215,6 +259,6 @@ def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segmen
       jax.jit(_fused_fwd_bwd(family, kd, gated, segments)), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
   )(*args)
-  # forward: (delta: W/U and) the state pass (split: and the output); backward: the reverse pass,
-  # dq/dk (delta: and the solve's)
-  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (5 if family == "delta" else 3) + split
+  # forward: (delta: W/U and) the state pass (split: and the output); backward: (split_grad: P^T dO
+  # and) the reverse pass, dq/dk (delta: and the solve's)
+  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (5 if family == "delta" else 3) + split + split_grad
