@@ -1,6 +1,7 @@
 """Random inputs for the recurrences and one way to call every op variant, shared by the kernel tests."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -46,18 +47,39 @@ def make_inputs(seed, variant, *, b=2, t=37, h=2, kd=16, vd=24, dtype=jnp.float3
 def run(variant, impl, inputs, *, chunk_size=64, segment_ids=None):
   """Calls the op of `variant` on `inputs`; returns (o, final_state).
 
-  `impl` is an op impl, or "pallas:generic" / "pallas:tpu" for the Pallas kernels in interpret mode.
+  `impl` is an op impl, or "pallas:generic" / "pallas:tpu" for the Pallas kernels in interpret mode,
+  optionally with the GPU path: "pallas:generic:fused" or "pallas:generic:state_pass" (default: the
+  dispatch's choice per op).
   """
   family, _ = VARIANTS[variant]
+  env = {}
   if impl.startswith("pallas:"):
-    # "pallas:generic" / "pallas:tpu": the interpreter the CPU runs the kernels under. `impl`
-    # is a static jit argument, so each mode traces (and reads the variable) separately.
-    impl, os.environ["PALLAS_KERNELS_INTERPRET"] = impl.split(":")
+    # The interpreter the CPU runs the kernels under, and the path. Both are read from the
+    # environment while tracing; `impl` is a static jit argument, so each mode traces (with its
+    # variables set, then restored) rather than reusing another mode's executable.
+    impl, interpreter, *path = impl.split(":")
+    env = {"PALLAS_KERNELS_INTERPRET": interpreter,
+           "PALLAS_KERNELS_FUSED": {(): "auto", ("fused",): "1", ("state_pass",): "0"}[tuple(path)]}
   common = dict(initial_state=inputs.get("s0"), return_final_state=True, segment_ids=segment_ids,
                 impl=impl, chunk_size=chunk_size)
-  if family == "gla":
-    return pk.gla(inputs["q"], inputs["k"], inputs["v"], inputs.get("g"), **common)
-  return pk.delta_rule(inputs["q"], inputs["k"], inputs["v"], inputs["beta"], g=inputs.get("g"), **common)
+  with _environment(env):
+    if family == "gla":
+      return pk.gla(inputs["q"], inputs["k"], inputs["v"], inputs.get("g"), **common)
+    return pk.delta_rule(inputs["q"], inputs["k"], inputs["v"], inputs["beta"], g=inputs.get("g"), **common)
+
+
+@contextlib.contextmanager
+def _environment(values):
+  saved = {name: os.environ.get(name) for name in values}
+  os.environ.update(values)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "impl", "chunk_size"))
@@ -79,3 +101,17 @@ def random_cotangents(seed, o, s):
 
 def as_f32(inputs):
   return {name: x.astype(jnp.float32) for name, x in inputs.items()}
+
+
+def kernel_names(fn, *args):
+  """Names of the kernels of every pallas_call in fn's jaxpr, in order."""
+  def walk(jaxpr, out):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        out.append(eqn.params["jaxpr"].debug_info.func_name)
+      for p in eqn.params.values():
+        inner = getattr(p, "jaxpr", p)
+        if hasattr(inner, "eqns") and eqn.primitive.name != "pallas_call":
+          walk(inner, out)
+    return out
+  return walk(jax.make_jaxpr(fn)(*args).jaxpr, [])

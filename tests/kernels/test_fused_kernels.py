@@ -22,7 +22,7 @@ from pallas_kernels.ops.delta_rule.pallas import delta_rule_fused
 from pallas_kernels.ops.gla.chunk import gla_chunk_terms
 from pallas_kernels.ops.gla.pallas import gla_fused
 from tests.conftest import assert_rel_close
-from tests.kernels.recurrence_cases import make_inputs, run
+from tests.kernels.recurrence_cases import kernel_names, make_inputs, run
 from tests.kernels.test_chunk_agreement import TOL, check_against_reference, random_segments
 
 
@@ -113,11 +113,10 @@ def _scan_inputs(variant, t, kd, vd, dtype, segments):
 
 
 @_scan_cases(*SCAN_CASES)
-def test_fused_op_matches_scan(variant, t, c, kd, vd, dtype, segments, monkeypatch):
+def test_fused_op_matches_scan(variant, t, c, kd, vd, dtype, segments):
   """Forward, final state and every gradient (q, k, v, beta, g, initial state) vs the f32 scan."""
-  monkeypatch.setenv("PALLAS_KERNELS_FUSED", "1")
   inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
-  check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic")
+  check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
 
 
 @pytest.fixture
@@ -127,7 +126,6 @@ def split_flags(monkeypatch):
   test would rerun what an earlier test compiled with other flags (in a full run the split checks
   took 0.2 s after `test_fused_op_matches_scan`, reusing its unsplit executables)."""
   def set_flags(**flags):
-    monkeypatch.setenv("PALLAS_KERNELS_FUSED", "1")
     for name, value in flags.items():
       monkeypatch.setattr(ck, name, value)
     jax.clear_caches()
@@ -139,14 +137,14 @@ def _check_split_matches_scan(variant, t, c, kd, vd, dtype, segments, *, split_o
   """The kernels each flag adds run where they should (SPLIT_OUTPUT: in the training forward
   only, inference keeps O fused), then forward and every gradient against the f32 scan."""
   inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
-  fwd = lambda x: run(variant, "pallas:generic", x, chunk_size=c, segment_ids=seg)[0].astype(jnp.float32).sum()
+  fwd = lambda x: run(variant, "pallas:generic:fused", x, chunk_size=c, segment_ids=seg)[0].astype(jnp.float32).sum()
   state_pass = (["_wy_kernel"] if "delta" in variant else []) + ["_forward_kernel"]
   backward = ((["_local_dx_kernel"] if split_state_grad else []) + ["_state_grad_kernel", "_dqk_kernel"]
               + (["_wy_grad_kernel"] if "delta" in variant else []))
-  assert _kernel_names(fwd, inputs) == state_pass
-  assert _kernel_names(jax.grad(fwd), inputs) == (state_pass + (["_output_kernel"] if split_output else [])
+  assert kernel_names(fwd, inputs) == state_pass
+  assert kernel_names(jax.grad(fwd), inputs) == (state_pass + (["_output_kernel"] if split_output else [])
                                                   + backward)
-  check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic")
+  check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
 
 
 # the delta rule gated and ungated and GLA, with segments and T not a multiple of the chunk
@@ -174,20 +172,6 @@ def test_split_state_grad_matches_scan(variant, t, c, kd, vd, dtype, segments, s
                             split_state_grad=True)
 
 
-def _kernel_names(fn, *args):
-  """Names of the kernels of every pallas_call in fn's jaxpr, in order."""
-  def walk(jaxpr, out):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        out.append(eqn.params["jaxpr"].debug_info.func_name)
-      for p in eqn.params.values():
-        inner = getattr(p, "jaxpr", p)
-        if hasattr(inner, "eqns") and eqn.primitive.name != "pallas_call":
-          walk(inner, out)
-    return out
-  return walk(jax.make_jaxpr(fn)(*args).jaxpr, [])
-
-
 def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
   import pallas_kernels as pk
 
@@ -195,25 +179,25 @@ def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "1")
   x = make_inputs(1, "gated_delta", t=20)
   f = lambda q: pk.delta_rule(q, x["k"], x["v"], x["beta"], g=x["g"], impl="pallas")[0].sum()
-  assert _kernel_names(jax.grad(f), x["q"]) == ["_wy_kernel", "_forward_kernel", "_state_grad_kernel",
+  assert kernel_names(jax.grad(f), x["q"]) == ["_wy_kernel", "_forward_kernel", "_state_grad_kernel",
                                                  "_dqk_kernel",
                                                  "_wy_grad_kernel"]
   y = make_inputs(1, "gla_scalar", t=20)
   f_gla = lambda q, g: pk.gla(q, y["k"], y["v"], g, impl="pallas")[0].sum()
-  assert _kernel_names(jax.grad(f_gla), y["q"], y["g"]) == ["_forward_kernel", "_state_grad_kernel",
+  assert kernel_names(jax.grad(f_gla), y["q"], y["g"]) == ["_forward_kernel", "_state_grad_kernel",
                                                             "_dqk_kernel"]
   per_dim = make_inputs(1, "gla_perdim", t=20)["g"]  # per-dimension decay: the state-pass path
-  assert "_state_grad_kernel" not in _kernel_names(jax.grad(f_gla), y["q"], per_dim)
+  assert "_state_grad_kernel" not in kernel_names(jax.grad(f_gla), y["q"], per_dim)
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
-  assert "_wy_kernel" not in _kernel_names(jax.grad(f), x["q"])
-  assert "_state_grad_kernel" not in _kernel_names(jax.grad(f_gla), y["q"], y["g"])
+  assert "_wy_kernel" not in kernel_names(jax.grad(f), x["q"])
+  assert "_state_grad_kernel" not in kernel_names(jax.grad(f_gla), y["q"], y["g"])
   monkeypatch.delenv("PALLAS_KERNELS_FUSED")    # the measured default: fused for every op that has them
   f_ungated = lambda q: pk.delta_rule(q, x["k"], x["v"], x["beta"], impl="pallas")[0].sum()
-  assert "_wy_kernel" in _kernel_names(jax.grad(f_ungated), x["q"])
-  assert "_wy_kernel" in _kernel_names(jax.grad(f), x["q"])
-  assert "_state_grad_kernel" in _kernel_names(jax.grad(f_gla), y["q"], y["g"])
+  assert "_wy_kernel" in kernel_names(jax.grad(f_ungated), x["q"])
+  assert "_wy_kernel" in kernel_names(jax.grad(f), x["q"])
+  assert "_state_grad_kernel" in kernel_names(jax.grad(f_gla), y["q"], y["g"])
   monkeypatch.setattr(dispatch, "FUSED_BY_DEFAULT", {**dispatch.FUSED_BY_DEFAULT, "gated_delta_rule": False})
-  assert "_wy_kernel" not in _kernel_names(jax.grad(f), x["q"])
+  assert "_wy_kernel" not in kernel_names(jax.grad(f), x["q"])
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "yes")
   with pytest.raises(ValueError, match="PALLAS_KERNELS_FUSED"):
     jax.make_jaxpr(f)(x["q"])

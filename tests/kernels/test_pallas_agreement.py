@@ -16,7 +16,7 @@ from pallas_kernels.ops.delta_rule.chunk import delta_rule_gates
 from pallas_kernels.ops.delta_rule.pallas import _delta_rule_pallas
 from pallas_kernels.ops.gla.chunk import gla_gates
 from pallas_kernels.ops.gla.pallas import _gla_pallas
-from tests.kernels.recurrence_cases import VARIANTS, make_inputs
+from tests.kernels.recurrence_cases import VARIANTS, kernel_names, make_inputs, run
 from tests.kernels.test_chunk_agreement import TOL, check_against_reference, random_segments
 
 MODES = ["pallas:generic", "pallas:tpu"]
@@ -34,10 +34,23 @@ def test_pallas_matches_scan(variant, t, dtype, mode):
   check_against_reference(variant, inputs, TOL[dtype], (chunk,), seed, impl=mode)
 
 
-@pytest.mark.parametrize("mode, fused", [("pallas:generic", "0"), ("pallas:generic", "1"), ("pallas:tpu", "auto")])
+# The state-pass GPU kernels, which impl="pallas" takes only for per-dimension GLA by default
+# (PALLAS_KERNELS_FUSED=0 everywhere), at two of the lengths above.
+@pytest.mark.parametrize("t, dtype", [(17, jnp.float32), (100, jnp.bfloat16)], ids=["17-f32", "100-bf16"])
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "gla_perdim"])
+def test_state_pass_kernels_match_scan(variant, t, dtype):
+  seed = zlib.crc32(f"{variant}-{t}-{dtype.__name__}-state-pass".encode())
+  inputs = make_inputs(seed, variant, t=t, dtype=dtype)
+  chunk = 16 if t % 2 else 64
+  loss = lambda x: run(variant, "pallas:generic:state_pass", x, chunk_size=chunk)[0].astype(jnp.float32).sum()
+  assert kernel_names(jax.grad(loss), inputs) == ["_forward_kernel", "_backward_kernel"]   # state_pass_triton's
+  check_against_reference(variant, inputs, TOL[dtype], (chunk,), seed, impl="pallas:generic:state_pass")
+
+
+@pytest.mark.parametrize("mode", ["pallas:generic:state_pass", "pallas:generic:fused", "pallas:tpu"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_pallas_segment_ids_and_strong_decay(variant, mode, fused, monkeypatch):
-  monkeypatch.setenv("PALLAS_KERNELS_FUSED", fused)   # both GPU paths, whichever is the default
+def test_pallas_segment_ids_and_strong_decay(variant, mode):
+  """Both GPU paths (per-dimension GLA has only the state-pass one) and the TPU kernels."""
   inputs = make_inputs(21, variant, t=90, gate_scale=10.0)
   seg = jnp.asarray(random_segments(np.random.default_rng(21), 2, 90, 4))
   check_against_reference(variant, inputs, TOL[jnp.float32], (16,), 21, segment_ids=seg, impl=mode)
