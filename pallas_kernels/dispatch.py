@@ -8,6 +8,7 @@ import jax
 from pallas_kernels import _compat
 
 IMPLS = ("auto", "scan", "chunk", "pallas")
+_GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 
 
 def resolve_impl(impl: str, available: tuple[str, ...], *, op: str | None = None, dtype=None,
@@ -35,13 +36,9 @@ def resolve_impl(impl: str, available: tuple[str, ...], *, op: str | None = None
 
 
 def _fused_gpu_kernels_apply(op, dtype, kd, vd, chunk_size) -> bool:
-  if jax.default_backend() != "gpu" or _gpu_backend(dtype, kd, vd, chunk_size)[0] != "triton":
+  if jax.default_backend() not in _GPU_PLATFORMS or _gpu_backend(dtype, kd, vd, chunk_size)[0] != "triton":
     return False
-  try:
-    check_pallas_shapes("triton", kd, vd, chunk_size)
-  except ValueError:
-    return False
-  return fused_kernels("triton", op)
+  return _triton_tile_problem(kd, vd, chunk_size) is None and fused_kernels("triton", op)
 
 
 def pallas_backend(dtype=None, kd: int | None = None, vd: int | None = None,
@@ -60,7 +57,7 @@ def pallas_backend(dtype=None, kd: int | None = None, vd: int | None = None,
   generic interpreter.
   """
   platform = jax.default_backend()
-  if platform in ("gpu", "cuda", "rocm"):
+  if platform in _GPU_PLATFORMS:
     backend, why = _gpu_backend(dtype, kd, vd, chunk_size)
     if backend is None:
       raise ValueError(f"impl='pallas': {why}; impl='chunk' runs on any GPU")
@@ -128,8 +125,13 @@ def fused_kernels(backend: str, op: str) -> bool:
 
 def check_pallas_shapes(backend: str, kd: int, vd: int, chunk_size: int) -> None:
   """Triton tiles must be powers of two of at least 16 (tensor-core dot shapes)."""
-  if backend != "triton":
-    return
+  problem = _triton_tile_problem(kd, vd, chunk_size) if backend == "triton" else None
+  if problem is not None:
+    raise ValueError(problem)
+
+
+def _triton_tile_problem(kd: int, vd: int, chunk_size: int) -> str | None:
   for name, size in (("K (q.shape[-1])", kd), ("V (v.shape[-1])", vd), ("chunk_size", chunk_size)):
     if size < 16 or size & (size - 1):
-      raise ValueError(f"{name}: the GPU kernels need a power of two >= 16, got {size}")
+      return f"{name}: the GPU kernels need a power of two >= 16, got {size}"
+  return None

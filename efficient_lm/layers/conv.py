@@ -65,3 +65,20 @@ class ShortConv(nnx.Module):
 
   def init_cache(self, batch_size: int):
     return jnp.zeros((batch_size, self.size - 1, self.channels), self.dtype)
+
+
+def qkv_convs(size: int, qk_channels: int, v_channels: int, **kw) -> nnx.List:
+  """FLA's short convs of a linear-attention layer: one each on q, k, v (depthwise, no bias, SiLU).
+  kw: ShortConv's rngs, dtype, param_dtype, weight_init."""
+  conv = lambda c: ShortConv(c, size, "heads", use_bias=False, activation=True, **kw)
+  return nnx.List([conv(qk_channels), conv(qk_channels), conv(v_channels)])
+
+
+def apply_convs(convs, xs, seg_BT=None, caches=None):
+  """(ys, new caches) of convs on xs: over a sequence (restarting at `seg_BT` boundaries) or, given
+  the decode `caches`, for one token."""
+  if caches is None:
+    outs = [conv(x, seg_BT) for conv, x in zip(convs, xs)]
+  else:
+    outs = [conv.step(x, cache) for conv, x, cache in zip(convs, xs, caches)]
+  return [y for y, _ in outs], [cache for _, cache in outs]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_lm.layers.conv import ShortConv
+from efficient_lm.layers.conv import apply_convs, qkv_convs
 from efficient_lm.layers.core import Dense, mamba_dt_bias_init, normal, param
 from efficient_lm.layers.norms import RMSNorm, l2norm_fla
 from pallas_kernels import delta_rule, delta_rule_step
@@ -35,8 +35,7 @@ class DeltaNet(nnx.Module):
     self.k_proj = Dense(d, h * kd, ("embed", "heads"), kernel_init=std, **kw)
     self.v_proj = Dense(d, h * vd, ("embed", "heads"), kernel_init=std, **kw)
     self.b_proj = Dense(d, h, ("embed", None), kernel_init=std, **kw)
-    conv = lambda c: ShortConv(c, cfg.conv_size, "heads", use_bias=False, activation=True, weight_init=std, **kw)
-    self.convs = nnx.List([conv(h * kd), conv(h * kd), conv(h * vd)]) if cfg.short_conv(True) else None
+    self.convs = qkv_convs(cfg.conv_size, h * kd, h * vd, weight_init=std, **kw) if cfg.short_conv(True) else None
     if gated:
       self.a_proj = Dense(d, h, ("embed", None), kernel_init=std, **kw)
       self.A_log = param(rngs, a_log_init, (h,), (None,), jnp.float32)
@@ -67,13 +66,15 @@ class DeltaNet(nnx.Module):
       o = o * jax.nn.silu(self.g_proj(h_).astype(jnp.float32)).reshape(o.shape)
     return self.o_proj(o.reshape(*o.shape[:-2], -1))
 
-  def _forward(self, h_BTD, seg_BT, want_state):
-    q, k, v = self.q_proj(h_BTD), self.k_proj(h_BTD), self.v_proj(h_BTD)
+  def _qkv(self, h_, seg_BT=None, conv_caches=None):
+    """q, k, v after the short convs (or SiLU alone without them) and the convs' new caches."""
+    qkv = (self.q_proj(h_), self.k_proj(h_), self.v_proj(h_))
     if self.convs is None:
-      q, k, v, conv_caches = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v), None
-    else:
-      (q, cq), (k, ck), (v, cv) = (c(x, seg_BT) for c, x in zip(self.convs, (q, k, v)))
-      conv_caches = [cq, ck, cv]
+      return [jax.nn.silu(x) for x in qkv], None
+    return apply_convs(self.convs, qkv, seg_BT, conv_caches)
+
+  def _forward(self, h_BTD, seg_BT, want_state):
+    (q, k, v), conv_caches = self._qkv(h_BTD, seg_BT)
     q, k, v, beta, g = self._heads(q, k, v, h_BTD)
     o, state = delta_rule(q, k, v, beta, g=g, scale=self.kd ** -0.5, segment_ids=seg_BT,
                           return_final_state=want_state, impl=self.impl, chunk_size=self.chunk_size)
@@ -86,12 +87,7 @@ class DeltaNet(nnx.Module):
     return self._forward(h_BTD, None, True)
 
   def step(self, h_BD, cache, pos):
-    q, k, v = self.q_proj(h_BD), self.k_proj(h_BD), self.v_proj(h_BD)
-    if self.convs is None:
-      q, k, v, conv_caches = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v), None
-    else:
-      (q, cq), (k, ck), (v, cv) = (c.step(x, s) for c, x, s in zip(self.convs, (q, k, v), cache["conv"]))
-      conv_caches = [cq, ck, cv]
+    (q, k, v), conv_caches = self._qkv(h_BD, conv_caches=cache["conv"])
     q, k, v, beta, g = self._heads(q, k, v, h_BD)
     o, state = delta_rule_step(q, k, v, beta, cache["state"], g=g, scale=self.kd ** -0.5)
     return self._out(o, h_BD), {"conv": conv_caches, "state": state}

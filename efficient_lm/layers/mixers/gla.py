@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_lm.layers.conv import ShortConv
+from efficient_lm.layers.conv import apply_convs, qkv_convs
 from efficient_lm.layers.core import Dense, normal
 from efficient_lm.layers.norms import RMSNorm
 from pallas_kernels import gla, gla_step
@@ -34,8 +34,7 @@ class GLA(nnx.Module):
     self.gk_up = Dense(cfg.gate_low_rank, key_dim, (None, "heads"), kernel_init=std, use_bias=True, **kw)
     self.o_norm = RMSNorm(value_dim // h, cfg.norm_eps, rngs=rngs, dtype=jnp.float32, param_dtype=jnp.float32)
     self.o_proj = Dense(value_dim, d, ("heads", "embed"), kernel_init=std, **kw)
-    conv = lambda c: ShortConv(c, cfg.conv_size, "heads", use_bias=False, activation=True, weight_init=std, **kw)
-    self.convs = nnx.List([conv(key_dim), conv(key_dim), conv(value_dim)]) if cfg.short_conv(False) else None
+    self.convs = qkv_convs(cfg.conv_size, key_dim, value_dim, weight_init=std, **kw) if cfg.short_conv(False) else None
     self.h, self.kd, self.vd = h, key_dim // h, value_dim // h
     self.normalizer = cfg.gate_logit_normalizer
     self.impl, self.chunk_size = cfg.impl, cfg.chunk_size
@@ -43,12 +42,10 @@ class GLA(nnx.Module):
   def _project(self, x, seg=None, conv_caches=None):
     """Per-head q, k, v, g and the convs' new caches; conv_caches: the decode caches (one token)."""
     lead = x.shape[:-1]
-    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    qkv = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
     if self.convs is not None:
-      convs = zip(self.convs, (q, k, v), conv_caches or (None,) * 3)
-      (q, cq), (k, ck), (v, cv) = (c(y, seg) if cache is None else c.step(y, cache) for c, y, cache in convs)
-      conv_caches = [cq, ck, cv]
-    q, k, v = (y.reshape(*lead, self.h, -1) for y in (q, k, v))
+      qkv, conv_caches = apply_convs(self.convs, qkv, seg, conv_caches)
+    q, k, v = (y.reshape(*lead, self.h, -1) for y in qkv)
     g = jax.nn.log_sigmoid(self.gk_up(self.gk_low(x)).astype(jnp.float32)) / self.normalizer
     return q, k, v, g.reshape(*lead, self.h, self.kd), conv_caches
 
