@@ -70,8 +70,6 @@ def _backend(impl):
 
 
 def mosaic_gpu_ok():
-  if os.environ.get("CHECK_SKIP_MOSAIC_GPU") == "1":
-    return False
   return state_pass_mosaic_gpu.supports(jnp.bfloat16, CHUNK, 128, 128) is None
 
 
@@ -114,7 +112,7 @@ def value_and_grads(f, x, cts):
   return out, d
 
 
-def check(report):
+def check(report, check_impls):
   """Each kernel path vs the float32 scan: the fused Triton kernels (float32 and bf16) and the
   Mosaic GPU state-pass kernels (bf16 only: wgmma has no float32 beyond TF32)."""
   b, t, h, d = (1, 100, 2, 64) if SMOKE else (1, 1024, 4, 128)
@@ -125,8 +123,7 @@ def check(report):
       impls = [] if op == "gla" else ["fused"]
       if dtype == jnp.bfloat16 and mosaic_gpu_ok():
         impls.append("mosaic_gpu")
-      only = os.environ.get("CHECK_ONLY_IMPL")
-      impls = [i for i in impls if only in (None, i)]
+      impls = [i for i in impls if i in check_impls]
       if not impls:
         continue
       x = inputs(op, b, t, h, d, d, dtype, gated, seed=1)
@@ -179,11 +176,11 @@ def default_cases():
 
 def parse_cases(text):
   """'delta:fused,fla;gla_scalar:fused' -> {"delta": ("fused", "fla"), "gla_scalar": ("fused",)}"""
-  cases = {}
+  cases, ops = {}, sorted(default_cases())
   for part in text.split(";"):
     op, impls = part.split(":")
-    if op not in default_cases():
-      raise ValueError(f"--cases: unknown op {op!r} (expected one of {sorted(default_cases())})")
+    if op not in ops:
+      raise ValueError(f"--cases: unknown op {op!r} (expected one of {ops})")
     cases[op] = tuple(impls.split(","))
   return cases
 
@@ -351,6 +348,8 @@ def main():
   ap.add_argument("--cases", default=None,
                   help="ops and paths to time, e.g. 'delta:fused,fla;gla_scalar:state_pass,fused' (default: all)")
   ap.add_argument("--shapes", default="8x2048x16x128", help="comma-separated BxTxHxD timing shapes")
+  ap.add_argument("--check-impls", default="fused,mosaic_gpu",
+                  help="the paths the agreement check runs (comma-separated: fused, mosaic_gpu)")
   args = ap.parse_args()
   global SMOKE
   SMOKE = args.smoke
@@ -365,7 +364,7 @@ def main():
     shapes = [(1, 128, 2, 64)]
   t0 = time.time()
   if not args.skip_check:
-    check(report)
+    check(report, args.check_impls.split(","))
     write_report(report, args.out)
   if not args.skip_bench:
     bench(report, cases, shapes, args.out)
