@@ -1,7 +1,7 @@
 """GPU check of the fused delta-rule kernels (pallas_kernels/common/chunk_kernels_triton.py).
 
     python experiments/gpu_check_fused.py [--out DIR] [--params '{"DQK_PARAMS": [8, 1]}'] [--skip-check]
-                                          [--sweep '[{}, {"DQK_PARAMS": [4, 1]}]']
+                                          [--sweep '[{}, {"DQK_PARAMS": [4, 1]}]'] [--stages '[{}]']
 
 (a) agreement: the fused path (float32 and bf16) and the Mosaic GPU state-pass path (bf16) vs
     impl="scan" (float32 reference) at 1x1024x4x128x128, delta rule ungated and gated, GLA with a
@@ -12,8 +12,8 @@
     the same with the Mosaic GPU kernels, jax >= 0.11) and the fused kernels, bf16 8x2048x16x128: delta rule ungated and gated, GLA per-dim decay (chunk and
     state_pass only: no fused kernels for it yet) and GLA scalar decay; plus compiled temp memory;
     and flash-linear-attention's kernel for each (when torch and fla import), in the same process.
-(c) with --sweep: the fused delta rule's fwd+bwd for each set of kernel constants, and the
-    backward's stages timed alone.
+(c) with --sweep: the fused paths' fwd+bwd at each of --shapes for each set of kernel constants;
+    with --stages: the fused delta rule's stages, each timed alone, for each set.
 Writes gpu_check_fused.json into --out (default $OUT, else experiments/results/kernels).
 `--params` overrides the kernels' constants ((num_warps, num_stages) per kernel, value-block
 widths), e.g. to tune them; `--skip-check` times only.
@@ -225,7 +225,7 @@ def _bench_shape(rows, cases, b, t, h, d):
 
 PARAM_NAMES = ("WY_PARAMS", "FORWARD_PARAMS", "STATE_GRAD_PARAMS", "DQK_PARAMS", "WY_GRAD_PARAMS",
                "GRAD_BLOCK_K", "GRAD_BLOCK_V", "STATE_BLOCK_V", "SPLIT_OUTPUT", "OUTPUT_PARAMS",
-               "SPLIT_STATE_GRAD", "LOCAL_DX_PARAMS")
+               "SPLIT_STATE_GRAD", "LOCAL_DX_PARAMS", "STORE_T", "BF16_GRAD_OPERANDS")
 
 
 def kernel_params():
@@ -279,34 +279,36 @@ def time_fla(op, x, do, row):
     row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
 
 
-def sweep(report, param_sets, ops=("delta", "delta_gated")):
-  """Fused delta-rule fwd+bwd (ungated and gated, or those of `ops`) at the timing shape for each
-  set of kernel constants, and the backward's stages timed alone at the default set."""
-  b, t, h, d = (1, 128, 2, 16) if SMOKE else (8, 2048, 16, 128)
+def sweep(report, param_sets, shapes, out, ops=("delta", "delta_gated", "gla_scalar")):
+  """The fused path's fwd+bwd (the ops of `ops` that have fused kernels) at each shape for each
+  set of kernel constants; the report is written after every row (a run cut off keeps them)."""
   default = kernel_params()
-  rows = []
-  for gated in [g for g, op in ((False, "delta"), (True, "delta_gated")) if op in ops]:
-    x = inputs("delta", b, t, h, d, d, jnp.bfloat16, gated)
+  rows = report.setdefault("sweep", [])
+  names = [op for op in ("delta", "delta_gated", "gla_scalar") if op in ops]
+  for b, t, h, d in [(1, 128, 2, 16)] if SMOKE else shapes:
     do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
-    for params in param_sets:
-      set_params(default)
-      set_params(params)
-      f = delta_fn("fused")
-      row = {"op": "delta" + ("_gated" if gated else ""), "params": params}
-      try:
-        fb = jax.jit(lambda x, f=f: jax.vjp(lambda x: f(x)[0], x)[1](do)).lower(x).compile()
-        row["fwd_bwd_ms"] = median_ms(fb, x)
-      except Exception as e:
-        row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
-      print(json.dumps(row), flush=True)
-      rows.append(row)
+    for name in names:
+      op = "delta" if name.startswith("delta") else name
+      x = inputs(op, b, t, h, d, d, jnp.bfloat16, name == "delta_gated")
+      for params in param_sets:
+        set_params(default)
+        set_params(params)
+        f = (delta_fn if op == "delta" else gla_fn)("fused")
+        row = {"op": name, "shape": [b, t, h, d, d], "params": params}
+        try:
+          fb = jax.jit(lambda x, f=f: jax.vjp(lambda x: f(x)[0], x)[1](do)).lower(x).compile()
+          row["fwd_bwd_ms"] = median_ms(fb, x)
+        except Exception as e:
+          row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        write_report(report, out)
   set_params(default)
-  report["sweep"] = rows
-  report["stages"] = stages(b, t, h, d)
 
 
 def stages(b, t, h, d):
-  """ms of each backward stage of the fused delta rule (ungated, bf16), run alone."""
+  """ms of each stage of the fused delta rule (ungated, bf16), run alone, at the current kernel
+  constants."""
   ck = chunk_kernels_triton
   x = inputs("delta", b, t, h, d, d, jnp.bfloat16, False)
   do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
@@ -314,14 +316,17 @@ def stages(b, t, h, d):
   common = dict(scale=d ** -0.5, chunk=CHUNK, interpret=SMOKE)
   s0 = x["s0"].reshape(b * h, d, d)
   _, _, saved = ck.forward(x["q"], x["k"], x["v"], beta, None, s0, None, store_states=True, **common)
-  s_in, w, xx = saved
+  s_in, w, xx, t_inv = saved
   ds_out, _, dx = ck.state_grads(x["q"], x["k"], w, None, None, do, s0, **common)
+  t_dtype = None if t_inv is None else t_inv.dtype
   fns = {
+      "wy alone": lambda: ck.wy(x["k"], x["v"], beta, None, None, chunk=CHUNK, t_dtype=t_dtype,
+                                interpret=SMOKE),
       "forward (wy + state pass, storing)": lambda: ck.forward(x["q"], x["k"], x["v"], beta, None, s0, None,
                                                                store_states=True, **common),
       "state_grads": lambda: ck.state_grads(x["q"], x["k"], w, None, None, do, s0, **common),
       "chunk_grads (dqk + wy_grad)": lambda: ck.chunk_grads(x["q"], x["k"], x["v"], beta, None, None, do, s_in,
-                                                            ds_out, xx, dx, **common),
+                                                            ds_out, xx, dx, t_inv=t_inv, **common),
       "dqk only (the GLA form)": lambda: ck.chunk_grads(x["q"], x["k"], x["v"], None, None, None, do, s_in,
                                                          ds_out, None, dx.astype(jnp.bfloat16), **common),
   }
@@ -335,6 +340,18 @@ def stages(b, t, h, d):
   return out
 
 
+def stage_sets(report, param_sets, out):
+  """`stages` at 8x2048x16x128 for each set of kernel constants."""
+  default = kernel_params()
+  rows = report.setdefault("stage_sets", [])
+  for params in param_sets:
+    set_params(default)
+    set_params(params)
+    rows.append({"params": params, "ms": stages(*((1, 128, 2, 16) if SMOKE else (8, 2048, 16, 128)))})
+    write_report(report, out)
+  set_params(default)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "experiments/results/kernels"))
@@ -343,7 +360,9 @@ def main():
   ap.add_argument("--skip-check", action="store_true")
   ap.add_argument("--skip-bench", action="store_true")
   ap.add_argument("--sweep", default=None,
-                  help='JSON list of constant sets to time the fused delta rule with, e.g. [{}, {"DQK_PARAMS": [4, 2]}]')
+                  help='JSON list of constant sets to time the fused paths with at --shapes, e.g. [{}, {"DQK_PARAMS": [4, 2]}]')
+  ap.add_argument("--stages", default=None,
+                  help="JSON list of constant sets to time the fused delta rule's stages with (8x2048x16x128)")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
   ap.add_argument("--cases", default=None,
                   help="ops and paths to time, e.g. 'delta:fused,fla;gla_scalar:state_pass,fused' (default: all)")
@@ -369,7 +388,9 @@ def main():
   if not args.skip_bench:
     bench(report, cases, shapes, args.out)
   if args.sweep:
-    sweep(report, json.loads(args.sweep), *([tuple(cases)] if args.cases else []))
+    sweep(report, json.loads(args.sweep), shapes, args.out, *([tuple(cases)] if args.cases else []))
+  if args.stages:
+    stage_sets(report, json.loads(args.stages), args.out)
   report["wall_s"] = time.time() - t0
   path = write_report(report, args.out)
   print("wrote", path, f"({report['wall_s']:.0f} s)")

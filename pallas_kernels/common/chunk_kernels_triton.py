@@ -91,6 +91,15 @@ LOCAL_DX_PARAMS = (4, 1)
 # [B, T, H, V] float32 write and read. Off until timed on a GPU
 # (gpu_check_fused.py --params '{"SPLIT_STATE_GRAD": true}').
 SPLIT_STATE_GRAD = False
+# Store T = (I + A)^-1 of every chunk from the forward's `_wy_kernel` ([B*H, N, C, C]: 16 MB per
+# million tokens and head in float32) instead of solving again in `_wy_grad_kernel`, whose solve
+# is 15 serial masked-reduction steps per chunk. Off until timed on a GPU.
+STORE_T = False
+# With bf16 inputs, the backward's intermediates (dL/dS of every chunk, dX, dW and a stored T) in
+# bf16 and every matmul of the gradient kernels on bf16 operands (float32 accumulation), as
+# flash-linear-attention's backward does; otherwise those stay float32 and the matmuls TF32, half
+# the tensor-core rate and twice the registers. No effect on float32 inputs. Off until timed.
+BF16_GRAD_OPERANDS = False
 
 
 def _f32(x):
@@ -244,31 +253,37 @@ def _block_v(vd, block=64):
 # Kernels
 
 
-def _wy_terms(ld, r, n, precise):
-  """T and the geometry of chunk n, plus k (float32) and beta."""
+def _a_terms(ld, r, n, precise):
+  """The geometry of chunk n, k (the inputs' dtype), beta, K K^T and A."""
   geo = ld.geometry(r["g"], r["seg"], n)
   k = ld.tok(r["k"], n)
   beta = _f32(ld.scalar(r["beta"], n))
-  c = k.shape[0]
-  rows, cols = _iota(c)
+  rows, cols = _iota(k.shape[0])
   kkt = _mm(k, k, precise, tb=True)
   a = jnp.where(rows > cols, beta[:, None] * kkt * geo.gamma, 0.0)
+  return geo, k, beta, kkt, a
+
+
+def _wy_terms(ld, r, n, precise):
+  """`_a_terms` and T."""
+  geo, k, beta, kkt, a = _a_terms(ld, r, n, precise)
   return geo, k, beta, kkt, a, unit_lower_inverse(a, precise)
 
 
-def _wy_kernel(*refs, heads, c, block_v, has_g, has_seg, want_u, precise):
-  r = _split_refs(refs, ("k", "v", "beta", "g", "seg", "w", "u"),
-                  {"g": has_g, "seg": has_seg, "v": want_u, "u": want_u})
+def _wy_kernel(*refs, heads, c, block_v, has_g, has_seg, want_t, precise):
+  r = _split_refs(refs, ("k", "v", "beta", "g", "seg", "w", "u", "t"),
+                  {"g": has_g, "seg": has_seg, "t": want_t})
   bh, n = pl.program_id(0), pl.program_id(1)
   ld = _Loader(bh, heads, c)
   geo, k, beta, _, _, t = _wy_terms(ld, r, n, precise)
+  if want_t:
+    r["t"][bh, n] = t.astype(r["t"].dtype)
   r["w"][bh, n] = _mm(t, _rows(_f32(k), beta * _vec(geo.e, c)), precise).astype(r["w"].dtype)
-  if want_u:
-    vd = r["u"].shape[-1]
-    for j in range(vd // block_v):
-      cols = pl.ds(j * block_v, block_v)
-      v = _f32(ld.tok(r["v"], n, cols))
-      r["u"][bh, n, :, cols] = _mm(t, _rows(v, beta), precise).astype(r["u"].dtype)
+  vd = r["u"].shape[-1]
+  for j in range(vd // block_v):
+    cols = pl.ds(j * block_v, block_v)
+    v = _f32(ld.tok(r["v"], n, cols))
+    r["u"][bh, n, :, cols] = _mm(t, _rows(v, beta), precise).astype(r["u"].dtype)
 
 
 def _chunk_output(q, k, s_mm, x_mm, geo, scale, precise):
@@ -353,7 +368,7 @@ def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has
 
   def step(i, ds):
     n = n_chunks - 1 - i
-    r["ds_out"][bh, n, :, cols] = ds
+    r["ds_out"][bh, n, :, cols] = ds.astype(r["ds_out"].dtype)
     geo = ld.geometry(r["g"], r["seg"], n)
     q, k = ld.tok(r["q"], n), ld.tok(r["k"], n)
     do = ld.tok(r["do"], n, cols)
@@ -369,7 +384,13 @@ def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has
   r["ds0"][bh, :, cols] = jax.lax.fori_loop(0, n_chunks, step, r["ds_final"][bh, :, cols])
 
 
-def _dqk_kernel(*refs, heads, c, block_k, block_v, scale, wy, has_g, has_seg, precise):
+def _operand(low, dtype):
+  """The cast of a float32 intermediate for a gradient kernel's matmul: to the inputs' `dtype`
+  with BF16_GRAD_OPERANDS (`low`), else float32 (TF32)."""
+  return (lambda x: x.astype(dtype)) if low else _f32
+
+
+def _dqk_kernel(*refs, heads, c, block_k, block_v, scale, wy, has_g, has_seg, low, precise):
   """dq, the dk terms outside the WY solve, dW = -dX S^T and the log-decay gradient's terms of one
   chunk and one block of key columns (program (B*H, N, K/BK))."""
   r = _split_refs(refs, ("q", "k", "x", "g", "seg", "do", "dx", "s_in", "ds_out", "dq", "dk", "dw", "db"),
@@ -388,22 +409,25 @@ def _dqk_kernel(*refs, heads, c, block_k, block_v, scale, wy, has_g, has_seg, pr
     hs = r["ds_out"][bh, n, kcols, cols]
     dp += _mm(do, x, precise, tb=True)
     dqe += _mm(do, s, precise, tb=True)
-    xh += _mm(_f32(x), hs, precise, tb=True)
+    xh += _mm(x.astype(hs.dtype), hs, precise, tb=True)
     if wy:
-      dw -= _mm(ld.tok(r["dx"], n, cols), _f32(s), precise, tb=True)
+      dx = ld.tok(r["dx"], n, cols)
+      dw -= _mm(dx, s.astype(dx.dtype), precise, tb=True)
     if has_g:
-      dlam += jnp.sum(hs * _f32(s))
-  q, k = _f32(ld.tok(r["q"], n, kcols)), _f32(ld.tok(r["k"], n, kcols))
-  dpg = scale * dp * geo.gamma
+      dlam += jnp.sum(_f32(hs) * _f32(s))
+  op = _operand(low, r["q"].dtype)
+  q_in, k_in = ld.tok(r["q"], n, kcols), ld.tok(r["k"], n, kcols)
+  q, k = _f32(q_in), _f32(k_in)
+  dpg = op(scale * dp * geo.gamma)
   dq_state = scale * _rows(dqe, geo.e)
-  ld.store_tok(r["dq"], n, _mm(dpg, k, precise) + dq_state, kcols)
+  ld.store_tok(r["dq"], n, _mm(dpg, op(k_in), precise) + dq_state, kcols)
   xh = _rows(xh, geo.d)
-  ld.store_tok(r["dk"], n, _mm(dpg, q, precise, ta=True) + xh, kcols)
+  ld.store_tok(r["dk"], n, _mm(dpg, op(q_in), precise, ta=True) + xh, kcols)
   if wy:
     ld.store_tok(r["dw"], n, dw, kcols)
   if has_g:
     # every term is a sum over key columns: the blocks' partial sums add up in `chunk_grads`
-    dgam = dp * (scale * _mm(q, k, precise, tb=True) * geo.gamma)     # dP * P, this block's share of P
+    dgam = dp * (scale * _mm(op(q_in), op(k_in), precise, tb=True) * geo.gamma)     # dP * P, this block's share of P
     xh_k = jnp.sum(xh * k, axis=1)
     db = jnp.sum(dq_state * q, axis=1) - xh_k + jnp.sum(dgam, axis=1) - jnp.sum(dgam, axis=0)
     lam = 1.0 if geo.lam is None else geo.lam
@@ -412,34 +436,42 @@ def _dqk_kernel(*refs, heads, c, block_k, block_v, scale, wy, has_g, has_seg, pr
     r["db"][kb, ld.b, pl.ds(n * c, c), ld.h] = db
 
 
-def _wy_grad_kernel(*refs, heads, c, block_k, block_v, has_g, has_seg, precise):
+def _wy_grad_kernel(*refs, heads, c, block_k, block_v, has_g, has_seg, stored_t, low, precise):
   """Back through the WY solve of one chunk (program (B*H, N)): dv, dbeta, the rest of dk and of
-  the log-decay gradient, from dU = dX and dW."""
-  r = _split_refs(refs, ("k", "v", "beta", "g", "seg", "x", "dx", "dw", "dk_part",
+  the log-decay gradient, from dU = dX and dW (T from the forward if `stored_t`, else solved again)."""
+  r = _split_refs(refs, ("k", "v", "beta", "g", "seg", "t", "x", "dx", "dw", "dk_part",
                          "dk", "dv", "dbeta", "db"),
-                  {"g": has_g, "seg": has_seg, "db": has_g})
+                  {"g": has_g, "seg": has_seg, "t": stored_t, "db": has_g})
   bh, n = pl.program_id(0), pl.program_id(1)
   ld = _Loader(bh, heads, c)
-  geo, _, beta, kkt, a, t = _wy_terms(ld, r, n, precise)
+  if stored_t:
+    geo, _, beta, kkt, a = _a_terms(ld, r, n, precise)
+    t = r["t"][bh, n]
+  else:
+    geo, _, beta, kkt, a, t = _wy_terms(ld, r, n, precise)
+  op = _operand(low, r["k"].dtype)
+  t = op(t)
   e = _vec(geo.e, c)
   ra, dbeta = jnp.zeros((c, c), jnp.float32), jnp.zeros((c,), jnp.float32)
   for j in range(r["v"].shape[-1] // block_v):
     cols = pl.ds(j * block_v, block_v)
-    rr = _mm(t, ld.tok(r["dx"], n, cols), precise, ta=True)          # R = T^T dX
+    rr = _mm(t, op(ld.tok(r["dx"], n, cols)), precise, ta=True)          # R = T^T dX
     ld.store_tok(r["dv"], n, _rows(rr, beta), cols)
-    ra += _mm(rr, _f32(ld.tok(r["x"], n, cols)), precise, tb=True)
+    ra += _mm(op(rr), op(ld.tok(r["x"], n, cols)), precise, tb=True)
     dbeta += jnp.sum(rr * _f32(ld.tok(r["v"], n, cols)), axis=1)
   rows, cols_ = _iota(c)
   da = jnp.where((rows > cols_) & geo.causal, -ra, 0.0)               # dA = -R X^T on A's support
-  g_mat = beta[:, None] * geo.gamma * da
+  g_op = op(beta[:, None] * geo.gamma * da)
   be = beta * e
   rsk = jnp.zeros((c,), jnp.float32)
   for j in range(r["k"].shape[-1] // block_k):
     kcols = pl.ds(j * block_k, block_k)
-    rk = _mm(t, ld.tok(r["dw"], n, kcols), precise, ta=True)         # R_K = T^T dW
-    k = _f32(ld.tok(r["k"], n, kcols))
-    rsk += jnp.sum(rk * k, axis=1)
-    dk = ld.tok(r["dk_part"], n, kcols) + _rows(rk, be) + _mm(g_mat, k, precise) + _mm(g_mat, k, precise, ta=True)
+    rk = _mm(t, op(ld.tok(r["dw"], n, kcols)), precise, ta=True)         # R_K = T^T dW
+    k_in = ld.tok(r["k"], n, kcols)
+    rsk += jnp.sum(rk * _f32(k_in), axis=1)
+    k_op = op(k_in)
+    dk = (_f32(ld.tok(r["dk_part"], n, kcols)) + _rows(rk, be) + _mm(g_op, k_op, precise)
+          + _mm(g_op, k_op, precise, ta=True))
     ld.store_tok(r["dk"], n, dk, kcols)
   ld.store_scalar(r["dbeta"], n, dbeta + e * rsk + jnp.sum(da * kkt * geo.gamma, axis=1))
   if has_g:
@@ -463,28 +495,36 @@ def _present(*xs):
   return [x for x in xs if x is not None]
 
 
-def wy(k, v, beta, g, seg, *, chunk, want_u, interpret=False):
-  """W [B*H, N, C, K] (and U [B*H, N, C, V]) in k's dtype. k, v: [B, T, H, *] with T = N*C;
-  beta, g: [B, T, H] float32 (g None when ungated); seg: [B, T] int32 or None."""
+def _grad_dtype(dtype):
+  """dtype of the backward's stored intermediates for inputs of `dtype` (BF16_GRAD_OPERANDS)."""
+  return dtype if BF16_GRAD_OPERANDS else jnp.float32
+
+
+def wy(k, v, beta, g, seg, *, chunk, t_dtype=None, interpret=False):
+  """W [B*H, N, C, K], U [B*H, N, C, V] in k's dtype and, if `t_dtype`, T [B*H, N, C, C] in it
+  (else None). k, v: [B, T, H, *] with T = N*C; beta, g: [B, T, H] float32 (g None when
+  ungated); seg: [B, T] int32 or None."""
   b, t, h, kd = k.shape
   vd = v.shape[-1]
   n = t // chunk
-  out = [jax.ShapeDtypeStruct((b * h, n, chunk, kd), k.dtype)]
-  if want_u:
-    out.append(jax.ShapeDtypeStruct((b * h, n, chunk, vd), k.dtype))
-  kernel = functools.partial(_wy_kernel, heads=h, c=chunk, block_v=_block_v(vd), want_u=want_u,
+  out = [jax.ShapeDtypeStruct((b * h, n, chunk, kd), k.dtype),
+         jax.ShapeDtypeStruct((b * h, n, chunk, vd), k.dtype)]
+  if t_dtype is not None:
+    out.append(jax.ShapeDtypeStruct((b * h, n, chunk, chunk), t_dtype))
+  kernel = functools.partial(_wy_kernel, heads=h, c=chunk, block_v=_block_v(vd), want_t=t_dtype is not None,
                              precise=_precision(k.dtype, interpret), **_flags(g, seg))
   res = pl.pallas_call(kernel, grid=(b * h, n), out_shape=tuple(out), interpret=interpret,
                        compiler_params=_params(interpret, WY_PARAMS),
-                       )(*_present(k, v if want_u else None, beta, g, seg))
-  return res if want_u else (res[0], None)
+                       )(*_present(k, v, beta, g, seg))
+  return res if t_dtype is not None else (*res, None)
 
 
 def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=False):
   """O [B, T, H, V] in v's dtype, the final state [B*H, K, V] float32 and, if `store_states`, what
   the backward needs (else None): the state entering every chunk [B*H, N, K, V] in q's dtype (the
   forward's matmuls already rounded it so), and for the delta rule W [B*H, N, C, K] and
-  X [B, T, H, V] in q's dtype (GLA: None, None). s0: [B*H, K, V] float32.
+  X [B, T, H, V] in q's dtype and with STORE_T the solve's T [B*H, N, C, C] (GLA, or the delta
+  rule without STORE_T: None for each). s0: [B*H, K, V] float32.
   beta None: GLA with a scalar (or no) decay, X = V; else the delta rule, X = U - W S.
   SPLIT_OUTPUT with `store_states`: O from `_output_kernel` after the state pass (without the
   states stored, inference, the split has nothing to read them from: O stays fused)."""
@@ -495,9 +535,10 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
   wy_terms = beta is not None
   split = SPLIT_OUTPUT and store_states
   precise = _precision(q.dtype, interpret)
-  w = u = None
+  w = u = t_inv = None
   if wy_terms:
-    w, u = wy(k, v, beta, g, seg, chunk=chunk, want_u=True, interpret=interpret)
+    t_dtype = _grad_dtype(q.dtype) if STORE_T and store_states else None
+    w, u, t_inv = wy(k, v, beta, g, seg, chunk=chunk, t_dtype=t_dtype, interpret=interpret)
   o_shape = jax.ShapeDtypeStruct(v.shape, v.dtype)
   out = [] if split else [o_shape]
   out.append(jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32))
@@ -522,13 +563,14 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
     o = pl.pallas_call(kernel, grid=(b * h, n, vd // bo), out_shape=o_shape, interpret=interpret,
                        compiler_params=_params(interpret, OUTPUT_PARAMS),
                        )(*_present(q, k, x if wy_terms else v, g, seg, s_in))
-  return o, s_final, (s_in, w, x) if store_states else None
+  return o, s_final, (s_in, w, x, t_inv) if store_states else None
 
 
 def state_grads(q, k, w, g, seg, do, ds_final, *, scale, chunk, interpret=False):
-  """The reverse pass: dL/dS leaving every chunk [B*H, N, K, V], the initial-state gradient
-  [B*H, K, V] (both float32) and dL/dX [B, T, H, V] (the delta rule: float32; GLA, X = V: dv in
-  do's dtype). w: W of `wy` (None for GLA); do: [B, T, H, V] in q's dtype.
+  """The reverse pass: dL/dS leaving every chunk [B*H, N, K, V] (float32; q's dtype with
+  BF16_GRAD_OPERANDS), the initial-state gradient [B*H, K, V] float32 and dL/dX [B, T, H, V]
+  (the delta rule: as dL/dS; GLA, X = V: dv in do's dtype). w: W of `wy` (None for GLA); do:
+  [B, T, H, V] in q's dtype.
   SPLIT_STATE_GRAD: P^T dO from `_local_dx_kernel` first, in float32 as the fused pass adds it."""
   b, t, h, kd = q.shape
   vd = do.shape[-1]
@@ -549,8 +591,8 @@ def state_grads(q, k, w, g, seg, do, ds_final, *, scale, chunk, interpret=False)
                              wy=wy_terms, split=SPLIT_STATE_GRAD, precise=precise, **_flags(g, seg))
   ds_out, dx, ds0 = pl.pallas_call(
       kernel, grid=(b * h, vd // bv), interpret=interpret,
-      out_shape=(jax.ShapeDtypeStruct((b * h, n, kd, vd), jnp.float32),
-                 jax.ShapeDtypeStruct(do.shape, jnp.float32 if wy_terms else do.dtype),
+      out_shape=(jax.ShapeDtypeStruct((b * h, n, kd, vd), _grad_dtype(q.dtype)),
+                 jax.ShapeDtypeStruct(do.shape, _grad_dtype(q.dtype) if wy_terms else do.dtype),
                  jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)),
       compiler_params=_params(interpret, STATE_GRAD_PARAMS),
   )(*_present(q, k, w, g, seg, do, dx_local, ds_final))
@@ -564,11 +606,13 @@ def _chunk_reverse_cumsum(x, chunk):
   return jnp.flip(jnp.cumsum(jnp.flip(x, 2), axis=2), 2).reshape(b, t, h)
 
 
-def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, *, scale, chunk, interpret=False):
+def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, *, scale, chunk, t_inv=None,
+                interpret=False):
   """Every chunk's input gradients from the state entering it (s_in) and the gradient of the
   state leaving it (ds_out), both [B*H, N, K, V], the forward's X and dL/dX (the delta rule; for
   GLA x is None, X = V, and dx is dv): dq, dk, dv in the inputs' dtype, dbeta and dg [B, T, H]
-  float32 (dbeta None for GLA, beta None; dg None when ungated).
+  float32 (dbeta None for GLA, beta None; dg None when ungated). t_inv: the forward's T
+  [B*H, N, C, C] (STORE_T), or None to solve again. dW between the kernels is in ds_out's dtype.
   Two kernels: `_dqk_kernel` (program per chunk and key block) and, for the delta rule,
   `_wy_grad_kernel` (per chunk) through the solve; splitting them keeps each kernel's float32
   accumulators within the register file."""
@@ -580,14 +624,15 @@ def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, *, scale, chunk,
   bv = _block_v(vd, GRAD_BLOCK_V)
   flags = _flags(g, seg)
   precise = _precision(q.dtype, interpret)
+  low = ds_out.dtype != jnp.float32
   out = [jax.ShapeDtypeStruct(q.shape, q.dtype),
          jax.ShapeDtypeStruct(k.shape, jnp.float32 if wy_terms else k.dtype)]
   if wy_terms:
-    out.append(jax.ShapeDtypeStruct(k.shape, jnp.float32))
+    out.append(jax.ShapeDtypeStruct(k.shape, ds_out.dtype))
   if g is not None:
     out.append(jax.ShapeDtypeStruct((kd // bk, b, t, h), jnp.float32))
   kernel = functools.partial(_dqk_kernel, heads=h, c=chunk, block_k=bk, block_v=bv, scale=scale,
-                             wy=wy_terms, precise=precise, **flags)
+                             wy=wy_terms, low=low, precise=precise, **flags)
   res = pl.pallas_call(kernel, grid=(b * h, n, kd // bk), out_shape=tuple(out), interpret=interpret,
                        compiler_params=_params(interpret, DQK_PARAMS),
                        )(*_present(q, k, x if wy_terms else v, g, seg, do, dx if wy_terms else None,
@@ -601,10 +646,10 @@ def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, *, scale, chunk,
     if g is not None:
       out.append(jax.ShapeDtypeStruct(g.shape, jnp.float32))
     kernel = functools.partial(_wy_grad_kernel, heads=h, c=chunk, block_k=bk, block_v=bv,
-                               precise=precise, **flags)
+                               stored_t=t_inv is not None, low=low, precise=precise, **flags)
     res = pl.pallas_call(kernel, grid=(b * h, n), out_shape=tuple(out), interpret=interpret,
                          compiler_params=_params(interpret, WY_GRAD_PARAMS),
-                         )(*_present(k, v, beta, g, seg, x, dx, res[2], dk))
+                         )(*_present(k, v, beta, g, seg, t_inv, x, dx, res[2], dk))
     dk, dv, dbeta = res[:3]
     if g is not None:
       db = db + res[3]
@@ -615,8 +660,8 @@ def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, *, scale, chunk,
 def backward(q, k, v, beta, g, seg, saved, do, ds_final, *, scale, chunk, interpret=False):
   """(dq, dk, dv in the inputs' dtype, dbeta, dg float32 (None when beta / g is None), ds0 [B*H, K, V]).
   saved: what `forward(store_states=True)` returned for the backward."""
-  s_in, w, x = saved
+  s_in, w, x, t_inv = saved
   ds_out, ds0, dx = state_grads(q, k, w, g, seg, do, ds_final, scale=scale, chunk=chunk, interpret=interpret)
   grads = chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, scale=scale, chunk=chunk,
-                      interpret=interpret)
+                      t_inv=t_inv, interpret=interpret)
   return (*grads, ds0)

@@ -35,16 +35,23 @@ def test_unit_lower_inverse_matches_solve():
       assert_rel_close(f"C={c} block={block}", ref, ck.unit_lower_inverse(a, "highest", block=block), 1e-5)
 
 
-@pytest.mark.parametrize("family, gated, segments, c, kd, vd, dtype", [
-    ("delta", True, True, 32, 16, 128, jnp.float32),
-    ("delta", False, False, 16, 32, 24, jnp.float32),
-    ("delta", True, False, 64, 16, 16, jnp.bfloat16),
-    ("gla", True, True, 32, 16, 128, jnp.float32),
-    ("gla", False, False, 16, 32, 16, jnp.bfloat16),
+@pytest.mark.parametrize("family, gated, segments, c, kd, vd, dtype, stored_t, low", [
+    ("delta", True, True, 32, 16, 128, jnp.float32, False, False),
+    ("delta", False, False, 16, 32, 24, jnp.float32, False, False),
+    ("delta", True, False, 64, 16, 16, jnp.bfloat16, False, False),
+    ("gla", True, True, 32, 16, 128, jnp.float32, False, False),
+    ("gla", False, False, 16, 32, 16, jnp.bfloat16, False, False),
+    ("delta", True, True, 32, 16, 128, jnp.float32, True, False),
+    ("delta", True, True, 64, 16, 128, jnp.bfloat16, True, True),
+    ("delta", False, False, 32, 32, 64, jnp.bfloat16, False, True),
+    ("gla", True, True, 32, 16, 128, jnp.bfloat16, False, True),
 ], ids=["delta-gated-seg-C32-V128", "delta-C16-K32-V24", "delta-gated-C64-bf16",
-        "gla-scalar-seg-C32-V128", "gla-nodecay-C16-bf16"])
-def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtype):
-  """The two gradient kernels with random incoming states and state gradients vs `chunked.chunk_vjp`."""
+        "gla-scalar-seg-C32-V128", "gla-nodecay-C16-bf16", "delta-gated-seg-C32-stored-T",
+        "delta-gated-seg-C64-bf16-stored-T-low", "delta-C32-K32-bf16-low", "gla-scalar-seg-C32-bf16-low"])
+def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtype, stored_t, low):
+  """The two gradient kernels with random incoming states and state gradients vs `chunked.chunk_vjp`;
+  `stored_t`: T from the forward's `_wy_kernel` (STORE_T); `low`: dL/dS and dX in the inputs'
+  dtype, so every gradient-kernel matmul takes bf16 operands (BF16_GRAD_OPERANDS)."""
   b, h, n = 1, 2, 2
   t = n * c
   rng = np.random.default_rng(c + vd)
@@ -58,6 +65,8 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
   seg = jnp.asarray(random_segments(rng, b, t, 3)) if segments else None
   s_in, ds_out = normal(b * h, n, kd, vd), normal(b * h, n, kd, vd)
   s_in = s_in.astype(dtype)  # the forward stores the states in the inputs' dtype
+  if low:
+    ds_out = ds_out.astype(dtype)
   scale = kd ** -0.5
 
   chunked = lambda x: to_chunks(x, c)
@@ -79,9 +88,14 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
             + hp("bhnck,bhnkv->bhncv", tms.kd_CK, states(ds_out)))
   back = lambda x: jnp.moveaxis(x, 1, 3).reshape(b, t, h, *x.shape[4:])
   x_in = None if family == "gla" else back(x_ref).astype(dtype)   # stored in the inputs' dtype
-  dx_in = back(dx_ref) if family == "delta" else back(dx_ref).astype(dtype)
+  dx_in = back(dx_ref) if family == "delta" and not low else back(dx_ref).astype(dtype)
+  t_inv = None
+  if stored_t:
+    t_dtype = dtype if low else jnp.float32
+    *_, t_inv = ck.wy(k, v, beta, g, seg, chunk=c, t_dtype=t_dtype, interpret=True)
+    assert t_inv.dtype == t_dtype
   got = ck.chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x_in, dx_in, scale=scale, chunk=c,
-                       interpret=True)
+                       t_inv=t_inv, interpret=True)
 
   dbeta, dg = dgates if family == "delta" else (None, dgates[0])
   tol = TOL[dtype]
@@ -120,11 +134,11 @@ def test_fused_op_matches_scan(variant, t, c, kd, vd, dtype, segments):
 
 
 @pytest.fixture
-def split_flags(monkeypatch):
-  """Sets SPLIT_OUTPUT / SPLIT_STATE_GRAD for one test. The kernels read them while tracing, and
-  they are no part of the jit cache keys of `run` and `grads`: without clearing jax's caches a
-  test would rerun what an earlier test compiled with other flags (in a full run the split checks
-  took 0.2 s after `test_fused_op_matches_scan`, reusing its unsplit executables)."""
+def kernel_flags(monkeypatch):
+  """Sets the kernels' flags (SPLIT_OUTPUT, STORE_T, ...) for one test. The kernels read them while
+  tracing, and they are no part of the jit cache keys of `run` and `grads`: without clearing jax's
+  caches a test would rerun what an earlier test compiled with other flags (in a full run the split
+  checks took 0.2 s after `test_fused_op_matches_scan`, reusing its unsplit executables)."""
   def set_flags(**flags):
     for name, value in flags.items():
       monkeypatch.setattr(ck, name, value)
@@ -149,9 +163,9 @@ def _check_split_matches_scan(variant, t, c, kd, vd, dtype, segments, *, split_o
 
 # the delta rule gated and ungated and GLA, with segments and T not a multiple of the chunk
 @_scan_cases("gated-seg-C32-V128", "ungated-C64-K32-V16", "gla-scalar-seg-C32-V128")
-def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, split_flags):
+def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, kernel_flags):
   """SPLIT_OUTPUT: the training forward's O from `_output_kernel`."""
-  split_flags(SPLIT_OUTPUT=True)
+  kernel_flags(SPLIT_OUTPUT=True)
   _check_split_matches_scan(variant, t, c, kd, vd, dtype, segments, split_output=True, split_state_grad=False)
 
 
@@ -164,12 +178,37 @@ SPLIT_STATE_GRAD_CASES = {   # id: (variant, t, c, kd, vd, dtype, segments, SPLI
 
 @pytest.mark.parametrize("variant, t, c, kd, vd, dtype, segments, split_output",
                          list(SPLIT_STATE_GRAD_CASES.values()), ids=list(SPLIT_STATE_GRAD_CASES))
-def test_split_state_grad_matches_scan(variant, t, c, kd, vd, dtype, segments, split_output, split_flags):
+def test_split_state_grad_matches_scan(variant, t, c, kd, vd, dtype, segments, split_output, kernel_flags):
   """SPLIT_STATE_GRAD: the reverse pass reads P^T dO from `_local_dx_kernel` (in one case with
   SPLIT_OUTPUT too)."""
-  split_flags(SPLIT_STATE_GRAD=True, SPLIT_OUTPUT=split_output)
+  kernel_flags(SPLIT_STATE_GRAD=True, SPLIT_OUTPUT=split_output)
   _check_split_matches_scan(variant, t, c, kd, vd, dtype, segments, split_output=split_output,
                             split_state_grad=True)
+
+
+@_scan_cases("gated-seg-C32-V128", "gated-seg-C16-bf16", "gla-scalar-seg-C32-V128")
+@pytest.mark.parametrize("store_t, bf16_grads", [(True, False), (False, True), (True, True)],
+                         ids=["stored-T", "bf16-grads", "stored-T-bf16-grads"])
+def test_backward_options_match_scan(variant, t, c, kd, vd, dtype, segments, store_t, bf16_grads,
+                                     kernel_flags):
+  """STORE_T (the backward reads T from the forward) and BF16_GRAD_OPERANDS (bf16 intermediates
+  and matmul operands in the backward; a no-op for float32 inputs): the dtypes of what the
+  forward stores for the backward, then forward and every gradient against the f32 scan."""
+  kernel_flags(STORE_T=store_t, BF16_GRAD_OPERANDS=bf16_grads)
+  inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
+  beta = inputs.get("beta")
+  q, k, v = (inputs[n][:, :c] for n in ("q", "k", "v"))
+  b, _, h, _ = q.shape
+  _, _, saved = ck.forward(q, k, v, None if beta is None else beta[:, :c].astype(jnp.float32), None,
+                           jnp.zeros((b * h, kd, vd), jnp.float32), None, scale=kd ** -0.5, chunk=c,
+                           store_states=True, interpret=True)
+  t_inv = saved[3]
+  if store_t and "delta" in variant:
+    assert t_inv.shape == (b * h, 1, c, c)
+    assert t_inv.dtype == (dtype if bf16_grads else jnp.float32)
+  else:
+    assert t_inv is None
+  check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
 
 
 def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
@@ -219,22 +258,27 @@ def _fused_fwd_bwd(family, kd, gated, segments):
 
 @pytest.mark.skipif(jax.__version_info__ >= (0, 11),
                     reason="jax >= 0.11 exports for cuda only with an abstract GPU device; the H100 run covers it")
-@pytest.mark.parametrize("family, kd, vd, dtype, gated, segments, split, split_grad", [
-    ("delta", 64, 64, jnp.bfloat16, True, True, False, False),
-    ("delta", 128, 128, jnp.bfloat16, True, True, False, False),
-    ("delta", 64, 128, jnp.bfloat16, False, False, False, False),
-    ("delta", 128, 64, jnp.float32, False, True, False, False),
-    ("delta", 128, 128, jnp.float32, True, False, False, False),
-    ("gla", 64, 64, jnp.bfloat16, True, True, False, False),
-    ("gla", 128, 128, jnp.bfloat16, False, False, False, False),
-    ("gla", 128, 128, jnp.float32, True, False, False, False),
-    ("delta", 128, 128, jnp.bfloat16, True, True, True, False),
-    ("delta", 128, 128, jnp.bfloat16, True, True, False, True),
+@pytest.mark.parametrize("family, kd, vd, dtype, gated, segments, split, split_grad, options", [
+    ("delta", 64, 64, jnp.bfloat16, True, True, False, False, ()),
+    ("delta", 128, 128, jnp.bfloat16, True, True, False, False, ()),
+    ("delta", 64, 128, jnp.bfloat16, False, False, False, False, ()),
+    ("delta", 128, 64, jnp.float32, False, True, False, False, ()),
+    ("delta", 128, 128, jnp.float32, True, False, False, False, ()),
+    ("gla", 64, 64, jnp.bfloat16, True, True, False, False, ()),
+    ("gla", 128, 128, jnp.bfloat16, False, False, False, False, ()),
+    ("gla", 128, 128, jnp.float32, True, False, False, False, ()),
+    ("delta", 128, 128, jnp.bfloat16, True, True, True, False, ()),
+    ("delta", 128, 128, jnp.bfloat16, True, True, False, True, ()),
+    ("delta", 128, 128, jnp.bfloat16, True, True, False, False, ("STORE_T", "BF16_GRAD_OPERANDS")),
+    ("delta", 64, 128, jnp.float32, False, False, False, False, ("STORE_T",)),
+    ("gla", 128, 128, jnp.bfloat16, True, False, False, False, ("BF16_GRAD_OPERANDS",)),
 ])
 def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segments, split, split_grad,
-                                            monkeypatch):
+                                            options, monkeypatch):
   monkeypatch.setattr(ck, "SPLIT_OUTPUT", split)
   monkeypatch.setattr(ck, "SPLIT_STATE_GRAD", split_grad)
+  for name in options:
+    monkeypatch.setattr(ck, name, True)
   b, t, h = 2, 256, 2
   spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
   args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h), spec(b, t, h),
