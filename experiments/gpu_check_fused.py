@@ -225,7 +225,7 @@ def _bench_shape(rows, cases, b, t, h, d):
 
 PARAM_NAMES = ("WY_PARAMS", "FORWARD_PARAMS", "STATE_GRAD_PARAMS", "DQK_PARAMS", "WY_GRAD_PARAMS",
                "GRAD_BLOCK_K", "GRAD_BLOCK_V", "STATE_BLOCK_V", "SPLIT_OUTPUT", "OUTPUT_PARAMS",
-               "SPLIT_STATE_GRAD", "LOCAL_DX_PARAMS", "STORE_T", "BF16_GRAD_OPERANDS")
+               "BF16_GRAD_OPERANDS")
 
 
 def kernel_params():
@@ -326,9 +326,9 @@ def stages(b, t, h, d):
                                                                store_states=True, **common),
       "state_grads": lambda: ck.state_grads(x["q"], x["k"], w, None, None, do, s0, **common),
       "chunk_grads (dqk + wy_grad)": lambda: ck.chunk_grads(x["q"], x["k"], x["v"], beta, None, None, do, s_in,
-                                                            ds_out, xx, dx, t_inv=t_inv, **common),
+                                                            ds_out, xx, dx, t_inv, **common),
       "dqk only (the GLA form)": lambda: ck.chunk_grads(x["q"], x["k"], x["v"], None, None, None, do, s_in,
-                                                         ds_out, None, dx.astype(jnp.bfloat16), **common),
+                                                         ds_out, None, dx.astype(jnp.bfloat16), None, **common),
   }
   out = {}
   for name, fn in fns.items():

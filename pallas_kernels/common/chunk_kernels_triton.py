@@ -16,20 +16,18 @@ exp(b_C - b_i), lambda = exp(b_C), Gamma_ij = exp(b_i - b_j) on the causal same-
 
 Kernels (programs over (B*H, chunk[, key block]) are chunk-parallel, over (B*H, value block)
 sequential):
-  `_wy_kernel`         (B*H, N):  W, U into [B*H, N, C, *] buffers.
+  `_wy_kernel`         (B*H, N):  W, U into [B*H, N, C, *] buffers (and T, for the backward).
   `_forward_kernel`    (B*H, V/BV): the state pass with the output fused: X, O, S' per chunk;
                        for the backward it stores the state entering every chunk and X (in the
                        inputs' dtype, which the forward's matmuls already rounded them to).
-                       With SPLIT_OUTPUT (and the states stored) it leaves O out, and
+                       When it splits the output off (SPLIT_OUTPUT, training forward only),
   `_output_kernel`     (B*H, N, V/BV) computes O from the stored state and X of every chunk.
   `_state_grad_kernel` (B*H, V/BV): the reverse pass, H = dL/dS' of each chunk:
                        dX = P^T dO + d * (K H) (stored),  dS = lambda H + scale (e * Q)^T dO - W^T dX.
-                       With SPLIT_STATE_GRAD it reads P^T dO, which does not depend on the
-                       state, from
-  `_local_dx_kernel`   (B*H, N, V/BV), which computes it for every chunk beforehand (float32).
   `_dqk_kernel`        (B*H, N, K/BK): dQ, the dK terms outside the solve, dW = -dX S^T and the
                        decay-gradient terms, from X, dX, S and H.
-  `_wy_grad_kernel`    (B*H, N):  back through the solve: dV, dbeta, the rest of dK and of db.
+  `_wy_grad_kernel`    (B*H, N):  back through the solve (T from the forward): dV, dbeta, the
+                       rest of dK and of db.
 
 The solve: T = (I + A)^-1 with A strictly lower. D, the 16 x 16 diagonal blocks of A, are
 inverted by forward substitution on register tiles (row r of all four blocks at once: a masked
@@ -51,10 +49,11 @@ Backward of one chunk (hand-derived; checked against `jax.vjp` of `chunked.chunk
 The gradient of the incoming state comes from the reverse pass. Each db term is a sum over key
 columns, so `_dqk_kernel`'s key blocks and `_wy_grad_kernel` each add their share.
 
-Matmul operands: bf16 inputs give bf16 operands where both are inputs (exact products) and in
-the state passes (as `state_pass_triton`); float32 intermediates (T, W, X, R) stay float32 and
-use TF32 (precision DEFAULT). float32 inputs use three-pass TF32 everywhere (`_precision`).
-Accumulation is always float32.
+Matmul operands: bf16 inputs give bf16 operands where both are inputs (exact products), in the
+state passes (as `state_pass_triton`) and, with BF16_GRAD_OPERANDS (the default), in the
+gradient kernels, whose stored intermediates (dL/dS, dX, dW, T) are then bf16 too; without it
+those stay float32 and use TF32 (precision DEFAULT). float32 inputs use three-pass TF32
+everywhere (`_precision`). Accumulation is always float32.
 """
 from __future__ import annotations
 
@@ -68,38 +67,32 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _compat
 
 # (num_warps, num_stages) per kernel: the knobs to tune on the device (gpu_check_fused.py --params).
+# 4 warps for the gradient kernels: measured on the H200 (8x2048x16x128 delta rule fwd+bwd 2.06-2.08
+# ms against 2.46 at 8 warps, two programs per SM instead of one despite more spills).
 WY_PARAMS = (4, 1)
 FORWARD_PARAMS = (4, 1)
 STATE_GRAD_PARAMS = (4, 1)
-DQK_PARAMS = (8, 1)
-WY_GRAD_PARAMS = (8, 1)
+DQK_PARAMS = (4, 1)
+WY_GRAD_PARAMS = (4, 1)
+OUTPUT_PARAMS = (4, 1)
 GRAD_BLOCK_K = 64     # key columns per program of `_dqk_kernel` (and per step of `_wy_grad_kernel`)
 GRAD_BLOCK_V = 64     # value columns per step of both gradient kernels' loops
 STATE_BLOCK_V = 64    # value columns per program of the two sequential passes
 SOLVE_BLOCK = 16
-OUTPUT_PARAMS = (4, 1)
-# With store_states (a training step's forward), walk only the states and compute the outputs in
-# the chunk-parallel `_output_kernel` from the stored states and X, as flash-linear-attention
-# does: the sequential pass drops its 3 output-only matmuls a chunk (Q K^T, Q S, P X), which
-# matters when the B*H * V/BV sequential programs leave most SMs idle (B*H = 16: 32 of 132 on an
-# H200). Off until timed on a GPU (gpu_check_fused.py --params '{"SPLIT_OUTPUT": true}').
-SPLIT_OUTPUT = False
-LOCAL_DX_PARAMS = (4, 1)
-# The same split for the reverse pass: P^T dO, dX's state-free term, from the chunk-parallel
-# `_local_dx_kernel` into a float32 buffer, so `_state_grad_kernel` drops 2 matmuls a chunk
-# (Q K^T, P^T dO) from its sequential walk, for the same B*H * V/BV occupancy reason. Costs a
-# [B, T, H, V] float32 write and read. Off until timed on a GPU
-# (gpu_check_fused.py --params '{"SPLIT_STATE_GRAD": true}').
-SPLIT_STATE_GRAD = False
-# Store T = (I + A)^-1 of every chunk from the forward's `_wy_kernel` ([B*H, N, C, C]: 16 MB per
-# million tokens and head in float32) instead of solving again in `_wy_grad_kernel`, whose solve
-# is 15 serial masked-reduction steps per chunk. Off until timed on a GPU.
-STORE_T = False
-# With bf16 inputs, the backward's intermediates (dL/dS of every chunk, dX, dW and a stored T) in
-# bf16 and every matmul of the gradient kernels on bf16 operands (float32 accumulation), as
-# flash-linear-attention's backward does; otherwise those stay float32 and the matmuls TF32, half
-# the tensor-core rate and twice the registers. No effect on float32 inputs. Off until timed.
-BF16_GRAD_OPERANDS = False
+# In a training step's forward, walk only the states and compute the outputs in the
+# chunk-parallel `_output_kernel` from the stored states and X, as flash-linear-attention does:
+# the sequential pass drops its 3 output-only matmuls a chunk (Q K^T, Q S, P X). That pays when
+# the B*H * V/BV sequential programs leave SMs idle: "auto" splits when they are fewer than the
+# GPU's SMs (measured on the H200 at 1x32768x16x128, 32 programs: 7.10 against 7.69 ms fwd+bwd).
+# True / False force it (gpu_check_fused.py --params '{"SPLIT_OUTPUT": true}').
+SPLIT_OUTPUT = "auto"
+# With bf16 inputs, the backward's intermediates (dL/dS of every chunk, dX, dW and T) in bf16 and
+# every matmul of the gradient kernels on bf16 operands (float32 accumulation), as
+# flash-linear-attention's backward does. False keeps them float32 with TF32 matmuls, at half the
+# tensor-core rate and twice the registers (H200, 8x2048x16x128 fwd+bwd: delta rule 2.46 against
+# 2.93 ms, scalar-decay GLA 1.41 against 1.93), for about 15% less gradient error against the
+# float32 scan. No effect on float32 inputs.
+BF16_GRAD_OPERANDS = True
 
 
 def _f32(x):
@@ -264,18 +257,13 @@ def _a_terms(ld, r, n, precise):
   return geo, k, beta, kkt, a
 
 
-def _wy_terms(ld, r, n, precise):
-  """`_a_terms` and T."""
-  geo, k, beta, kkt, a = _a_terms(ld, r, n, precise)
-  return geo, k, beta, kkt, a, unit_lower_inverse(a, precise)
-
-
 def _wy_kernel(*refs, heads, c, block_v, has_g, has_seg, want_t, precise):
   r = _split_refs(refs, ("k", "v", "beta", "g", "seg", "w", "u", "t"),
                   {"g": has_g, "seg": has_seg, "t": want_t})
   bh, n = pl.program_id(0), pl.program_id(1)
   ld = _Loader(bh, heads, c)
-  geo, k, beta, _, _, t = _wy_terms(ld, r, n, precise)
+  geo, k, beta, _, a = _a_terms(ld, r, n, precise)
+  t = unit_lower_inverse(a, precise)
   if want_t:
     r["t"][bh, n] = t.astype(r["t"].dtype)
   r["w"][bh, n] = _mm(t, _rows(_f32(k), beta * _vec(geo.e, c)), precise).astype(r["w"].dtype)
@@ -339,28 +327,10 @@ def _output_kernel(*refs, heads, c, block_v, scale, has_g, has_seg, precise):
   ld.store_tok(r["o"], n, o, cols)
 
 
-def _chunk_local_dx(q, k, do, geo, scale, precise):
-  """P^T dO of one chunk (float32), dX's term without the state. Shared by the fused and the split
-  reverse pass, so both give the same dX from the same operands."""
-  p = scale * _mm(q, k, precise, tb=True) * geo.gamma
-  return _mm(p.astype(q.dtype), do, precise, ta=True)
-
-
-def _local_dx_kernel(*refs, heads, c, block_v, scale, has_g, has_seg, precise):
-  """P^T dO of one chunk and one value block (program (B*H, N, V/BV)) for `_state_grad_kernel`."""
-  r = _split_refs(refs, ("q", "k", "g", "seg", "do", "dx_local"), {"g": has_g, "seg": has_seg})
-  bh, n, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  cols = pl.ds(vb * block_v, block_v)
-  ld = _Loader(bh, heads, c)
-  geo = ld.geometry(r["g"], r["seg"], n)
-  ld.store_tok(r["dx_local"], n, _chunk_local_dx(ld.tok(r["q"], n), ld.tok(r["k"], n),
-                                                 ld.tok(r["do"], n, cols), geo, scale, precise), cols)
-
-
-def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, split, precise):
-  """The reverse pass; P^T dO read from `_local_dx_kernel`'s output if `split`, else computed here."""
-  r = _split_refs(refs, ("q", "k", "w", "g", "seg", "do", "dx_local", "ds_final", "ds_out", "dx", "ds0"),
-                  {"w": wy, "g": has_g, "seg": has_seg, "dx_local": split})
+def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, precise):
+  """The reverse pass."""
+  r = _split_refs(refs, ("q", "k", "w", "g", "seg", "do", "ds_final", "ds_out", "dx", "ds0"),
+                  {"w": wy, "g": has_g, "seg": has_seg})
   bh, vb = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(vb * block_v, block_v)
   ld = _Loader(bh, heads, c)
@@ -373,8 +343,8 @@ def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has
     q, k = ld.tok(r["q"], n), ld.tok(r["k"], n)
     do = ld.tok(r["do"], n, cols)
     do_e = do if geo.e is None else _rows(_f32(do), geo.e).astype(mm)
-    local = ld.tok(r["dx_local"], n, cols) if split else _chunk_local_dx(q, k, do, geo, scale, precise)
-    dx = local + _rows(_mm(k, ds.astype(mm), precise), geo.d)
+    p = scale * _mm(q, k, precise, tb=True) * geo.gamma
+    dx = _mm(p.astype(mm), do, precise, ta=True) + _rows(_mm(k, ds.astype(mm), precise), geo.d)
     ld.store_tok(r["dx"], n, dx, cols)
     ds_in = (ds if geo.lam is None else geo.lam * ds) + scale * _mm(q, do_e, precise, ta=True)
     if not wy:
@@ -436,21 +406,18 @@ def _dqk_kernel(*refs, heads, c, block_k, block_v, scale, wy, has_g, has_seg, lo
     r["db"][kb, ld.b, pl.ds(n * c, c), ld.h] = db
 
 
-def _wy_grad_kernel(*refs, heads, c, block_k, block_v, has_g, has_seg, stored_t, low, precise):
+def _wy_grad_kernel(*refs, heads, c, block_k, block_v, has_g, has_seg, low, precise):
   """Back through the WY solve of one chunk (program (B*H, N)): dv, dbeta, the rest of dk and of
-  the log-decay gradient, from dU = dX and dW (T from the forward if `stored_t`, else solved again)."""
+  the log-decay gradient, from dU = dX, dW and the forward's T (solving again took 15 serial
+  masked-reduction steps per chunk: H200 8x2048x16x128 delta rule fwd+bwd 2.93 ms stored, 4.13 solved)."""
   r = _split_refs(refs, ("k", "v", "beta", "g", "seg", "t", "x", "dx", "dw", "dk_part",
                          "dk", "dv", "dbeta", "db"),
-                  {"g": has_g, "seg": has_seg, "t": stored_t, "db": has_g})
+                  {"g": has_g, "seg": has_seg, "db": has_g})
   bh, n = pl.program_id(0), pl.program_id(1)
   ld = _Loader(bh, heads, c)
-  if stored_t:
-    geo, _, beta, kkt, a = _a_terms(ld, r, n, precise)
-    t = r["t"][bh, n]
-  else:
-    geo, _, beta, kkt, a, t = _wy_terms(ld, r, n, precise)
+  geo, _, beta, kkt, a = _a_terms(ld, r, n, precise)
   op = _operand(low, r["k"].dtype)
-  t = op(t)
+  t = op(r["t"][bh, n])
   e = _vec(geo.e, c)
   ra, dbeta = jnp.zeros((c, c), jnp.float32), jnp.zeros((c,), jnp.float32)
   for j in range(r["v"].shape[-1] // block_v):
@@ -519,25 +486,35 @@ def wy(k, v, beta, g, seg, *, chunk, t_dtype=None, interpret=False):
   return res if t_dtype is not None else (*res, None)
 
 
+def _split_output(sequential_programs, interpret):
+  """SPLIT_OUTPUT, resolving "auto": split when the state pass's programs are fewer than the
+  GPU's SMs (never in interpret mode, which has no SMs to fill)."""
+  if SPLIT_OUTPUT != "auto":
+    return bool(SPLIT_OUTPUT)
+  sms = None if interpret else _compat.gpu_sm_count()
+  return sms is not None and sequential_programs < sms
+
+
 def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=False):
   """O [B, T, H, V] in v's dtype, the final state [B*H, K, V] float32 and, if `store_states`, what
   the backward needs (else None): the state entering every chunk [B*H, N, K, V] in q's dtype (the
   forward's matmuls already rounded it so), and for the delta rule W [B*H, N, C, K] and
-  X [B, T, H, V] in q's dtype and with STORE_T the solve's T [B*H, N, C, C] (GLA, or the delta
-  rule without STORE_T: None for each). s0: [B*H, K, V] float32.
+  X [B, T, H, V] in q's dtype and the solve's T [B*H, N, C, C] (float32; q's dtype with
+  BF16_GRAD_OPERANDS) (GLA: None for each). s0: [B*H, K, V] float32.
   beta None: GLA with a scalar (or no) decay, X = V; else the delta rule, X = U - W S.
-  SPLIT_OUTPUT with `store_states`: O from `_output_kernel` after the state pass (without the
-  states stored, inference, the split has nothing to read them from: O stays fused)."""
+  With `store_states` and SPLIT_OUTPUT (`_split_output`): O from `_output_kernel` after the
+  state pass (without the states stored, inference, the split has nothing to read them from: O
+  stays fused)."""
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n = t // chunk
   bv = _block_v(vd, STATE_BLOCK_V)
   wy_terms = beta is not None
-  split = SPLIT_OUTPUT and store_states
+  split = store_states and _split_output(b * h * (vd // bv), interpret)
   precise = _precision(q.dtype, interpret)
   w = u = t_inv = None
   if wy_terms:
-    t_dtype = _grad_dtype(q.dtype) if STORE_T and store_states else None
+    t_dtype = _grad_dtype(q.dtype) if store_states else None
     w, u, t_inv = wy(k, v, beta, g, seg, chunk=chunk, t_dtype=t_dtype, interpret=interpret)
   o_shape = jax.ShapeDtypeStruct(v.shape, v.dtype)
   out = [] if split else [o_shape]
@@ -570,32 +547,22 @@ def state_grads(q, k, w, g, seg, do, ds_final, *, scale, chunk, interpret=False)
   """The reverse pass: dL/dS leaving every chunk [B*H, N, K, V] (float32; q's dtype with
   BF16_GRAD_OPERANDS), the initial-state gradient [B*H, K, V] float32 and dL/dX [B, T, H, V]
   (the delta rule: as dL/dS; GLA, X = V: dv in do's dtype). w: W of `wy` (None for GLA); do:
-  [B, T, H, V] in q's dtype.
-  SPLIT_STATE_GRAD: P^T dO from `_local_dx_kernel` first, in float32 as the fused pass adds it."""
+  [B, T, H, V] in q's dtype."""
   b, t, h, kd = q.shape
   vd = do.shape[-1]
   n = t // chunk
   bv = _block_v(vd, STATE_BLOCK_V)
   wy_terms = w is not None
   precise = _precision(q.dtype, interpret)
-  dx_local = None
-  if SPLIT_STATE_GRAD:
-    bl = _block_v(vd)    # chunk-parallel, as `_output_kernel`
-    kernel = functools.partial(_local_dx_kernel, heads=h, c=chunk, block_v=bl, scale=scale,
-                               precise=precise, **_flags(g, seg))
-    dx_local = pl.pallas_call(kernel, grid=(b * h, n, vd // bl), interpret=interpret,
-                              out_shape=jax.ShapeDtypeStruct(do.shape, jnp.float32),
-                              compiler_params=_params(interpret, LOCAL_DX_PARAMS),
-                              )(*_present(q, k, g, seg, do))
   kernel = functools.partial(_state_grad_kernel, heads=h, c=chunk, n_chunks=n, block_v=bv, scale=scale,
-                             wy=wy_terms, split=SPLIT_STATE_GRAD, precise=precise, **_flags(g, seg))
+                             wy=wy_terms, precise=precise, **_flags(g, seg))
   ds_out, dx, ds0 = pl.pallas_call(
       kernel, grid=(b * h, vd // bv), interpret=interpret,
       out_shape=(jax.ShapeDtypeStruct((b * h, n, kd, vd), _grad_dtype(q.dtype)),
                  jax.ShapeDtypeStruct(do.shape, _grad_dtype(q.dtype) if wy_terms else do.dtype),
                  jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)),
       compiler_params=_params(interpret, STATE_GRAD_PARAMS),
-  )(*_present(q, k, w, g, seg, do, dx_local, ds_final))
+  )(*_present(q, k, w, g, seg, do, ds_final))
   return ds_out, ds0, dx
 
 
@@ -606,13 +573,12 @@ def _chunk_reverse_cumsum(x, chunk):
   return jnp.flip(jnp.cumsum(jnp.flip(x, 2), axis=2), 2).reshape(b, t, h)
 
 
-def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, *, scale, chunk, t_inv=None,
-                interpret=False):
+def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, t_inv, *, scale, chunk, interpret=False):
   """Every chunk's input gradients from the state entering it (s_in) and the gradient of the
   state leaving it (ds_out), both [B*H, N, K, V], the forward's X and dL/dX (the delta rule; for
   GLA x is None, X = V, and dx is dv): dq, dk, dv in the inputs' dtype, dbeta and dg [B, T, H]
   float32 (dbeta None for GLA, beta None; dg None when ungated). t_inv: the forward's T
-  [B*H, N, C, C] (STORE_T), or None to solve again. dW between the kernels is in ds_out's dtype.
+  [B*H, N, C, C] (GLA: None). dW between the kernels is in ds_out's dtype.
   Two kernels: `_dqk_kernel` (program per chunk and key block) and, for the delta rule,
   `_wy_grad_kernel` (per chunk) through the solve; splitting them keeps each kernel's float32
   accumulators within the register file."""
@@ -646,7 +612,7 @@ def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, *, scale, chunk,
     if g is not None:
       out.append(jax.ShapeDtypeStruct(g.shape, jnp.float32))
     kernel = functools.partial(_wy_grad_kernel, heads=h, c=chunk, block_k=bk, block_v=bv,
-                               stored_t=t_inv is not None, low=low, precise=precise, **flags)
+                               low=low, precise=precise, **flags)
     res = pl.pallas_call(kernel, grid=(b * h, n), out_shape=tuple(out), interpret=interpret,
                          compiler_params=_params(interpret, WY_GRAD_PARAMS),
                          )(*_present(k, v, beta, g, seg, t_inv, x, dx, res[2], dk))
@@ -662,6 +628,6 @@ def backward(q, k, v, beta, g, seg, saved, do, ds_final, *, scale, chunk, interp
   saved: what `forward(store_states=True)` returned for the backward."""
   s_in, w, x, t_inv = saved
   ds_out, ds0, dx = state_grads(q, k, w, g, seg, do, ds_final, scale=scale, chunk=chunk, interpret=interpret)
-  grads = chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, scale=scale, chunk=chunk,
-                      t_inv=t_inv, interpret=interpret)
+  grads = chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, t_inv, scale=scale, chunk=chunk,
+                      interpret=interpret)
   return (*grads, ds0)

@@ -35,23 +35,22 @@ def test_unit_lower_inverse_matches_solve():
       assert_rel_close(f"C={c} block={block}", ref, ck.unit_lower_inverse(a, "highest", block=block), 1e-5)
 
 
-@pytest.mark.parametrize("family, gated, segments, c, kd, vd, dtype, stored_t, low", [
-    ("delta", True, True, 32, 16, 128, jnp.float32, False, False),
-    ("delta", False, False, 16, 32, 24, jnp.float32, False, False),
-    ("delta", True, False, 64, 16, 16, jnp.bfloat16, False, False),
-    ("gla", True, True, 32, 16, 128, jnp.float32, False, False),
-    ("gla", False, False, 16, 32, 16, jnp.bfloat16, False, False),
-    ("delta", True, True, 32, 16, 128, jnp.float32, True, False),
-    ("delta", True, True, 64, 16, 128, jnp.bfloat16, True, True),
-    ("delta", False, False, 32, 32, 64, jnp.bfloat16, False, True),
-    ("gla", True, True, 32, 16, 128, jnp.bfloat16, False, True),
+@pytest.mark.parametrize("family, gated, segments, c, kd, vd, dtype, low", [
+    ("delta", True, True, 32, 16, 128, jnp.float32, False),
+    ("delta", False, False, 16, 32, 24, jnp.float32, False),
+    ("delta", True, False, 64, 16, 16, jnp.bfloat16, False),
+    ("gla", True, True, 32, 16, 128, jnp.float32, False),
+    ("gla", False, False, 16, 32, 16, jnp.bfloat16, False),
+    ("delta", True, True, 64, 16, 128, jnp.bfloat16, True),
+    ("delta", False, False, 32, 32, 64, jnp.bfloat16, True),
+    ("gla", True, True, 32, 16, 128, jnp.bfloat16, True),
 ], ids=["delta-gated-seg-C32-V128", "delta-C16-K32-V24", "delta-gated-C64-bf16",
-        "gla-scalar-seg-C32-V128", "gla-nodecay-C16-bf16", "delta-gated-seg-C32-stored-T",
-        "delta-gated-seg-C64-bf16-stored-T-low", "delta-C32-K32-bf16-low", "gla-scalar-seg-C32-bf16-low"])
-def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtype, stored_t, low):
-  """The two gradient kernels with random incoming states and state gradients vs `chunked.chunk_vjp`;
-  `stored_t`: T from the forward's `_wy_kernel` (STORE_T); `low`: dL/dS and dX in the inputs'
-  dtype, so every gradient-kernel matmul takes bf16 operands (BF16_GRAD_OPERANDS)."""
+        "gla-scalar-seg-C32-V128", "gla-nodecay-C16-bf16", "delta-gated-seg-C64-bf16-low",
+        "delta-C32-K32-bf16-low", "gla-scalar-seg-C32-bf16-low"])
+def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtype, low):
+  """The two gradient kernels with random incoming states and state gradients vs `chunked.chunk_vjp`,
+  T from the forward's `_wy_kernel`; `low`: dL/dS, dX and T in the inputs' dtype, so every
+  gradient-kernel matmul takes bf16 operands (BF16_GRAD_OPERANDS), else float32."""
   b, h, n = 1, 2, 2
   t = n * c
   rng = np.random.default_rng(c + vd)
@@ -90,12 +89,12 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
   x_in = None if family == "gla" else back(x_ref).astype(dtype)   # stored in the inputs' dtype
   dx_in = back(dx_ref) if family == "delta" and not low else back(dx_ref).astype(dtype)
   t_inv = None
-  if stored_t:
+  if family == "delta":
     t_dtype = dtype if low else jnp.float32
     *_, t_inv = ck.wy(k, v, beta, g, seg, chunk=c, t_dtype=t_dtype, interpret=True)
     assert t_inv.dtype == t_dtype
-  got = ck.chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x_in, dx_in, scale=scale, chunk=c,
-                       t_inv=t_inv, interpret=True)
+  got = ck.chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x_in, dx_in, t_inv, scale=scale, chunk=c,
+                       interpret=True)
 
   dbeta, dg = dgates if family == "delta" else (None, dgates[0])
   tol = TOL[dtype]
@@ -135,7 +134,7 @@ def test_fused_op_matches_scan(variant, t, c, kd, vd, dtype, segments):
 
 @pytest.fixture
 def kernel_flags(monkeypatch):
-  """Sets the kernels' flags (SPLIT_OUTPUT, STORE_T, ...) for one test. The kernels read them while
+  """Sets the kernels' flags (SPLIT_OUTPUT, BF16_GRAD_OPERANDS) for one test. The kernels read them while
   tracing, and they are no part of the jit cache keys of `run` and `grads`: without clearing jax's
   caches a test would rerun what an earlier test compiled with other flags (in a full run the split
   checks took 0.2 s after `test_fused_op_matches_scan`, reusing its unsplit executables)."""
@@ -147,54 +146,41 @@ def kernel_flags(monkeypatch):
   jax.clear_caches()    # nor may later tests reuse this test's executables
 
 
-def _check_split_matches_scan(variant, t, c, kd, vd, dtype, segments, *, split_output, split_state_grad):
-  """The kernels each flag adds run where they should (SPLIT_OUTPUT: in the training forward
-  only, inference keeps O fused), then forward and every gradient against the f32 scan."""
+# the delta rule gated and ungated and GLA, with segments and T not a multiple of the chunk
+@_scan_cases("gated-seg-C32-V128", "ungated-C64-K32-V16", "gla-scalar-seg-C32-V128", "gated-seg-C16-bf16")
+def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, kernel_flags):
+  """SPLIT_OUTPUT: `_output_kernel` runs in the training forward only (inference keeps O fused),
+  then forward and every gradient against the f32 scan."""
+  kernel_flags(SPLIT_OUTPUT=True)
   inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
   fwd = lambda x: run(variant, "pallas:generic:fused", x, chunk_size=c, segment_ids=seg)[0].astype(jnp.float32).sum()
   state_pass = (["_wy_kernel"] if "delta" in variant else []) + ["_forward_kernel"]
-  backward = ((["_local_dx_kernel"] if split_state_grad else []) + ["_state_grad_kernel", "_dqk_kernel"]
-              + (["_wy_grad_kernel"] if "delta" in variant else []))
+  backward = ["_state_grad_kernel", "_dqk_kernel"] + (["_wy_grad_kernel"] if "delta" in variant else [])
   assert kernel_names(fwd, inputs) == state_pass
-  assert kernel_names(jax.grad(fwd), inputs) == (state_pass + (["_output_kernel"] if split_output else [])
-                                                  + backward)
+  assert kernel_names(jax.grad(fwd), inputs) == state_pass + ["_output_kernel"] + backward
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
 
 
-# the delta rule gated and ungated and GLA, with segments and T not a multiple of the chunk
-@_scan_cases("gated-seg-C32-V128", "ungated-C64-K32-V16", "gla-scalar-seg-C32-V128")
-def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, kernel_flags):
-  """SPLIT_OUTPUT: the training forward's O from `_output_kernel`."""
-  kernel_flags(SPLIT_OUTPUT=True)
-  _check_split_matches_scan(variant, t, c, kd, vd, dtype, segments, split_output=True, split_state_grad=False)
-
-
-SPLIT_STATE_GRAD_CASES = {   # id: (variant, t, c, kd, vd, dtype, segments, SPLIT_OUTPUT too)
-    **{i: (*SCAN_CASES[i], False) for i in ("gated-seg-C32-V128", "ungated-C64-K32-V16", "gla-scalar-seg-C32-V128")},
-    "gla-nodecay-C16-bf16": ("gla_nodecay", 45, 16, 32, 64, jnp.bfloat16, False, False),
-    "gated-seg-C16-bf16-split-output": (*SCAN_CASES["gated-seg-C16-bf16"], True),
-}
-
-
-@pytest.mark.parametrize("variant, t, c, kd, vd, dtype, segments, split_output",
-                         list(SPLIT_STATE_GRAD_CASES.values()), ids=list(SPLIT_STATE_GRAD_CASES))
-def test_split_state_grad_matches_scan(variant, t, c, kd, vd, dtype, segments, split_output, kernel_flags):
-  """SPLIT_STATE_GRAD: the reverse pass reads P^T dO from `_local_dx_kernel` (in one case with
-  SPLIT_OUTPUT too)."""
-  kernel_flags(SPLIT_STATE_GRAD=True, SPLIT_OUTPUT=split_output)
-  _check_split_matches_scan(variant, t, c, kd, vd, dtype, segments, split_output=split_output,
-                            split_state_grad=True)
+def test_split_output_auto_splits_when_the_state_pass_leaves_sms_idle(monkeypatch):
+  monkeypatch.setattr(ck, "SPLIT_OUTPUT", "auto")
+  monkeypatch.setattr(ck._compat, "gpu_sm_count", lambda: 132)
+  assert ck._split_output(32, interpret=False)        # 1 x 16 heads x V/64 = 2 (1x32768x16x128)
+  assert not ck._split_output(256, interpret=False)   # 8 x 16 x 2 (8x2048x16x128)
+  assert not ck._split_output(32, interpret=True)
+  monkeypatch.setattr(ck._compat, "gpu_sm_count", lambda: None)
+  assert not ck._split_output(32, interpret=False)
+  for forced in (True, False):
+    monkeypatch.setattr(ck, "SPLIT_OUTPUT", forced)
+    assert ck._split_output(256, interpret=True) is forced
 
 
 @_scan_cases("gated-seg-C32-V128", "gated-seg-C16-bf16", "gla-scalar-seg-C32-V128")
-@pytest.mark.parametrize("store_t, bf16_grads", [(True, False), (False, True), (True, True)],
-                         ids=["stored-T", "bf16-grads", "stored-T-bf16-grads"])
-def test_backward_options_match_scan(variant, t, c, kd, vd, dtype, segments, store_t, bf16_grads,
-                                     kernel_flags):
-  """STORE_T (the backward reads T from the forward) and BF16_GRAD_OPERANDS (bf16 intermediates
-  and matmul operands in the backward; a no-op for float32 inputs): the dtypes of what the
-  forward stores for the backward, then forward and every gradient against the f32 scan."""
-  kernel_flags(STORE_T=store_t, BF16_GRAD_OPERANDS=bf16_grads)
+@pytest.mark.parametrize("bf16_grads", [True, False], ids=["bf16-grads", "f32-grads"])
+def test_grad_operands_match_scan(variant, t, c, kd, vd, dtype, segments, bf16_grads, kernel_flags):
+  """BF16_GRAD_OPERANDS on (the default) and off (float32 intermediates and TF32 matmuls in the
+  backward; a no-op for float32 inputs): the dtype of the T the forward stores for the backward,
+  then forward and every gradient against the f32 scan."""
+  kernel_flags(BF16_GRAD_OPERANDS=bf16_grads)
   inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
   beta = inputs.get("beta")
   q, k, v = (inputs[n][:, :c] for n in ("q", "k", "v"))
@@ -203,7 +189,7 @@ def test_backward_options_match_scan(variant, t, c, kd, vd, dtype, segments, sto
                            jnp.zeros((b * h, kd, vd), jnp.float32), None, scale=kd ** -0.5, chunk=c,
                            store_states=True, interpret=True)
   t_inv = saved[3]
-  if store_t and "delta" in variant:
+  if "delta" in variant:
     assert t_inv.shape == (b * h, 1, c, c)
     assert t_inv.dtype == (dtype if bf16_grads else jnp.float32)
   else:
@@ -258,27 +244,23 @@ def _fused_fwd_bwd(family, kd, gated, segments):
 
 @pytest.mark.skipif(jax.__version_info__ >= (0, 11),
                     reason="jax >= 0.11 exports for cuda only with an abstract GPU device; the H100 run covers it")
-@pytest.mark.parametrize("family, kd, vd, dtype, gated, segments, split, split_grad, options", [
-    ("delta", 64, 64, jnp.bfloat16, True, True, False, False, ()),
-    ("delta", 128, 128, jnp.bfloat16, True, True, False, False, ()),
-    ("delta", 64, 128, jnp.bfloat16, False, False, False, False, ()),
-    ("delta", 128, 64, jnp.float32, False, True, False, False, ()),
-    ("delta", 128, 128, jnp.float32, True, False, False, False, ()),
-    ("gla", 64, 64, jnp.bfloat16, True, True, False, False, ()),
-    ("gla", 128, 128, jnp.bfloat16, False, False, False, False, ()),
-    ("gla", 128, 128, jnp.float32, True, False, False, False, ()),
-    ("delta", 128, 128, jnp.bfloat16, True, True, True, False, ()),
-    ("delta", 128, 128, jnp.bfloat16, True, True, False, True, ()),
-    ("delta", 128, 128, jnp.bfloat16, True, True, False, False, ("STORE_T", "BF16_GRAD_OPERANDS")),
-    ("delta", 64, 128, jnp.float32, False, False, False, False, ("STORE_T",)),
-    ("gla", 128, 128, jnp.bfloat16, True, False, False, False, ("BF16_GRAD_OPERANDS",)),
+@pytest.mark.parametrize("family, kd, vd, dtype, gated, segments, split, bf16_grads", [
+    ("delta", 64, 64, jnp.bfloat16, True, True, False, True),
+    ("delta", 128, 128, jnp.bfloat16, True, True, False, True),
+    ("delta", 64, 128, jnp.bfloat16, False, False, False, True),
+    ("delta", 128, 64, jnp.float32, False, True, False, True),
+    ("delta", 128, 128, jnp.float32, True, False, False, True),
+    ("gla", 64, 64, jnp.bfloat16, True, True, False, True),
+    ("gla", 128, 128, jnp.bfloat16, False, False, False, True),
+    ("gla", 128, 128, jnp.float32, True, False, False, True),
+    ("delta", 128, 128, jnp.bfloat16, True, True, True, True),
+    ("delta", 128, 128, jnp.bfloat16, True, True, False, False),
+    ("gla", 128, 128, jnp.bfloat16, True, False, True, False),
 ])
-def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segments, split, split_grad,
-                                            options, monkeypatch):
+def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segments, split, bf16_grads,
+                                            monkeypatch):
   monkeypatch.setattr(ck, "SPLIT_OUTPUT", split)
-  monkeypatch.setattr(ck, "SPLIT_STATE_GRAD", split_grad)
-  for name in options:
-    monkeypatch.setattr(ck, name, True)
+  monkeypatch.setattr(ck, "BF16_GRAD_OPERANDS", bf16_grads)
   b, t, h = 2, 256, 2
   spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
   args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h), spec(b, t, h),
@@ -287,6 +269,6 @@ def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segmen
       jax.jit(_fused_fwd_bwd(family, kd, gated, segments)), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
   )(*args)
-  # forward: (delta: W/U and) the state pass (split: and the output); backward: (split_grad: P^T dO
-  # and) the reverse pass, dq/dk (delta: and the solve's)
-  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (5 if family == "delta" else 3) + split + split_grad
+  # forward: (delta: W/U and) the state pass (split: and the output); backward: the reverse pass,
+  # dq/dk (delta: and the solve's)
+  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (5 if family == "delta" else 3) + split
