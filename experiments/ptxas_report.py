@@ -70,7 +70,9 @@ def triton_kernels(family="delta", gated=True, segments=False, kd=128, vd=128, d
   spec = lambda *s, d=dt: jax.ShapeDtypeStruct(s, d)
   args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h), spec(b, t, h),
           spec(b, h, kd, vd, d=jnp.float32), spec(b, t, d=jnp.int32))
-  exported = export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))), platforms=["cuda"],
+  # the loss's value too, as a training step: under jax.grad alone the split-off `_output_kernel`
+  # is dropped (O's value is not needed for the gradients)
+  exported = export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))), platforms=["cuda"],
                            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
                            )(*args)
   ctx = jax_mlir.make_ir_context()

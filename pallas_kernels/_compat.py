@@ -23,15 +23,6 @@ def triton_params(num_warps: int, num_stages: int):
   return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def gpu_sm_count() -> int | None:
-  """Streaming multiprocessors of the first GPU; None without a GPU (or a count)."""
-  try:
-    device = jax.devices("gpu")[0]
-  except RuntimeError:
-    return None
-  return getattr(device, "core_count", None)
-
-
 def tpu_params(dimension_semantics):
   return pltpu.CompilerParams(dimension_semantics=dimension_semantics)
 

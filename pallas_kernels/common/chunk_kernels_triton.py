@@ -20,7 +20,7 @@ sequential):
   `_forward_kernel`    (B*H, V/BV): the state pass with the output fused: X, O, S' per chunk;
                        for the backward it stores the state entering every chunk and X (in the
                        inputs' dtype, which the forward's matmuls already rounded them to).
-                       When it splits the output off (SPLIT_OUTPUT, training forward only),
+                       When it splits the output off (SPLIT_OUTPUT; training forward only),
   `_output_kernel`     (B*H, N, V/BV) computes O from the stored state and X of every chunk.
   `_state_grad_kernel` (B*H, V/BV): the reverse pass, H = dL/dS' of each chunk:
                        dX = P^T dO + d * (K H) (stored),  dS = lambda H + scale (e * Q)^T dO - W^T dX.
@@ -81,11 +81,12 @@ STATE_BLOCK_V = 64    # value columns per program of the two sequential passes
 SOLVE_BLOCK = 16
 # In a training step's forward, walk only the states and compute the outputs in the
 # chunk-parallel `_output_kernel` from the stored states and X, as flash-linear-attention does:
-# the sequential pass drops its 3 output-only matmuls a chunk (Q K^T, Q S, P X). That pays when
-# the B*H * V/BV sequential programs leave SMs idle: "auto" splits when they are fewer than the
-# GPU's SMs (measured on the H200 at 1x32768x16x128, 32 programs: 7.10 against 7.69 ms fwd+bwd).
-# True / False force it (gpu_check_fused.py --params '{"SPLIT_OUTPUT": true}').
-SPLIT_OUTPUT = "auto"
+# the sequential pass drops its 3 output-only matmuls a chunk (Q K^T, Q S, P X). Measured on the
+# H200 (delta rule fwd+bwd, split against fused): 1x32768x16x128 7.10 against 7.69 ms (32
+# sequential programs on 132 SMs), 2x8192 2.39 against 2.57, 8x2048 1.79 against 1.86 (noise
+# about 3%); scalar-decay GLA 5.95 / 6.79, 1.82 / 1.99, 1.18 / 1.29. Inference (no stored states)
+# keeps the output fused.
+SPLIT_OUTPUT = True
 # With bf16 inputs, the backward's intermediates (dL/dS of every chunk, dX, dW and T) in bf16 and
 # every matmul of the gradient kernels on bf16 operands (float32 accumulation), as
 # flash-linear-attention's backward does. False keeps them float32 with TF32 matmuls, at half the
@@ -486,15 +487,6 @@ def wy(k, v, beta, g, seg, *, chunk, t_dtype=None, interpret=False):
   return res if t_dtype is not None else (*res, None)
 
 
-def _split_output(sequential_programs, interpret):
-  """SPLIT_OUTPUT, resolving "auto": split when the state pass's programs are fewer than the
-  GPU's SMs (never in interpret mode, which has no SMs to fill)."""
-  if SPLIT_OUTPUT != "auto":
-    return bool(SPLIT_OUTPUT)
-  sms = None if interpret else _compat.gpu_sm_count()
-  return sms is not None and sequential_programs < sms
-
-
 def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=False):
   """O [B, T, H, V] in v's dtype, the final state [B*H, K, V] float32 and, if `store_states`, what
   the backward needs (else None): the state entering every chunk [B*H, N, K, V] in q's dtype (the
@@ -502,15 +494,14 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
   X [B, T, H, V] in q's dtype and the solve's T [B*H, N, C, C] (float32; q's dtype with
   BF16_GRAD_OPERANDS) (GLA: None for each). s0: [B*H, K, V] float32.
   beta None: GLA with a scalar (or no) decay, X = V; else the delta rule, X = U - W S.
-  With `store_states` and SPLIT_OUTPUT (`_split_output`): O from `_output_kernel` after the
-  state pass (without the states stored, inference, the split has nothing to read them from: O
-  stays fused)."""
+  With `store_states` and SPLIT_OUTPUT: O from `_output_kernel` after the state pass (without
+  the states stored, inference, the split has nothing to read them from: O stays fused)."""
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n = t // chunk
   bv = _block_v(vd, STATE_BLOCK_V)
   wy_terms = beta is not None
-  split = store_states and _split_output(b * h * (vd // bv), interpret)
+  split = store_states and SPLIT_OUTPUT
   precise = _precision(q.dtype, interpret)
   w = u = t_inv = None
   if wy_terms:

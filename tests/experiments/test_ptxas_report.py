@@ -15,8 +15,9 @@ pytestmark = pytest.mark.skipif(jax.__version_info__ >= (0, 11),
 
 
 @pytest.mark.parametrize("family, names", [
-    ("delta", ["_wy_kernel", "_forward_kernel", "_state_grad_kernel", "_dqk_kernel", "_wy_grad_kernel"]),
-    ("gla", ["_forward_kernel", "_state_grad_kernel", "_dqk_kernel"]),
+    ("delta", ["_wy_kernel", "_forward_kernel", "_output_kernel", "_state_grad_kernel", "_dqk_kernel",
+               "_wy_grad_kernel"]),
+    ("gla", ["_forward_kernel", "_output_kernel", "_state_grad_kernel", "_dqk_kernel"]),
 ])
 def test_kernels_come_out_as_triton_ir(family, names):
   found = ptxas_report.triton_kernels(family, gated=True, segments=True, kd=32, vd=64, b=1, t=128, h=2)

@@ -148,30 +148,19 @@ def kernel_flags(monkeypatch):
 
 # the delta rule gated and ungated and GLA, with segments and T not a multiple of the chunk
 @_scan_cases("gated-seg-C32-V128", "ungated-C64-K32-V16", "gla-scalar-seg-C32-V128", "gated-seg-C16-bf16")
-def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, kernel_flags):
-  """SPLIT_OUTPUT: `_output_kernel` runs in the training forward only (inference keeps O fused),
-  then forward and every gradient against the f32 scan."""
-  kernel_flags(SPLIT_OUTPUT=True)
+@pytest.mark.parametrize("split", [True, False], ids=["split", "fused-output"])
+def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, split, kernel_flags):
+  """SPLIT_OUTPUT (the default): `_output_kernel` runs in the training forward only (inference
+  keeps O fused); off, the state pass computes O in every forward. Then forward and every
+  gradient against the f32 scan."""
+  kernel_flags(SPLIT_OUTPUT=split)
   inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
   fwd = lambda x: run(variant, "pallas:generic:fused", x, chunk_size=c, segment_ids=seg)[0].astype(jnp.float32).sum()
   state_pass = (["_wy_kernel"] if "delta" in variant else []) + ["_forward_kernel"]
   backward = ["_state_grad_kernel", "_dqk_kernel"] + (["_wy_grad_kernel"] if "delta" in variant else [])
   assert kernel_names(fwd, inputs) == state_pass
-  assert kernel_names(jax.grad(fwd), inputs) == state_pass + ["_output_kernel"] + backward
+  assert kernel_names(jax.grad(fwd), inputs) == state_pass + (["_output_kernel"] if split else []) + backward
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
-
-
-def test_split_output_auto_splits_when_the_state_pass_leaves_sms_idle(monkeypatch):
-  monkeypatch.setattr(ck, "SPLIT_OUTPUT", "auto")
-  monkeypatch.setattr(ck._compat, "gpu_sm_count", lambda: 132)
-  assert ck._split_output(32, interpret=False)        # 1 x 16 heads x V/64 = 2 (1x32768x16x128)
-  assert not ck._split_output(256, interpret=False)   # 8 x 16 x 2 (8x2048x16x128)
-  assert not ck._split_output(32, interpret=True)
-  monkeypatch.setattr(ck._compat, "gpu_sm_count", lambda: None)
-  assert not ck._split_output(32, interpret=False)
-  for forced in (True, False):
-    monkeypatch.setattr(ck, "SPLIT_OUTPUT", forced)
-    assert ck._split_output(256, interpret=True) is forced
 
 
 @_scan_cases("gated-seg-C32-V128", "gated-seg-C16-bf16", "gla-scalar-seg-C32-V128")
@@ -204,13 +193,12 @@ def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "1")
   x = make_inputs(1, "gated_delta", t=20)
   f = lambda q: pk.delta_rule(q, x["k"], x["v"], x["beta"], g=x["g"], impl="pallas")[0].sum()
-  assert kernel_names(jax.grad(f), x["q"]) == ["_wy_kernel", "_forward_kernel", "_state_grad_kernel",
-                                                 "_dqk_kernel",
-                                                 "_wy_grad_kernel"]
+  assert kernel_names(jax.grad(f), x["q"]) == ["_wy_kernel", "_forward_kernel", "_output_kernel",
+                                                 "_state_grad_kernel", "_dqk_kernel", "_wy_grad_kernel"]
   y = make_inputs(1, "gla_scalar", t=20)
   f_gla = lambda q, g: pk.gla(q, y["k"], y["v"], g, impl="pallas")[0].sum()
-  assert kernel_names(jax.grad(f_gla), y["q"], y["g"]) == ["_forward_kernel", "_state_grad_kernel",
-                                                            "_dqk_kernel"]
+  assert kernel_names(jax.grad(f_gla), y["q"], y["g"]) == ["_forward_kernel", "_output_kernel",
+                                                            "_state_grad_kernel", "_dqk_kernel"]
   per_dim = make_inputs(1, "gla_perdim", t=20)["g"]  # per-dimension decay: the state-pass path
   assert "_state_grad_kernel" not in kernel_names(jax.grad(f_gla), y["q"], per_dim)
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
