@@ -441,6 +441,11 @@ def markdown(results_dir: str) -> str:
     fwd_bwd = f"{t['fwd_bwd_ms']:.2f}" if "fwd_bwd_ms" in t else "-"
     lines.append(f"| {ops.get(t['op'], t['op'])} | {'x'.join(map(str, t['shape']))} | {names.get(t['impl'], t['impl'])} | "
                  f"{t.get('run', '')} | {t['fwd_ms']:.2f} | {fwd_bwd} | {temp} | {ratio} |")
+  chunk = {key(t): t["fwd_bwd_ms"] for t in res["timing"] if t["impl"] == "chunk" and "fwd_bwd_ms" in t}
+  for t in res["timing"]:
+    if t["impl"] == "fused" and key(t) in chunk and "fwd_bwd_ms" in t:
+      lines += ["", f"{ops.get(t['op'], t['op'])} {'x'.join(map(str, t['shape']))}, run {t['run']}: the fused kernels' "
+                f"fwd+bwd is {chunk[key(t)] / t['fwd_bwd_ms']:.1f}x faster than the XLA chunk path in the same process."]
   if no_peer_bwd:
     lines += ["", f"fla's backward refused to run for {', '.join(sorted(no_peer_bwd))} (its guard against a "
               "Triton < 3.7.1 miscompile on Hopper); only its forward is timed there."]

@@ -411,6 +411,8 @@ def markdown(results_dir: str) -> str:
     lines.append("Recall distance (query - key position): " + "; ".join(
         f"T:N {k}: median {d['median']:.0f}, {100 * d['within_rodimus_plus_window']:.0f}% within the "
         f"Rodimus+ window {s.get('window')}" for k, d in rd.items()) + ".")
+  if meta.get("note"):   # rows merged from a later run say so here
+    lines += [meta["note"], ""]
   if meta.get("failed"):
     lines.append(f"Failed or skipped runs: {len(meta['failed'])} (see meta.failed).")
   lines.append("")

@@ -239,6 +239,8 @@ def markdown(results_dir: str) -> str:
                  f"{base['best_val_loss']:.4f} vs the reference {REFERENCE_VAL_LOSS} (gap {gap:+.4f}; target "
                  f"|gap| <= {TARGET_GAP}: {'met' if abs(gap) <= TARGET_GAP else 'MISSED'}).")
     lines.append("")
+  if meta.get("note"):   # rows merged from a later run say so here
+    lines += [meta["note"], ""]
   if meta.get("failed"):
     lines.append(f"Failed or skipped runs: {len(meta['failed'])} (see meta.failed).")
     lines.append("")
