@@ -140,21 +140,20 @@ class Geometry(NamedTuple):
   b: Optional[jax.Array]       # [C] cumulative log decay (gated only)
 
 
-def _geometry(c, g, seg, prev, last):
-  """g: [C] float32 log decay or None; seg: [C] int32 ids or None, with `prev` (the id of the
-  incoming state) and `last` (the id of the chunk's last token) scalars."""
+def _geometry(c, b, b_last, seg, prev, last):
+  """b: [C] float32 in-chunk cumulative log decay (b_last its last entry, a scalar) or None; seg:
+  [C] int32 ids or None, with `prev` (the id of the incoming state) and `last` (the id of the
+  chunk's last token) scalars."""
   rows, cols = _iota(c)
   causal = rows >= cols
-  e = d = lam = b = None
+  e = d = lam = None
   if seg is not None:
     causal = causal & (seg[:, None] == seg[None, :])
     e = _mask(seg == prev)
     d = _mask(seg == last)
     lam = _mask(last == prev)
-  if g is None:
+  if b is None:
     return Geometry(causal, _mask(causal), e, d, lam, None)
-  b = jnp.sum(jnp.where(cols <= rows, g[None, :], 0.0), axis=1)   # inclusive cumsum
-  b_last = jnp.sum(g)
   gamma = jnp.exp(jnp.where(causal, b[:, None] - b[None, :], -jnp.inf))
   scaled = lambda mask, x: jnp.exp(x) if mask is None else mask * jnp.exp(x)
   return Geometry(causal, gamma, scaled(e, b), scaled(d, b_last - b), scaled(lam, b_last), b)
@@ -208,15 +207,19 @@ class _Loader:
     """[C] of a [B, T, H] array."""
     return ref[self.b, pl.ds(n * self.c, self.c), self.h]
 
-  def geometry(self, g_ref, seg_ref, n):
-    g = None if g_ref is None else _f32(self.scalar(g_ref, n))
-    if seg_ref is None:
-      return _geometry(self.c, g, None, None, None)
+  def geometry(self, cum_g_ref, seg_ref, n):
+    """cum_g_ref: the in-chunk cumulative log decay [B, T, H] (`_chunk_cumsum`) or None."""
     start = n * self.c
+    b = b_last = None
+    if cum_g_ref is not None:
+      b = self.scalar(cum_g_ref, n)
+      b_last = cum_g_ref[self.b, start + self.c - 1, self.h]
+    if seg_ref is None:
+      return _geometry(self.c, b, b_last, None, None, None)
     seg = seg_ref[self.b, pl.ds(start, self.c)]
     prev = seg_ref[self.b, jnp.maximum(start - 1, 0)]
     last = seg_ref[self.b, start + self.c - 1]
-    return _geometry(self.c, g, seg, prev, last)
+    return _geometry(self.c, b, b_last, seg, prev, last)
 
   def store_tok(self, ref, n, x, cols=None):
     t = pl.ds(n * self.c, self.c)
@@ -249,7 +252,7 @@ def _block_v(vd, block=64):
 
 def _a_terms(ld, r, n, precise):
   """The geometry of chunk n, k (the inputs' dtype), beta, K K^T and A."""
-  geo = ld.geometry(r["g"], r["seg"], n)
+  geo = ld.geometry(r["cum_g"], r["seg"], n)
   k = ld.tok(r["k"], n)
   beta = _f32(ld.scalar(r["beta"], n))
   rows, cols = _iota(k.shape[0])
@@ -259,8 +262,8 @@ def _a_terms(ld, r, n, precise):
 
 
 def _wy_kernel(*refs, heads, c, block_v, has_g, has_seg, want_t, precise):
-  r = _split_refs(refs, ("k", "v", "beta", "g", "seg", "w", "u", "t"),
-                  {"g": has_g, "seg": has_seg, "t": want_t})
+  r = _split_refs(refs, ("k", "v", "beta", "cum_g", "seg", "w", "u", "t"),
+                  {"cum_g": has_g, "seg": has_seg, "t": want_t})
   bh, n = pl.program_id(0), pl.program_id(1)
   ld = _Loader(bh, heads, c)
   geo, k, beta, _, a = _a_terms(ld, r, n, precise)
@@ -285,8 +288,8 @@ def _chunk_output(q, k, s_mm, x_mm, geo, scale, precise):
 def _forward_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, store_states,
                     with_output, precise):
   """The state pass; O too if `with_output` (else `_output_kernel` computes it from s_in and X)."""
-  r = _split_refs(refs, ("q", "k", "v", "w", "u", "g", "seg", "s0", "o", "s_final", "s_in", "x"),
-                  {"q": with_output, "v": not wy, "w": wy, "u": wy, "g": has_g, "seg": has_seg,
+  r = _split_refs(refs, ("q", "k", "v", "w", "u", "cum_g", "seg", "s0", "o", "s_final", "s_in", "x"),
+                  {"q": with_output, "v": not wy, "w": wy, "u": wy, "cum_g": has_g, "seg": has_seg,
                    "o": with_output, "s_in": store_states, "x": store_states and wy})
   bh, vb = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(vb * block_v, block_v)
@@ -296,7 +299,7 @@ def _forward_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_se
   def step(n, s):
     if store_states:
       r["s_in"][bh, n, :, cols] = s.astype(r["s_in"].dtype)
-    geo = ld.geometry(r["g"], r["seg"], n)
+    geo = ld.geometry(r["cum_g"], r["seg"], n)
     k = ld.tok(r["k"], n)
     s_mm = s.astype(mm)
     if wy:
@@ -318,11 +321,11 @@ def _forward_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_se
 def _output_kernel(*refs, heads, c, block_v, scale, has_g, has_seg, precise):
   """O of one chunk and one value block (program (B*H, N, V/BV)) from the state entering the chunk
   and X (GLA: V), both as the forward's state pass rounded them for its own matmuls."""
-  r = _split_refs(refs, ("q", "k", "x", "g", "seg", "s_in", "o"), {"g": has_g, "seg": has_seg})
+  r = _split_refs(refs, ("q", "k", "x", "cum_g", "seg", "s_in", "o"), {"cum_g": has_g, "seg": has_seg})
   bh, n, vb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   cols = pl.ds(vb * block_v, block_v)
   ld = _Loader(bh, heads, c)
-  geo = ld.geometry(r["g"], r["seg"], n)
+  geo = ld.geometry(r["cum_g"], r["seg"], n)
   o = _chunk_output(ld.tok(r["q"], n), ld.tok(r["k"], n), r["s_in"][bh, n, :, cols],
                     ld.tok(r["x"], n, cols), geo, scale, precise)
   ld.store_tok(r["o"], n, o, cols)
@@ -330,8 +333,8 @@ def _output_kernel(*refs, heads, c, block_v, scale, has_g, has_seg, precise):
 
 def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, precise):
   """The reverse pass."""
-  r = _split_refs(refs, ("q", "k", "w", "g", "seg", "do", "ds_final", "ds_out", "dx", "ds0"),
-                  {"w": wy, "g": has_g, "seg": has_seg})
+  r = _split_refs(refs, ("q", "k", "w", "cum_g", "seg", "do", "ds_final", "ds_out", "dx", "ds0"),
+                  {"w": wy, "cum_g": has_g, "seg": has_seg})
   bh, vb = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(vb * block_v, block_v)
   ld = _Loader(bh, heads, c)
@@ -340,7 +343,7 @@ def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has
   def step(i, ds):
     n = n_chunks - 1 - i
     r["ds_out"][bh, n, :, cols] = ds.astype(r["ds_out"].dtype)
-    geo = ld.geometry(r["g"], r["seg"], n)
+    geo = ld.geometry(r["cum_g"], r["seg"], n)
     q, k = ld.tok(r["q"], n), ld.tok(r["k"], n)
     do = ld.tok(r["do"], n, cols)
     do_e = do if geo.e is None else _rows(_f32(do), geo.e).astype(mm)
@@ -364,12 +367,12 @@ def _operand(low, dtype):
 def _dqk_kernel(*refs, heads, c, block_k, block_v, scale, wy, has_g, has_seg, low, precise):
   """dq, the dk terms outside the WY solve, dW = -dX S^T and the log-decay gradient's terms of one
   chunk and one block of key columns (program (B*H, N, K/BK))."""
-  r = _split_refs(refs, ("q", "k", "x", "g", "seg", "do", "dx", "s_in", "ds_out", "dq", "dk", "dw", "db"),
-                  {"dx": wy, "dw": wy, "g": has_g, "seg": has_seg, "db": has_g})
+  r = _split_refs(refs, ("q", "k", "x", "cum_g", "seg", "do", "dx", "s_in", "ds_out", "dq", "dk", "dw", "db"),
+                  {"dx": wy, "dw": wy, "cum_g": has_g, "seg": has_seg, "db": has_g})
   bh, n, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   kcols = pl.ds(kb * block_k, block_k)
   ld = _Loader(bh, heads, c)
-  geo = ld.geometry(r["g"], r["seg"], n)
+  geo = ld.geometry(r["cum_g"], r["seg"], n)
   zeros = lambda *s: jnp.zeros(s, jnp.float32)
   dp, dqe, xh, dw = zeros(c, c), zeros(c, block_k), zeros(c, block_k), zeros(c, block_k)
   dlam = jnp.float32(0.0)
@@ -411,9 +414,9 @@ def _wy_grad_kernel(*refs, heads, c, block_k, block_v, has_g, has_seg, low, prec
   """Back through the WY solve of one chunk (program (B*H, N)): dv, dbeta, the rest of dk and of
   the log-decay gradient, from dU = dX, dW and the forward's T (solving again took 15 serial
   masked-reduction steps per chunk: H200 8x2048x16x128 delta rule fwd+bwd 2.93 ms stored, 4.13 solved)."""
-  r = _split_refs(refs, ("k", "v", "beta", "g", "seg", "t", "x", "dx", "dw", "dk_part",
+  r = _split_refs(refs, ("k", "v", "beta", "cum_g", "seg", "t", "x", "dx", "dw", "dk_part",
                          "dk", "dv", "dbeta", "db"),
-                  {"g": has_g, "seg": has_seg, "db": has_g})
+                  {"cum_g": has_g, "seg": has_seg, "db": has_g})
   bh, n = pl.program_id(0), pl.program_id(1)
   ld = _Loader(bh, heads, c)
   geo, _, beta, kkt, a = _a_terms(ld, r, n, precise)
@@ -463,6 +466,15 @@ def _present(*xs):
   return [x for x in xs if x is not None]
 
 
+def _chunk_cumsum(g, chunk):
+  """[B, T, H] float32 log decay -> its inclusive cumulative sum inside each chunk of T, once in
+  XLA rather than as a masked [C, C] reduction in every kernel's every chunk (None stays None)."""
+  if g is None:
+    return None
+  b, t, h = g.shape
+  return jnp.cumsum(g.reshape(b, t // chunk, chunk, h), axis=2).reshape(b, t, h)
+
+
 def _grad_dtype(dtype):
   """dtype of the backward's stored intermediates for inputs of `dtype` (BF16_GRAD_OPERANDS)."""
   return dtype if BF16_GRAD_OPERANDS else jnp.float32
@@ -483,7 +495,7 @@ def wy(k, v, beta, g, seg, *, chunk, t_dtype=None, interpret=False):
                              precise=_precision(k.dtype, interpret), **_flags(g, seg))
   res = pl.pallas_call(kernel, grid=(b * h, n), out_shape=tuple(out), interpret=interpret,
                        compiler_params=_params(interpret, WY_PARAMS),
-                       )(*_present(k, v, beta, g, seg))
+                       )(*_present(k, v, beta, _chunk_cumsum(g, chunk), seg))
   return res if t_dtype is not None else (*res, None)
 
 
@@ -503,6 +515,7 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
   wy_terms = beta is not None
   split = store_states and SPLIT_OUTPUT
   precise = _precision(q.dtype, interpret)
+  cum_g = _chunk_cumsum(g, chunk)
   w = u = t_inv = None
   if wy_terms:
     t_dtype = _grad_dtype(q.dtype) if store_states else None
@@ -519,7 +532,7 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
                              precise=precise, **_flags(g, seg))
   res = iter(pl.pallas_call(kernel, grid=(b * h, vd // bv), out_shape=tuple(out), interpret=interpret,
                             compiler_params=_params(interpret, FORWARD_PARAMS),
-                            )(*_present(None if split else q, k, None if wy_terms else v, w, u, g, seg, s0)))
+                            )(*_present(None if split else q, k, None if wy_terms else v, w, u, cum_g, seg, s0)))
   o = None if split else next(res)
   s_final = next(res)
   s_in = next(res) if store_states else None
@@ -530,7 +543,7 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
                                precise=precise, **_flags(g, seg))
     o = pl.pallas_call(kernel, grid=(b * h, n, vd // bo), out_shape=o_shape, interpret=interpret,
                        compiler_params=_params(interpret, OUTPUT_PARAMS),
-                       )(*_present(q, k, x if wy_terms else v, g, seg, s_in))
+                       )(*_present(q, k, x if wy_terms else v, cum_g, seg, s_in))
   return o, s_final, (s_in, w, x, t_inv) if store_states else None
 
 
@@ -553,7 +566,7 @@ def state_grads(q, k, w, g, seg, do, ds_final, *, scale, chunk, interpret=False)
                  jax.ShapeDtypeStruct(do.shape, _grad_dtype(q.dtype) if wy_terms else do.dtype),
                  jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)),
       compiler_params=_params(interpret, STATE_GRAD_PARAMS),
-  )(*_present(q, k, w, g, seg, do, ds_final))
+  )(*_present(q, k, w, _chunk_cumsum(g, chunk), seg, do, ds_final))
   return ds_out, ds0, dx
 
 
@@ -581,6 +594,7 @@ def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, t_inv, *, scale,
   bv = _block_v(vd, GRAD_BLOCK_V)
   flags = _flags(g, seg)
   precise = _precision(q.dtype, interpret)
+  cum_g = _chunk_cumsum(g, chunk)
   low = ds_out.dtype != jnp.float32
   out = [jax.ShapeDtypeStruct(q.shape, q.dtype),
          jax.ShapeDtypeStruct(k.shape, jnp.float32 if wy_terms else k.dtype)]
@@ -592,7 +606,7 @@ def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, t_inv, *, scale,
                              wy=wy_terms, low=low, precise=precise, **flags)
   res = pl.pallas_call(kernel, grid=(b * h, n, kd // bk), out_shape=tuple(out), interpret=interpret,
                        compiler_params=_params(interpret, DQK_PARAMS),
-                       )(*_present(q, k, x if wy_terms else v, g, seg, do, dx if wy_terms else None,
+                       )(*_present(q, k, x if wy_terms else v, cum_g, seg, do, dx if wy_terms else None,
                                    s_in, ds_out))
   dq, dk = res[0], res[1]
   db = None if g is None else jnp.sum(res[-1], axis=0)
@@ -606,7 +620,7 @@ def chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x, dx, t_inv, *, scale,
                                low=low, precise=precise, **flags)
     res = pl.pallas_call(kernel, grid=(b * h, n), out_shape=tuple(out), interpret=interpret,
                          compiler_params=_params(interpret, WY_GRAD_PARAMS),
-                         )(*_present(k, v, beta, g, seg, t_inv, x, dx, res[2], dk))
+                         )(*_present(k, v, beta, cum_g, seg, t_inv, x, dx, res[2], dk))
     dk, dv, dbeta = res[:3]
     if g is not None:
       db = db + res[3]
