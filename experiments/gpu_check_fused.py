@@ -446,6 +446,13 @@ def markdown(results_dir: str) -> str:
     if t["impl"] == "fused" and key(t) in chunk and "fwd_bwd_ms" in t:
       lines += ["", f"{ops.get(t['op'], t['op'])} {'x'.join(map(str, t['shape']))}, run {t['run']}: the fused kernels' "
                 f"fwd+bwd is {chunk[key(t)] / t['fwd_bwd_ms']:.1f}x faster than the XLA chunk path in the same process."]
+  latest = max((int(x["run"]) for x in res.get("sweep", []) if x.get("params") == {} and "fwd_bwd_ms" in x),
+               default=None)
+  if latest is not None and latest > max(int(t.get("run", 0)) for t in res["timing"]):
+    cells = ", ".join(f"{ops.get(x['op'], x['op'])} {'x'.join(map(str, x['shape'][:4]))} {x['fwd_bwd_ms']:.2f} ms"
+                      for x in res["sweep"] if x.get("run") == str(latest) and x.get("params") == {})
+    lines += ["", f"The fused kernels at the current defaults, fwd+bwd only (run {latest}, after the rows above; "
+              f"no fla in that run): {cells}."]
   if no_peer_bwd:
     lines += ["", f"fla's backward refused to run for {', '.join(sorted(no_peer_bwd))} (its guard against a "
               "Triton < 3.7.1 miscompile on Hopper); only its forward is timed there."]
