@@ -5,7 +5,7 @@
     python experiments/mqar.py --quick          # CPU pipeline check (5-15 s a model on 2 cores)
     python experiments/mqar.py --plot-only [--out DIR]
     options: --out DIR, --workers N, --steps S, --time-limit SEC, --fresh, --models a,b,
-             --widths, --points T:N, --lrs, --batch, --vocab, --eval-examples, --impl
+             --widths, --points T:N, --lrs, --batch, --vocab, --eval-examples, --impl, --conv-init
 
 Task (experiments.md 1; the generator is `efficient_lm.data.mqar.MQARSource`, Zoology's
 `multiquery_ar`): vocab 8192; a sequence of T tokens holds N key-value pairs (keys from the lower
@@ -192,6 +192,8 @@ def model_config(model: str, width: int, seq_len: int, v: dict, dtype: str):
     over["mem_size"] = v["mem_size"]
   if model == "rodimus_plus":
     over["window"] = v["window"]
+  if "conv_init" in v:
+    over["conv_init"] = v["conv_init"]
   return get_config(f"{model}-tiny", **over)
 
 
@@ -257,6 +259,8 @@ def parse(argv):
   p.add_argument("--vocab", type=int, default=None, help="vocabulary size")
   p.add_argument("--eval-examples", type=int, default=None, help="size of the evaluation set")
   p.add_argument("--impl", default=None, help="recurrence form (scan, chunk, pallas, auto)")
+  p.add_argument("--conv-init", default=None, choices=("normal", "torch"),
+                 help="the q/k/v short convs' init (ModelConfig.conv_init; default the config's, 'normal')")
   return p.parse_args(argv)
 
 
@@ -270,7 +274,7 @@ def settings(args) -> dict:
     v["widths"] = tuple(int(x) for x in args.widths.split(","))
   if args.points:
     v["points"] = tuple(tuple(int(y) for y in x.split(":")) for x in args.points.split(","))
-  for name in ("batch", "vocab", "eval_examples", "impl"):
+  for name in ("batch", "vocab", "eval_examples", "impl", "conv_init"):
     if getattr(args, name) is not None:
       v[name] = getattr(args, name)
   if args.workers is not None:

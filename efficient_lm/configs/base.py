@@ -64,6 +64,8 @@ class ModelConfig:
   # DeltaNet / Gated DeltaNet
   expand_v: float = 1.0
   use_short_conv: bool | None = None   # convs on q, k, v (DeltaNet, GLA); None: FLA's default (DeltaNet on, GLA off)
+  conv_init: str = "normal"            # their weights: "normal" N(0, init_std) as FLA | "torch" PyTorch Conv1d's
+                                       # U(+-1/sqrt(conv_size)), as Zoology's MQAR models (std 14x larger at 4 taps)
   use_output_gate: bool = False        # rmsnorm(o) * silu(W_g h) instead of rmsnorm(o)
   allow_neg_eigval: bool = False       # beta = 2 * sigmoid(.)
   # GLA (FLA's layer)
@@ -180,6 +182,8 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     _fail("rope_fraction", f"{cfg.rope_fraction} must be in (0, 1] and give an even rotary dim")
   if "dijiang" in kinds and cfg.d_model % cfg.attn_head_dim:
     _fail("head_dim", "DiJiang's GroupNorm needs head_dim dividing d_model")
+  if cfg.conv_init not in ("normal", "torch"):
+    _fail("conv_init", f"expected 'normal' or 'torch', got {cfg.conv_init!r}")
   if cfg.feature_map not in FEATURE_MAPS:
     _fail("feature_map", f"expected one of {FEATURE_MAPS}, got {cfg.feature_map!r}")
   for name in ("dropout", "attention_dropout"):

@@ -21,6 +21,11 @@ def torch_conv_init(fan_in: int):
   return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def qkv_conv_init(cfg):
+  """The initializer of a mixer's q/k/v short-conv weights: `cfg.conv_init`."""
+  return torch_conv_init(cfg.conv_size) if cfg.conv_init == "torch" else normal(cfg.init_std)
+
+
 def causal_conv(x_BTC, w_KC, seg_BT=None):
   """Depthwise causal conv (no bias); taps crossing a segment boundary are dropped."""
   size, t = w_KC.shape[0], x_BTC.shape[1]

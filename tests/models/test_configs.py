@@ -2,6 +2,7 @@
 import dataclasses
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -60,6 +61,7 @@ def test_count_matches_hand_formula():
     (dict(dtype="int8"), "dtype"),
     (dict(n_kv_heads=3), "n_kv_heads"),
     (dict(feature_map="softmax"), "feature_map"),
+    (dict(conv_init="xavier"), "conv_init"),
     (dict(no_such_field=1), "no_such_field"),
 ])
 def test_invalid_configs_raise_naming_the_field(overrides, field):
@@ -123,4 +125,16 @@ def test_short_conv_defaults_follow_fla_and_the_field_overrides_them():
   assert count("gla-tiny", use_short_conv=True) == count("gla_conv-tiny")
   assert count("deltanet-tiny", use_short_conv=False) < count("deltanet-tiny")   # DeltaNet: on by default
   assert PRESETS["deltanet-tiny"].short_conv(True) and not PRESETS["gla-tiny"].short_conv(False)
+
+
+@pytest.mark.parametrize("preset", ["deltanet-tiny", "gla_conv-tiny"])
+def test_conv_init_picks_the_qkv_conv_weights_distribution(preset):
+  """"normal": FLA's N(0, init_std); "torch": PyTorch Conv1d's U(+-1/sqrt(conv_size))."""
+  for conv_init, std, bound in (("normal", 0.02, None), ("torch", 0.5 / 3 ** 0.5, 0.5)):
+    model = efficient_lm.create_model(preset, conv_init=conv_init, conv_size=4)
+    mixer = model.blocks[0].mixer
+    weights = np.concatenate([np.asarray(c.weight[...]).ravel() for c in mixer.convs])
+    assert abs(weights.std() / std - 1) < 0.15, (conv_init, weights.std())
+    if bound is not None:
+      assert np.abs(weights).max() <= bound
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_lm.layers.conv import apply_convs, qkv_convs
+from efficient_lm.layers.conv import apply_convs, qkv_conv_init, qkv_convs
 from efficient_lm.layers.core import Dense, mamba_dt_bias_init, normal, param
 from efficient_lm.layers.norms import RMSNorm, l2norm_fla
 from pallas_kernels import delta_rule, delta_rule_step
@@ -35,7 +35,8 @@ class DeltaNet(nnx.Module):
     self.k_proj = Dense(d, h * kd, ("embed", "heads"), kernel_init=std, **kw)
     self.v_proj = Dense(d, h * vd, ("embed", "heads"), kernel_init=std, **kw)
     self.b_proj = Dense(d, h, ("embed", None), kernel_init=std, **kw)
-    self.convs = qkv_convs(cfg.conv_size, h * kd, h * vd, weight_init=std, **kw) if cfg.short_conv(True) else None
+    self.convs = (qkv_convs(cfg.conv_size, h * kd, h * vd, weight_init=qkv_conv_init(cfg), **kw)
+                  if cfg.short_conv(True) else None)
     if gated:
       self.a_proj = Dense(d, h, ("embed", None), kernel_init=std, **kw)
       self.A_log = param(rngs, a_log_init, (h,), (None,), jnp.float32)

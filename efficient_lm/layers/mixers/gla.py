@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_lm.layers.conv import apply_convs, qkv_convs
+from efficient_lm.layers.conv import apply_convs, qkv_conv_init, qkv_convs
 from efficient_lm.layers.core import Dense, normal
 from efficient_lm.layers.norms import RMSNorm
 from pallas_kernels import gla, gla_step
@@ -34,7 +34,8 @@ class GLA(nnx.Module):
     self.gk_up = Dense(cfg.gate_low_rank, key_dim, (None, "heads"), kernel_init=std, use_bias=True, **kw)
     self.o_norm = RMSNorm(value_dim // h, cfg.norm_eps, rngs=rngs, dtype=jnp.float32, param_dtype=jnp.float32)
     self.o_proj = Dense(value_dim, d, ("heads", "embed"), kernel_init=std, **kw)
-    self.convs = qkv_convs(cfg.conv_size, key_dim, value_dim, weight_init=std, **kw) if cfg.short_conv(False) else None
+    self.convs = (qkv_convs(cfg.conv_size, key_dim, value_dim, weight_init=qkv_conv_init(cfg), **kw)
+                  if cfg.short_conv(False) else None)
     self.h, self.kd, self.vd = h, key_dim // h, value_dim // h
     self.normalizer = cfg.gate_logit_normalizer
     self.impl, self.chunk_size = cfg.impl, cfg.chunk_size
