@@ -4,7 +4,8 @@ included; GLA with a scalar (or no) decay runs through the same kernels without 
 
 Unlike `state_pass_triton`, which runs only the two sequential passes over XLA-built terms, these
 kernels read the raw inputs in their [B, T, H, *] layout (T padded to a multiple of the chunk C)
-and keep every per-chunk [C, C] / [C, K] intermediate in registers. Forward and backward, for a
+and keep every per-chunk [C, C] / [C, K] intermediate in registers, except what the forward stores
+for the backward (T of the solve, W, X, the states). Forward and backward, for a
 chunk with in-chunk cumulative log decay b (zero when ungated), e_i = exp(b_i), d_i =
 exp(b_C - b_i), lambda = exp(b_C), Gamma_ij = exp(b_i - b_j) on the causal same-segment support
 (segment masks zero e, d, lambda and Gamma exactly as `chunking.chunk_masks` does):
@@ -17,7 +18,7 @@ exp(b_C - b_i), lambda = exp(b_C), Gamma_ij = exp(b_i - b_j) on the causal same-
 Kernels (programs over (B*H, chunk[, key block]) are chunk-parallel, over (B*H, value block)
 sequential):
   `_wy_kernel`         (B*H, N):  W, U into [B*H, N, C, *] buffers (and T, for the backward).
-  `_forward_kernel`    (B*H, V/BV): the state pass with the output fused: X, O, S' per chunk;
+  `_forward_kernel`    (B*H, V/BV): the state pass: X, S' (and, in inference, O) per chunk;
                        for the backward it stores the state entering every chunk and X (in the
                        inputs' dtype, which the forward's matmuls already rounded them to).
                        When it splits the output off (SPLIT_OUTPUT; training forward only),
@@ -52,7 +53,8 @@ columns, so `_dqk_kernel`'s key blocks and `_wy_grad_kernel` each add their shar
 Matmul operands: bf16 inputs give bf16 operands where both are inputs (exact products), in the
 state passes (as `state_pass_triton`) and, with BF16_GRAD_OPERANDS (the default), in the
 gradient kernels, whose stored intermediates (dL/dS, dX, dW, T) are then bf16 too; without it
-those stay float32 and use TF32 (precision DEFAULT). float32 inputs use three-pass TF32
+those stay float32 and use TF32 (precision DEFAULT), as do the float32 products of the forward's
+solve (T, W, U in `_wy_kernel`). float32 inputs use three-pass TF32
 everywhere (`_precision`). Accumulation is always float32.
 """
 from __future__ import annotations
@@ -67,8 +69,9 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _compat
 
 # (num_warps, num_stages) per kernel: the knobs to tune on the device (gpu_check_fused.py --params).
-# 4 warps for the gradient kernels: measured on the H200 (8x2048x16x128 delta rule fwd+bwd 2.06-2.08
-# ms against 2.46 at 8 warps, two programs per SM instead of one despite more spills).
+# 4 warps for the gradient kernels: measured on the H200 (run 7: 8x2048x16x128 delta rule fwd+bwd
+# 2.06-2.08 ms against 2.46 at 8 warps, two programs per SM instead of one despite more spills);
+# 2 warps lost 4-5x (run 10), as did 2 warps for `_wy_kernel` (2.11 against 1.72 ms).
 WY_PARAMS = (4, 1)
 FORWARD_PARAMS = (4, 1)
 STATE_GRAD_PARAMS = (4, 1)
@@ -90,9 +93,9 @@ SPLIT_OUTPUT = True
 # With bf16 inputs, the backward's intermediates (dL/dS of every chunk, dX, dW and T) in bf16 and
 # every matmul of the gradient kernels on bf16 operands (float32 accumulation), as
 # flash-linear-attention's backward does. False keeps them float32 with TF32 matmuls, at half the
-# tensor-core rate and twice the registers (H200, 8x2048x16x128 fwd+bwd: delta rule 2.46 against
-# 2.93 ms, scalar-decay GLA 1.41 against 1.93), for about 15% less gradient error against the
-# float32 scan. No effect on float32 inputs.
+# tensor-core rate and twice the registers (H200 run 7, 8-warp gradient kernels, 8x2048x16x128
+# fwd+bwd: delta rule 2.46 against 2.93 ms, scalar-decay GLA 1.41 against 1.93), for about 15% less
+# gradient error against the float32 scan. No effect on float32 inputs.
 BF16_GRAD_OPERANDS = True
 
 
@@ -137,7 +140,6 @@ class Geometry(NamedTuple):
   e: Optional[jax.Array]       # [C] or None (all ones)
   d: Optional[jax.Array]       # [C] or None (all ones)
   lam: Optional[jax.Array]     # scalar or None (one)
-  b: Optional[jax.Array]       # [C] cumulative log decay (gated only)
 
 
 def _geometry(c, b, b_last, seg, prev, last):
@@ -153,10 +155,10 @@ def _geometry(c, b, b_last, seg, prev, last):
     d = _mask(seg == last)
     lam = _mask(last == prev)
   if b is None:
-    return Geometry(causal, _mask(causal), e, d, lam, None)
+    return Geometry(causal, _mask(causal), e, d, lam)
   gamma = jnp.exp(jnp.where(causal, b[:, None] - b[None, :], -jnp.inf))
   scaled = lambda mask, x: jnp.exp(x) if mask is None else mask * jnp.exp(x)
-  return Geometry(causal, gamma, scaled(e, b), scaled(d, b_last - b), scaled(lam, b_last), b)
+  return Geometry(causal, gamma, scaled(e, b), scaled(d, b_last - b), scaled(lam, b_last))
 
 
 def _rows(x, vec):
@@ -401,7 +403,7 @@ def _dqk_kernel(*refs, heads, c, block_k, block_v, scale, wy, has_g, has_seg, lo
     ld.store_tok(r["dw"], n, dw, kcols)
   if has_g:
     # every term is a sum over key columns: the blocks' partial sums add up in `chunk_grads`
-    dgam = dp * (scale * _mm(op(q_in), op(k_in), precise, tb=True) * geo.gamma)     # dP * P, this block's share of P
+    dgam = dp * (scale * _mm(q_in, k_in, precise, tb=True) * geo.gamma)     # dP * P, this block's share of P
     xh_k = jnp.sum(xh * k, axis=1)
     db = jnp.sum(dq_state * q, axis=1) - xh_k + jnp.sum(dgam, axis=1) - jnp.sum(dgam, axis=0)
     lam = 1.0 if geo.lam is None else geo.lam
@@ -413,7 +415,8 @@ def _dqk_kernel(*refs, heads, c, block_k, block_v, scale, wy, has_g, has_seg, lo
 def _wy_grad_kernel(*refs, heads, c, block_k, block_v, has_g, has_seg, low, precise):
   """Back through the WY solve of one chunk (program (B*H, N)): dv, dbeta, the rest of dk and of
   the log-decay gradient, from dU = dX, dW and the forward's T (solving again took 15 serial
-  masked-reduction steps per chunk: H200 8x2048x16x128 delta rule fwd+bwd 2.93 ms stored, 4.13 solved)."""
+  masked-reduction steps per chunk: H200 run 7, 8x2048x16x128 delta rule fwd+bwd 2.93 ms stored, 4.13
+  solved)."""
   r = _split_refs(refs, ("k", "v", "beta", "cum_g", "seg", "t", "x", "dx", "dw", "dk_part",
                          "dk", "dv", "dbeta", "db"),
                   {"cum_g": has_g, "seg": has_seg, "db": has_g})
@@ -467,12 +470,14 @@ def _present(*xs):
 
 
 def _chunk_cumsum(g, chunk):
-  """[B, T, H] float32 log decay -> its inclusive cumulative sum inside each chunk of T, once in
-  XLA rather than as a masked [C, C] reduction in every kernel's every chunk (None stays None)."""
+  """[B, T, H] log decay -> its float32 inclusive cumulative sum inside each chunk of T, in XLA (a
+  cumsum per call, merged by XLA within one jit) rather than as a masked [C, C] reduction in every
+  kernel's every chunk: H200 run 10, gated delta rule 8x2048x16x128 fwd+bwd 2.05 against 3.00 ms
+  (None stays None)."""
   if g is None:
     return None
   b, t, h = g.shape
-  return jnp.cumsum(g.reshape(b, t // chunk, chunk, h), axis=2).reshape(b, t, h)
+  return jnp.cumsum(g.astype(jnp.float32).reshape(b, t // chunk, chunk, h), axis=2).reshape(b, t, h)
 
 
 def _grad_dtype(dtype):

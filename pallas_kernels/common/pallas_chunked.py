@@ -8,8 +8,8 @@ backend module: `state_pass_triton` or `state_pass_mosaic_gpu` on GPU, `state_pa
 
 `make_fused_op` (GPU; the delta rule, and GLA with a scalar or no decay): every stage,
 chunk-parallel work included, is a kernel of `chunk_kernels_triton`; the only arrays between
-kernels are the delta rule's WY terms W, U ([T, K] / [T, V] sized, never [C, C]), the states
-entering each chunk and their gradients.
+kernels are the delta rule's WY terms W, U, X and T = (I + A)^-1 (the one [C, C] array, one per
+chunk), dX and dW, the states entering each chunk and their gradients.
 """
 from __future__ import annotations
 

@@ -111,6 +111,7 @@ SCAN_CASES = {   # id: (variant, t, c, kd, vd, dtype, segments)
     "ungated-C64-K32-V16": ("delta", 50, 64, 32, 16, jnp.float32, False),
     "gated-seg-C16-bf16": ("gated_delta", 45, 16, 16, 64, jnp.bfloat16, True),
     "gla-scalar-seg-C32-V128": ("gla_scalar", 70, 32, 32, 128, jnp.float32, True),
+    "gla-scalar-seg-C16-bf16": ("gla_scalar", 45, 16, 32, 64, jnp.bfloat16, True),
 }
 
 
@@ -136,8 +137,9 @@ def test_fused_op_matches_scan(variant, t, c, kd, vd, dtype, segments):
 def kernel_flags(monkeypatch):
   """Sets the kernels' flags (SPLIT_OUTPUT, BF16_GRAD_OPERANDS) for one test. The kernels read them while
   tracing, and they are no part of the jit cache keys of `run` and `grads`: without clearing jax's
-  caches a test would rerun what an earlier test compiled with other flags (in a full run the split
-  checks took 0.2 s after `test_fused_op_matches_scan`, reusing its unsplit executables)."""
+  caches a test would rerun what an earlier test compiled with other flags (in session 4 a full run
+  took 0.2 s for the split checks, which had reused the executables an earlier test compiled
+  without the split)."""
   def set_flags(**flags):
     for name, value in flags.items():
       monkeypatch.setattr(ck, name, value)
@@ -163,26 +165,29 @@ def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, split
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
 
 
-@_scan_cases("gated-seg-C32-V128", "gated-seg-C16-bf16", "gla-scalar-seg-C32-V128")
+@_scan_cases("gated-seg-C32-V128", "gated-seg-C16-bf16", "gla-scalar-seg-C16-bf16")
 @pytest.mark.parametrize("bf16_grads", [True, False], ids=["bf16-grads", "f32-grads"])
 def test_grad_operands_match_scan(variant, t, c, kd, vd, dtype, segments, bf16_grads, kernel_flags):
   """BF16_GRAD_OPERANDS on (the default) and off (float32 intermediates and TF32 matmuls in the
-  backward; a no-op for float32 inputs): the dtype of the T the forward stores for the backward,
-  then forward and every gradient against the f32 scan."""
+  backward; a no-op for float32 inputs): the dtypes of what the forward stores for the backward
+  (T) and of the reverse pass's outputs (dL/dS, dX), then forward and every gradient against the
+  f32 scan."""
   kernel_flags(BF16_GRAD_OPERANDS=bf16_grads)
   inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
   beta = inputs.get("beta")
   q, k, v = (inputs[n][:, :c] for n in ("q", "k", "v"))
   b, _, h, _ = q.shape
-  _, _, saved = ck.forward(q, k, v, None if beta is None else beta[:, :c].astype(jnp.float32), None,
-                           jnp.zeros((b * h, kd, vd), jnp.float32), None, scale=kd ** -0.5, chunk=c,
-                           store_states=True, interpret=True)
-  t_inv = saved[3]
+  common = dict(scale=kd ** -0.5, chunk=c, interpret=True)
+  s0 = jnp.zeros((b * h, kd, vd), jnp.float32)
+  _, _, (_, w, _, t_inv) = ck.forward(q, k, v, None if beta is None else beta[:, :c].astype(jnp.float32), None,
+                                      s0, None, store_states=True, **common)
+  ds_out, _, dx = ck.state_grads(q, k, w, None, None, v, s0, **common)
+  stored = dtype if bf16_grads else jnp.float32
+  assert ds_out.dtype == stored
   if "delta" in variant:
-    assert t_inv.shape == (b * h, 1, c, c)
-    assert t_inv.dtype == (dtype if bf16_grads else jnp.float32)
+    assert t_inv.shape == (b * h, 1, c, c) and t_inv.dtype == stored and dx.dtype == stored
   else:
-    assert t_inv is None
+    assert t_inv is None and dx.dtype == dtype   # GLA: dX is dv, in the inputs' dtype
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
 
 
@@ -231,19 +236,20 @@ def _fused_fwd_bwd(family, kd, gated, segments):
 
 
 @pytest.mark.skipif(jax.__version_info__ >= (0, 11),
-                    reason="jax >= 0.11 exports for cuda only with an abstract GPU device; the H100 run covers it")
+                    reason="jax >= 0.11 exports for cuda only with an abstract GPU device; the H200 runs "
+                           "of gpu_check_fused.py cover it")
 @pytest.mark.parametrize("family, kd, vd, dtype, gated, segments, split, bf16_grads", [
-    ("delta", 64, 64, jnp.bfloat16, True, True, False, True),
-    ("delta", 128, 128, jnp.bfloat16, True, True, False, True),
-    ("delta", 64, 128, jnp.bfloat16, False, False, False, True),
-    ("delta", 128, 64, jnp.float32, False, True, False, True),
-    ("delta", 128, 128, jnp.float32, True, False, False, True),
-    ("gla", 64, 64, jnp.bfloat16, True, True, False, True),
-    ("gla", 128, 128, jnp.bfloat16, False, False, False, True),
-    ("gla", 128, 128, jnp.float32, True, False, False, True),
+    ("delta", 64, 64, jnp.bfloat16, True, True, True, True),
     ("delta", 128, 128, jnp.bfloat16, True, True, True, True),
-    ("delta", 128, 128, jnp.bfloat16, True, True, False, False),
-    ("gla", 128, 128, jnp.bfloat16, True, False, True, False),
+    ("delta", 64, 128, jnp.bfloat16, False, False, True, True),
+    ("delta", 128, 64, jnp.float32, False, True, True, True),
+    ("delta", 128, 128, jnp.float32, True, False, True, True),
+    ("gla", 64, 64, jnp.bfloat16, True, True, True, True),
+    ("gla", 128, 128, jnp.bfloat16, False, False, True, True),
+    ("gla", 128, 128, jnp.float32, True, False, True, True),
+    ("delta", 128, 128, jnp.bfloat16, True, True, False, True),
+    ("delta", 128, 128, jnp.bfloat16, True, True, True, False),
+    ("gla", 128, 64, jnp.bfloat16, True, False, False, False),
 ])
 def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segments, split, bf16_grads,
                                             monkeypatch):
