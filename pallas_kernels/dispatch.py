@@ -18,9 +18,9 @@ def resolve_impl(impl: str, available: tuple[str, ...], *, op: str | None = None
   "auto" takes the Pallas form where the fused GPU kernels run `op` (a FUSED_BY_DEFAULT key; None
   for an op without fused kernels, such as GLA with a per-dimension decay) and the chunked XLA
   form everywhere else. Measured on the H200 (bf16, experiments/results/kernels/h200/): the fused
-  delta rule runs fwd+bwd in 3.9 ms against the chunked form's 17.3 ms at 8x2048x16x128, and a
-  DeltaNet-340m-shaped train step (8 layers, batch 8 x 2048) takes 54.6 ms against 127.6 ms with
-  less peak memory (9.8 vs 10.7 GB). The state-pass Pallas path (per-dimension GLA, TPU) is faster
+  delta rule runs fwd+bwd in 1.78 ms against the chunked form's 17.42 ms at 8x2048x16x128 (one
+  process, run 9), and a DeltaNet-340m-shaped train step (8 layers, batch 8 x 2048) takes 46.2 ms
+  against 127.6 ms (peak memory 10.2 vs 10.7 GB). The state-pass Pallas path (per-dimension GLA, TPU) is faster
   than chunk as one op but needs 3-7x its temporary memory, and ran out of memory inside a train
   step on the H100, so "auto" leaves those on chunk. The scan is never chosen automatically: its
   gradient stores one state per token.
