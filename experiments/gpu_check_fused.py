@@ -5,12 +5,13 @@
 
 (a) agreement: the fused path (float32 and bf16) and the Mosaic GPU state-pass path (bf16) vs
     impl="scan" (float32 reference) at 1x1024x4x128x128, delta rule ungated and gated, GLA with a
-    scalar and (Mosaic GPU only) a per-dimension decay: relative error of o, the final state and
+    scalar and a per-dimension decay: relative error of o, the final state and
     every gradient (q, k, v, beta, g, initial state).
 (b) timing: fwd and fwd+bwd (jitted, median of 20 after 3 warm-up calls, block_until_ready) of
     impl="chunk", the older Pallas path ("state_pass": Triton kernels over XLA terms; "mosaic_gpu":
-    the same with the Mosaic GPU kernels, jax >= 0.11) and the fused kernels, bf16 8x2048x16x128: delta rule ungated and gated, GLA per-dim decay (chunk and
-    state_pass only: no fused kernels for it yet) and GLA scalar decay; plus compiled temp memory;
+    the same with the Mosaic GPU kernels, jax >= 0.11) and the fused kernels, bf16 8x2048x16x128
+    (--shapes: BxTxHxD or BxTxHxKxV): delta rule ungated and gated, GLA per-dim decay and GLA
+    scalar decay; plus compiled temp memory;
     and flash-linear-attention's kernel for each (when torch and fla import), in the same process.
 (c) with --sweep: the fused paths' fwd+bwd at each of --shapes for each set of kernel constants;
     with --stages: the fused delta rule's stages, each timed alone, for each set.
@@ -37,6 +38,8 @@ import numpy as np
 import pallas_kernels as pk
 from pallas_kernels.common import chunk_kernels_triton, state_pass_mosaic_gpu
 from pallas_kernels.ops.delta_rule.pallas import delta_rule_fused, delta_rule_state_pass
+from pallas_kernels.common.chunking import matmul_precision
+from pallas_kernels.ops.gla.chunk import gla_scores_per_dim
 from pallas_kernels.ops.gla.pallas import gla_fused, gla_state_pass
 
 CHUNK = 64
@@ -120,7 +123,7 @@ def check(report, check_impls):
   for op, gated in (("delta", False), ("delta", True), ("gla_scalar", True), ("gla", None)):
     fn = delta_fn if op == "delta" else gla_fn
     for dtype in (jnp.float32, jnp.bfloat16):
-      impls = [] if op == "gla" else ["fused"]
+      impls = ["fused"]
       if dtype == jnp.bfloat16 and mosaic_gpu_ok():
         impls.append("mosaic_gpu")
       impls = [i for i in impls if i in check_impls]
@@ -170,7 +173,7 @@ def default_cases():
   mosaic = ("mosaic_gpu",) if mosaic_gpu_ok() else ()
   return {"delta": ("chunk", "state_pass", "fused") + mosaic + ("fla",),
           "delta_gated": ("state_pass", "fused") + mosaic + ("fla",),
-          "gla": ("chunk", "state_pass") + mosaic + ("fla",),  # per-dimension decay: no fused kernels yet
+          "gla": ("chunk", "state_pass", "fused") + mosaic + ("fla",),
           "gla_scalar": ("state_pass", "fused") + mosaic + ("fla",)}
 
 
@@ -187,20 +190,20 @@ def parse_cases(text):
 
 def bench(report, cases, shapes, out):
   rows = report.setdefault("timing", [])
-  for b, t, h, d in shapes:
-    _bench_shape(rows, cases, b, t, h, d)
+  for shape in shapes:
+    _bench_shape(rows, cases, *shape)
     write_report(report, out)
 
 
-def _bench_shape(rows, cases, b, t, h, d):
+def _bench_shape(rows, cases, b, t, h, kd, vd):
   for name, impls in cases.items():
     op, gated = ("delta", name == "delta_gated") if name.startswith("delta") else (name, None)
-    x = inputs(op, b, t, h, d, d, jnp.bfloat16, gated)
-    do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
+    x = inputs(op, b, t, h, kd, vd, jnp.bfloat16, gated)
+    do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, vd)), jnp.bfloat16)
     for impl in impls:
       if impl == "fla" and SMOKE:
         continue
-      row = {"op": op + ("_gated" if gated else ""), "impl": impl, "shape": [b, t, h, d, d], "dtype": "bfloat16"}
+      row = {"op": op + ("_gated" if gated else ""), "impl": impl, "shape": [b, t, h, kd, vd], "dtype": "bfloat16"}
       if impl == "fla":
         time_fla(op, x, do, row)
         print(json.dumps(row), flush=True)
@@ -279,22 +282,22 @@ def time_fla(op, x, do, row):
     row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
 
 
-def sweep(report, param_sets, shapes, out, ops=("delta", "delta_gated", "gla_scalar")):
+def sweep(report, param_sets, shapes, out, ops=("delta", "delta_gated", "gla_scalar", "gla")):
   """The fused path's fwd+bwd (the ops of `ops` that have fused kernels) at each shape for each
   set of kernel constants; the report is written after every row (a run cut off keeps them)."""
   default = kernel_params()
   rows = report.setdefault("sweep", [])
-  names = [op for op in ("delta", "delta_gated", "gla_scalar") if op in ops]
-  for b, t, h, d in [(1, 128, 2, 16)] if SMOKE else shapes:
-    do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
+  names = [op for op in ("delta", "delta_gated", "gla_scalar", "gla") if op in ops]
+  for b, t, h, kd, vd in [(1, 128, 2, 16, 16)] if SMOKE else shapes:
+    do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, vd)), jnp.bfloat16)
     for name in names:
       op = "delta" if name.startswith("delta") else name
-      x = inputs(op, b, t, h, d, d, jnp.bfloat16, name == "delta_gated")
+      x = inputs(op, b, t, h, kd, vd, jnp.bfloat16, name == "delta_gated")
       for params in param_sets:
         set_params(default)
         set_params(params)
         f = (delta_fn if op == "delta" else gla_fn)("fused")
-        row = {"op": name, "shape": [b, t, h, d, d], "params": params}
+        row = {"op": name, "shape": [b, t, h, kd, vd], "params": params}
         try:
           fb = jax.jit(lambda x, f=f: jax.vjp(lambda x: f(x)[0], x)[1](do)).lower(x).compile()
           row["fwd_bwd_ms"] = median_ms(fb, x)
@@ -306,20 +309,33 @@ def sweep(report, param_sets, shapes, out, ops=("delta", "delta_gated", "gla_sca
   set_params(default)
 
 
-def stages(b, t, h, d):
-  """ms of each stage of the fused delta rule (ungated, bf16), run alone, at the current kernel
-  constants."""
+def stages(b, t, h, d, op="delta"):
+  """ms of each stage of the fused delta rule (ungated) or, op "gla", of per-dimension GLA (bf16),
+  run alone, at the current kernel constants."""
   ck = chunk_kernels_triton
-  x = inputs("delta", b, t, h, d, d, jnp.bfloat16, False)
+  x = inputs(op, b, t, h, d, d, jnp.bfloat16, False)
   do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
-  beta = x["beta"].astype(jnp.float32)
   common = dict(scale=d ** -0.5, chunk=CHUNK, interpret=SMOKE)
   s0 = x["s0"].reshape(b * h, d, d)
+  fns = gla_stage_fns(x, do, s0, common) if op == "gla" else delta_stage_fns(x, do, s0, common)
+  out = {}
+  for name, fn in fns.items():
+    try:
+      out[name] = median_ms(jax.jit(fn).lower().compile(), None, call_with_arg=False)
+    except Exception as e:
+      out[name] = f"{type(e).__name__}: {str(e)[:500]}"
+    print(json.dumps({"op": op, "stage": name, "ms": out[name]}), flush=True)
+  return out
+
+
+def delta_stage_fns(x, do, s0, common):
+  ck = chunk_kernels_triton
+  beta = x["beta"].astype(jnp.float32)
   _, _, saved = ck.forward(x["q"], x["k"], x["v"], beta, None, s0, None, store_states=True, **common)
   s_in, w, xx, t_inv = saved
   ds_out, _, dx = ck.state_grads(x["q"], x["k"], w, None, None, do, s0, **common)
   t_dtype = None if t_inv is None else t_inv.dtype
-  fns = {
+  return {
       "wy alone": lambda: ck.wy(x["k"], x["v"], beta, None, None, chunk=CHUNK, t_dtype=t_dtype,
                                 interpret=SMOKE),
       "forward (wy + state pass, storing)": lambda: ck.forward(x["q"], x["k"], x["v"], beta, None, s0, None,
@@ -330,26 +346,51 @@ def stages(b, t, h, d):
       "dqk only (the GLA form)": lambda: ck.chunk_grads(x["q"], x["k"], x["v"], None, None, None, do, s_in,
                                                          ds_out, None, dx.astype(jnp.bfloat16), None, **common),
   }
-  out = {}
-  for name, fn in fns.items():
-    try:
-      out[name] = median_ms(jax.jit(fn).lower().compile(), None, call_with_arg=False)
-    except Exception as e:
-      out[name] = f"{type(e).__name__}: {str(e)[:500]}"
-    print(json.dumps({"stage": name, "ms": out[name]}), flush=True)
-  return out
 
 
-def stage_sets(report, param_sets, out):
-  """`stages` at 8x2048x16x128 for each set of kernel constants."""
+def gla_stage_fns(x, do, s0, common):
+  """Per-dimension GLA: the XLA-built scores and their VJP, and each kernel stage."""
+  ck = chunk_kernels_triton
+  q, k, v, g = x["q"], x["k"], x["v"], x["g"].astype(jnp.float32)
+  prec = matmul_precision(q.dtype)
+  scores = lambda q, k, g: gla_scores_per_dim(q, k, g, None, chunk=CHUNK, precision=prec)
+  p = scores(q.astype(jnp.float32), k.astype(jnp.float32), g).astype(q.dtype)
+  _, _, (s_in, *_) = ck.forward(q, k, v, None, g, s0, None, store_states=True, p=p, **common)
+  cum_g = ck.chunk_cumsum(g, CHUNK)
+  ds_out, _, dv = ck.state_grads(q, k, None, cum_g, None, do, s0, p=p, **common)
+  dp = jnp.zeros(p.shape, jnp.float32)
+  f32 = lambda a: a.astype(jnp.float32)
+  return {
+      "scores (XLA)": lambda: scores(f32(q), f32(k), g),
+      "scores VJP (XLA, its forward included)": lambda: jax.vjp(scores, f32(q), f32(k), g)[1](dp),
+      "forward kernels (state pass + output)": lambda: ck.forward(q, k, v, None, g, s0, None, store_states=True,
+                                                                  p=p, **common),
+      "state_grads": lambda: ck.state_grads(q, k, None, cum_g, None, do, s0, p=p, **common),
+      "chunk_grads (dqk)": lambda: ck.chunk_grads(q, k, v, None, cum_g, None, do, s_in, ds_out, None, dv, None,
+                                                  **common),
+  }
+
+
+def stage_sets(report, param_sets, out, ops=("delta",)):
+  """`stages` at 8x2048x16x128 for each set of kernel constants and each op of `ops`."""
   default = kernel_params()
   rows = report.setdefault("stage_sets", [])
   for params in param_sets:
     set_params(default)
     set_params(params)
-    rows.append({"params": params, "ms": stages(*((1, 128, 2, 16) if SMOKE else (8, 2048, 16, 128)))})
+    for op in ops:
+      rows.append({"op": op, "params": params,
+                   "ms": stages(*((1, 128, 2, 16) if SMOKE else (8, 2048, 16, 128)), op=op)})
     write_report(report, out)
   set_params(default)
+
+
+def parse_shape(text):
+  """'8x2048x16x128' -> (8, 2048, 16, 128, 128); 'BxTxHxKxV' for K != V."""
+  dims = tuple(int(n) for n in text.split("x"))
+  if len(dims) not in (4, 5):
+    raise ValueError(f"--shapes: expected BxTxHxD or BxTxHxKxV, got {text!r}")
+  return dims if len(dims) == 5 else (*dims, dims[-1])
 
 
 def main():
@@ -363,6 +404,7 @@ def main():
                   help='JSON list of constant sets to time the fused paths with at --shapes, e.g. [{}, {"DQK_PARAMS": [4, 2]}]')
   ap.add_argument("--stages", default=None,
                   help="JSON list of constant sets to time the fused delta rule's stages with (8x2048x16x128)")
+  ap.add_argument("--stages-ops", default="delta", help="ops whose stages --stages times: delta, gla (per-dim)")
   ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
   ap.add_argument("--cases", default=None,
                   help="ops and paths to time, e.g. 'delta:fused,fla;gla_scalar:state_pass,fused' (default: all)")
@@ -378,9 +420,9 @@ def main():
     report["params"] = json.loads(args.params)
   report["kernel_params"] = kernel_params()
   cases = parse_cases(args.cases) if args.cases else default_cases()
-  shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+  shapes = [parse_shape(s) for s in args.shapes.split(",")]
   if SMOKE:
-    shapes = [(1, 128, 2, 64)]
+    shapes = [(1, 128, 2, 64, 64)]
   t0 = time.time()
   if not args.skip_check:
     check(report, args.check_impls.split(","))
@@ -390,7 +432,7 @@ def main():
   if args.sweep:
     sweep(report, json.loads(args.sweep), shapes, args.out, *([tuple(cases)] if args.cases else []))
   if args.stages:
-    stage_sets(report, json.loads(args.stages), args.out)
+    stage_sets(report, json.loads(args.stages), args.out, args.stages_ops.split(","))
   report["wall_s"] = time.time() - t0
   path = write_report(report, args.out)
   print("wrote", path, f"({report['wall_s']:.0f} s)")

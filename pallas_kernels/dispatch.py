@@ -109,7 +109,9 @@ def _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) -> str | None:
 # 5.9 vs 10.9; scalar-decay GLA 1.8 vs 2.4. The fused path also needs 1.5-3x less temporary
 # memory (833 vs 1921 MB for the delta rule). PALLAS_KERNELS_FUSED=0 takes the state-pass path
 # everywhere, =1 the fused one wherever it exists.
-FUSED_BY_DEFAULT = {"delta_rule": True, "gated_delta_rule": True, "gla": True}
+# GLA with a per-dimension decay ("gla_perdim": fused kernels with XLA-built intra-chunk scores)
+# stays on the state-pass path until timed.
+FUSED_BY_DEFAULT = {"delta_rule": True, "gated_delta_rule": True, "gla": True, "gla_perdim": False}
 
 
 def fused_kernels(backend: str, op: str) -> bool:

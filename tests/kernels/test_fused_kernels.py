@@ -1,5 +1,4 @@
-"""The fused GPU kernels (`chunk_kernels_triton`; the delta rule, and GLA with a scalar or no
-decay): per-chunk gradients against `jax.vjp` of the pure-JAX chunk, the whole op against the
+"""The fused GPU kernels (`chunk_kernels_triton`; the delta rule and GLA): per-chunk gradients against `jax.vjp` of the pure-JAX chunk, the whole op against the
 float32 scan (generic interpret mode), path selection, and the Triton lowering.
 `test_pallas_agreement.py` covers the same ops through "pallas:generic" at more lengths; these
 add the solve's block merge (C = 32, 64), several value blocks and K != V."""
@@ -91,10 +90,11 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
   t_inv = None
   if family == "delta":
     t_dtype = dtype if low else jnp.float32
-    *_, t_inv = ck.wy(k, v, beta, g, seg, chunk=c, t_dtype=t_dtype, interpret=True)
+    *_, t_inv = ck.wy(k, v, beta, ck.chunk_cumsum(g, c), seg, chunk=c, t_dtype=t_dtype, interpret=True)
     assert t_inv.dtype == t_dtype
-  got = ck.chunk_grads(q, k, v, beta, g, seg, do, s_in, ds_out, x_in, dx_in, t_inv, scale=scale, chunk=c,
-                       interpret=True)
+  *got, dp = ck.chunk_grads(q, k, v, beta, ck.chunk_cumsum(g, c), seg, do, s_in, ds_out, x_in, dx_in, t_inv,
+                            scale=scale, chunk=c, interpret=True)
+  assert dp is None     # only a per-dimension decay returns dP
 
   dbeta, dg = dgates if family == "delta" else (None, dgates[0])
   tol = TOL[dtype]
@@ -112,6 +112,9 @@ SCAN_CASES = {   # id: (variant, t, c, kd, vd, dtype, segments)
     "gated-seg-C16-bf16": ("gated_delta", 45, 16, 16, 64, jnp.bfloat16, True),
     "gla-scalar-seg-C32-V128": ("gla_scalar", 70, 32, 32, 128, jnp.float32, True),
     "gla-scalar-seg-C16-bf16": ("gla_scalar", 45, 16, 32, 64, jnp.bfloat16, True),
+    "gla-perdim-seg-C32-V128": ("gla_perdim", 70, 32, 32, 128, jnp.float32, True),
+    "gla-perdim-C64-K16-V64": ("gla_perdim", 100, 64, 16, 64, jnp.float32, False),
+    "gla-perdim-seg-C16-bf16": ("gla_perdim", 45, 16, 32, 64, jnp.bfloat16, True),
 }
 
 
@@ -149,7 +152,8 @@ def kernel_flags(monkeypatch):
 
 
 # the delta rule gated and ungated and GLA, with segments and T not a multiple of the chunk
-@_scan_cases("gated-seg-C32-V128", "ungated-C64-K32-V16", "gla-scalar-seg-C32-V128", "gated-seg-C16-bf16")
+@_scan_cases("gated-seg-C32-V128", "ungated-C64-K32-V16", "gla-scalar-seg-C32-V128", "gated-seg-C16-bf16",
+             "gla-perdim-seg-C16-bf16")
 @pytest.mark.parametrize("split", [True, False], ids=["split", "fused-output"])
 def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, split, kernel_flags):
   """SPLIT_OUTPUT (the default): `_output_kernel` runs in the training forward only (inference
@@ -165,7 +169,7 @@ def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, split
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
 
 
-@_scan_cases("gated-seg-C32-V128", "gated-seg-C16-bf16", "gla-scalar-seg-C16-bf16")
+@_scan_cases("gated-seg-C32-V128", "gated-seg-C16-bf16", "gla-scalar-seg-C16-bf16", "gla-perdim-seg-C16-bf16")
 @pytest.mark.parametrize("bf16_grads", [True, False], ids=["bf16-grads", "f32-grads"])
 def test_grad_operands_match_scan(variant, t, c, kd, vd, dtype, segments, bf16_grads, kernel_flags):
   """BF16_GRAD_OPERANDS on (the default) and off (float32 intermediates and TF32 matmuls in the
@@ -204,8 +208,9 @@ def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
   f_gla = lambda q, g: pk.gla(q, y["k"], y["v"], g, impl="pallas")[0].sum()
   assert kernel_names(jax.grad(f_gla), y["q"], y["g"]) == ["_forward_kernel", "_output_kernel",
                                                             "_state_grad_kernel", "_dqk_kernel"]
-  per_dim = make_inputs(1, "gla_perdim", t=20)["g"]  # per-dimension decay: the state-pass path
-  assert "_state_grad_kernel" not in kernel_names(jax.grad(f_gla), y["q"], per_dim)
+  per_dim = make_inputs(1, "gla_perdim", t=20)["g"]
+  assert kernel_names(jax.grad(f_gla), y["q"], per_dim) == ["_forward_kernel", "_output_kernel",
+                                                             "_state_grad_kernel", "_dqk_kernel"]
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
   assert "_wy_kernel" not in kernel_names(jax.grad(f), x["q"])
   assert "_state_grad_kernel" not in kernel_names(jax.grad(f_gla), y["q"], y["g"])
@@ -214,6 +219,7 @@ def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
   assert "_wy_kernel" in kernel_names(jax.grad(f_ungated), x["q"])
   assert "_wy_kernel" in kernel_names(jax.grad(f), x["q"])
   assert "_state_grad_kernel" in kernel_names(jax.grad(f_gla), y["q"], y["g"])
+  assert "_state_grad_kernel" not in kernel_names(jax.grad(f_gla), y["q"], per_dim)   # not fused until timed
   monkeypatch.setattr(dispatch, "FUSED_BY_DEFAULT", {**dispatch.FUSED_BY_DEFAULT, "gated_delta_rule": False})
   assert "_wy_kernel" not in kernel_names(jax.grad(f), x["q"])
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "yes")
@@ -250,6 +256,9 @@ def _fused_fwd_bwd(family, kd, gated, segments):
     ("delta", 128, 128, jnp.bfloat16, True, True, False, True),
     ("delta", 128, 128, jnp.bfloat16, True, True, True, False),
     ("gla", 128, 64, jnp.bfloat16, True, False, False, False),
+    ("gla_perdim", 64, 128, jnp.bfloat16, True, True, True, True),
+    ("gla_perdim", 128, 128, jnp.float32, True, False, True, True),
+    ("gla_perdim", 64, 64, jnp.bfloat16, True, False, False, False),
 ])
 def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segments, split, bf16_grads,
                                             monkeypatch):
@@ -257,7 +266,8 @@ def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segmen
   monkeypatch.setattr(ck, "BF16_GRAD_OPERANDS", bf16_grads)
   b, t, h = 2, 256, 2
   spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
-  args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h), spec(b, t, h),
+  g = spec(b, t, h, kd) if family == "gla_perdim" else spec(b, t, h)
+  args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h), g,
           spec(b, h, kd, vd, dt=jnp.float32), spec(b, t, dt=jnp.int32))
   exported = export.export(
       jax.jit(_fused_fwd_bwd(family, kd, gated, segments)), platforms=["cuda"],

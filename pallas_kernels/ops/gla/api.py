@@ -34,7 +34,7 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, return_final_state=F
   _checks.check_segment_ids(segment_ids, b, t)
   _checks.check_chunk_size(chunk_size, SUB_CHUNK)
   scale = _checks.resolve_scale(scale, kd)
-  form = resolve_impl(impl, tuple(_FORMS), op=None if g is not None and g.ndim == 4 else "gla",
+  form = resolve_impl(impl, tuple(_FORMS), op="gla_perdim" if g is not None and g.ndim == 4 else "gla",
                       dtype=q.dtype, kd=kd, vd=vd, chunk_size=chunk_size)
   s0 = _checks.resolve_initial_state(initial_state, b, h, kd, vd)
   extra = {} if form == "scan" else {"chunk_size": chunk_size}

@@ -1,9 +1,9 @@
 """GLA as Pallas kernels.
 
-GLA with a scalar or no decay can run every stage as a kernel (`pallas_chunked.make_fused_op`,
-GPU and the generic interpreter, when `dispatch.fused_kernels` picks it). Otherwise, and always
-for a per-dimension decay or on TPU, the passes over chunks are kernels over XLA-built terms
-(`pallas_chunked.make_pallas_op`).
+On GPU (and the generic interpreter) GLA can run every stage as a kernel
+(`pallas_chunked.make_fused_op`; with a per-dimension decay all but the intra-chunk scores, which
+XLA builds) when `dispatch.fused_kernels` picks it. Otherwise, and always on TPU, the passes over
+chunks are kernels over XLA-built terms (`pallas_chunked.make_pallas_op`).
 """
 from __future__ import annotations
 
@@ -12,16 +12,18 @@ import functools
 from pallas_kernels.common.chunking import run_chunked
 from pallas_kernels.common.pallas_chunked import make_fused_op, make_pallas_op, run_padded
 from pallas_kernels.dispatch import check_pallas_shapes, fused_kernels, pallas_backend
-from pallas_kernels.ops.gla.chunk import gla_chunk_terms, gla_gates
+from pallas_kernels.ops.gla.chunk import gla_chunk_terms, gla_gates, gla_scores_per_dim
 
 _gla_pallas = make_pallas_op(gla_chunk_terms)
-_gla_fused = make_fused_op()
+_gla_fused = make_fused_op(scores_per_dim=gla_scores_per_dim)
+
+
+def _fused_op_name(g):
+  return "gla_perdim" if g is not None and g.ndim == 4 else "gla"
 
 
 def gla_fused(q, k, v, g, *, scale, s0, segment_ids, chunk_size, interpret):
-  """The fused kernels on [B, T, H, *] inputs; g None or [B, T, H] (scalar decay)."""
-  if g is not None and g.ndim != 3:
-    raise ValueError(f"g: the fused GLA kernels take a scalar decay [B, T, H], got shape {g.shape}")
+  """The fused kernels on [B, T, H, *] inputs; g None, [B, T, H] or [B, T, H, K]."""
   return run_padded(functools.partial(_gla_fused, scale, chunk_size, interpret), q, k, v, (None, g),
                     s0=s0, segment_ids=segment_ids, chunk_size=chunk_size)
 
@@ -35,7 +37,7 @@ def gla_state_pass(q, k, v, g, *, scale, s0, segment_ids, chunk_size, backend):
 def gla_pallas(q, k, v, g, *, scale, s0, segment_ids, chunk_size):
   backend = pallas_backend(q.dtype, q.shape[-1], v.shape[-1], chunk_size)
   check_pallas_shapes(backend, q.shape[-1], v.shape[-1], chunk_size)
-  if fused_kernels(backend, "gla") and (g is None or g.ndim == 3):
+  if fused_kernels(backend, _fused_op_name(g)):
     return gla_fused(q, k, v, g, scale=scale, s0=s0, segment_ids=segment_ids, chunk_size=chunk_size,
                      interpret=backend == "interpret")
   return gla_state_pass(q, k, v, g, scale=scale, s0=s0, segment_ids=segment_ids, chunk_size=chunk_size,
