@@ -38,8 +38,6 @@ import numpy as np
 import pallas_kernels as pk
 from pallas_kernels.common import chunk_kernels_triton, state_pass_mosaic_gpu
 from pallas_kernels.ops.delta_rule.pallas import delta_rule_fused, delta_rule_state_pass
-from pallas_kernels.common.chunking import matmul_precision
-from pallas_kernels.ops.gla.chunk import gla_scores_per_dim
 from pallas_kernels.ops.gla.pallas import gla_fused, gla_state_pass
 
 CHUNK = 64
@@ -317,11 +315,14 @@ def stages(b, t, h, d, op="delta"):
   do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
   common = dict(scale=d ** -0.5, chunk=CHUNK, interpret=SMOKE)
   s0 = x["s0"].reshape(b * h, d, d)
-  fns = gla_stage_fns(x, do, s0, common) if op == "gla" else delta_stage_fns(x, do, s0, common)
+  fns, arrays = gla_stage_fns(x, do, s0, common) if op == "gla" else (delta_stage_fns(x, do, s0, common), None)
   out = {}
   for name, fn in fns.items():
     try:
-      out[name] = median_ms(jax.jit(fn).lower().compile(), None, call_with_arg=False)
+      if arrays is None:
+        out[name] = median_ms(jax.jit(fn).lower().compile(), None, call_with_arg=False)
+      else:   # arguments, not constants: XLA would constant-fold the XLA parts of a closure (run 11)
+        out[name] = median_ms(jax.jit(fn).lower(arrays).compile(), arrays)
     except Exception as e:
       out[name] = f"{type(e).__name__}: {str(e)[:500]}"
     print(json.dumps({"op": op, "stage": name, "ms": out[name]}), flush=True)
@@ -332,7 +333,7 @@ def delta_stage_fns(x, do, s0, common):
   ck = chunk_kernels_triton
   beta = x["beta"].astype(jnp.float32)
   _, _, saved = ck.forward(x["q"], x["k"], x["v"], beta, None, s0, None, store_states=True, **common)
-  s_in, w, xx, t_inv = saved
+  s_in, w, xx, t_inv, _ = saved
   ds_out, _, dx = ck.state_grads(x["q"], x["k"], w, None, None, do, s0, **common)
   t_dtype = None if t_inv is None else t_inv.dtype
   return {
@@ -349,26 +350,24 @@ def delta_stage_fns(x, do, s0, common):
 
 
 def gla_stage_fns(x, do, s0, common):
-  """Per-dimension GLA: the XLA-built scores and their VJP, and each kernel stage."""
+  """Per-dimension GLA: each kernel stage, as functions of one dict of arrays (and that dict)."""
   ck = chunk_kernels_triton
-  q, k, v, g = x["q"], x["k"], x["v"], x["g"].astype(jnp.float32)
-  prec = matmul_precision(q.dtype)
-  scores = lambda q, k, g: gla_scores_per_dim(q, k, g, None, chunk=CHUNK, precision=prec)
-  p = scores(q.astype(jnp.float32), k.astype(jnp.float32), g).astype(q.dtype)
-  _, _, (s_in, *_) = ck.forward(q, k, v, None, g, s0, None, store_states=True, p=p, **common)
-  cum_g = ck.chunk_cumsum(g, CHUNK)
-  ds_out, _, dv = ck.state_grads(q, k, None, cum_g, None, do, s0, p=p, **common)
-  dp = jnp.zeros(p.shape, jnp.float32)
-  f32 = lambda a: a.astype(jnp.float32)
-  return {
-      "scores (XLA)": lambda: scores(f32(q), f32(k), g),
-      "scores VJP (XLA, its forward included)": lambda: jax.vjp(scores, f32(q), f32(k), g)[1](dp),
-      "forward kernels (state pass + output)": lambda: ck.forward(q, k, v, None, g, s0, None, store_states=True,
-                                                                  p=p, **common),
-      "state_grads": lambda: ck.state_grads(q, k, None, cum_g, None, do, s0, p=p, **common),
-      "chunk_grads (dqk)": lambda: ck.chunk_grads(q, k, v, None, cum_g, None, do, s_in, ds_out, None, dv, None,
-                                                  **common),
+  a = dict(q=x["q"], k=x["k"], v=x["v"], g=x["g"].astype(jnp.float32), do=do, s0=s0)
+  a["cum_g"] = ck.chunk_cumsum(a["g"], CHUNK)
+  _, _, (a["s_in"], _, _, _, a["p"]) = ck.forward(a["q"], a["k"], a["v"], None, a["g"], s0, None, store_states=True,
+                                                  **common)
+  a["ds_out"], _, a["dv"] = ck.state_grads(a["q"], a["k"], None, a["cum_g"], None, do, s0, p=a["p"], **common)
+  fns = {
+      "scores": lambda a: ck.scores(a["q"], a["k"], a["cum_g"], None, chunk=CHUNK, interpret=SMOKE),
+      "forward (scores + state pass + output)": lambda a: ck.forward(a["q"], a["k"], a["v"], None, a["g"], a["s0"],
+                                                                     None, store_states=True, **common),
+      "state_grads": lambda a: ck.state_grads(a["q"], a["k"], None, a["cum_g"], None, a["do"], a["s0"], p=a["p"],
+                                              **common),
+      "chunk_grads (dqk + scores_grad)": lambda a: ck.chunk_grads(a["q"], a["k"], a["v"], None, a["cum_g"], None,
+                                                                  a["do"], a["s_in"], a["ds_out"], None, a["dv"],
+                                                                  None, **common),
   }
+  return fns, a
 
 
 def stage_sets(report, param_sets, out, ops=("delta",)):

@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of the fused Triton-backend kernels, without a GPU.
 
-    python experiments/ptxas_report.py --triton-path DIR [--family delta] [--gated] [--kd 128 --vd 128]
+    python experiments/ptxas_report.py --triton-path DIR [--family delta|gla|gla_perdim] [--gated] [--kd 128 --vd 128]
                                        [--params '{"DQK_PARAMS": [8, 1]}'] [--out DIR]
 
 Exports the fused forward+backward for CUDA (jax < 0.11: newer jax exports for CUDA only with an
@@ -68,7 +68,8 @@ def triton_kernels(family="delta", gated=True, segments=False, kd=128, vd=128, d
     return o.astype(jnp.float32).sum() + s.sum()
 
   spec = lambda *s, d=dt: jax.ShapeDtypeStruct(s, d)
-  args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h), spec(b, t, h),
+  g = spec(b, t, h, kd) if family == "gla_perdim" else spec(b, t, h)
+  args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h), g,
           spec(b, h, kd, vd, d=jnp.float32), spec(b, t, d=jnp.int32))
   # the loss's value too, as a training step: under jax.grad alone the split-off `_output_kernel`
   # is dropped (O's value is not needed for the gradients)
@@ -121,7 +122,8 @@ def compile_report(kernels, triton_path):
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--triton-path", required=True, help="a folder holding the triton package (pip install --target)")
-  ap.add_argument("--family", choices=("delta", "gla"), default="delta")
+  ap.add_argument("--family", choices=("delta", "gla", "gla_perdim"), default="delta",
+                  help="gla: scalar decay with --gated; gla_perdim: per-dimension decay")
   ap.add_argument("--gated", action="store_true")
   ap.add_argument("--segments", action="store_true")
   ap.add_argument("--kd", type=int, default=128)

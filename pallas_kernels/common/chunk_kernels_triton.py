@@ -78,10 +78,13 @@ STATE_GRAD_PARAMS = (4, 1)
 DQK_PARAMS = (4, 1)
 WY_GRAD_PARAMS = (4, 1)
 OUTPUT_PARAMS = (4, 1)
+SCORES_PARAMS = (4, 1)
+SCORES_GRAD_PARAMS = (4, 1)
 GRAD_BLOCK_K = 64     # key columns per program of `_dqk_kernel` (and per step of `_wy_grad_kernel`)
 GRAD_BLOCK_V = 64     # value columns per step of both gradient kernels' loops
 STATE_BLOCK_V = 64    # value columns per program of the two sequential passes
 SOLVE_BLOCK = 16
+SCORE_BLOCK = 16      # rows of the sub-blocks of the per-dimension-decay scores (`_scores_kernel`)
 # In a training step's forward, walk only the states and compute the outputs in the
 # chunk-parallel `_output_kernel` from the stored states and X, as flash-linear-attention does:
 # the sequential pass drops its 3 output-only matmuls a chunk (Q K^T, Q S, P X). Measured on the
@@ -256,6 +259,14 @@ class _Loader:
   def store_scalar(self, ref, n, x):
     ref[self.b, pl.ds(n * self.c, self.c), self.h] = x.astype(ref.dtype)
 
+  def sub_rows(self, ref, n, i, sub, cols):
+    """[sub, *] tile of a [B, T, H, *] array: rows i*sub... of chunk n, columns `cols` (a pl.ds)."""
+    return ref[self.b, pl.ds(n * self.c + i * sub, sub), self.h, cols]
+
+  def row(self, ref, n, j, cols):
+    """[*] of a [B, T, H, *] array at row j of chunk n (j may be traced)."""
+    return ref[self.b, n * self.c + j, self.h, cols]
+
 
 def _split_refs(refs, names, flags):
   """Unpacks positional refs into a dict; names whose flag is False get None."""
@@ -417,6 +428,91 @@ def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has
   r["ds0"][bh, :, cols] = jax.lax.fori_loop(0, n_chunks, step, r["ds_final"][bh, :, cols])
 
 
+def _scores_kernel(*refs, heads, c, block_k, sub, has_seg, precise):
+  """The intra-chunk scores under a per-dimension decay (program (B*H, N)), one row block of `sub`
+  rows at a time: P_ts = sum_d q_td k_sd exp(b_td - b_sd) for s <= t in one segment (before the
+  scale). The exponent does not factor into (q e^b)(k e^-b)^T without overflow, so each block of
+  earlier rows takes a reference r = b of the row before the block, which keeps both factors
+  q e^(b - r) and k e^(r - b) <= 1, and the diagonal block is exact, one column at a time."""
+  r = _split_refs(refs, ("q", "k", "cum_g", "seg", "p"), {"seg": has_seg})
+  bh, n = pl.program_id(0), pl.program_id(1)
+  ld = _Loader(bh, heads, c)
+  kd = r["q"].shape[-1]
+  mm = r["q"].dtype
+  kcols = pl.ds(0, kd)
+  row_c = jax.lax.broadcasted_iota(jnp.int32, (c, kd), 0)
+  row_s = jax.lax.broadcasted_iota(jnp.int32, (sub, kd), 0)
+  col_s = jax.lax.broadcasted_iota(jnp.int32, (sub, c), 1)
+  k, b = _f32(ld.tok(r["k"], n)), ld.tok(r["cum_g"], n)
+  seg = ld.segments(r["seg"], n)[0] if has_seg else None
+  for i in range(c // sub):
+    q_i, b_i = _f32(ld.sub_rows(r["q"], n, i, sub, kcols)), ld.sub_rows(r["cum_g"], n, i, sub, kcols)
+    blk = jnp.zeros((sub, c), jnp.float32)
+    if i > 0:
+      ref = ld.row(r["cum_g"], n, i * sub - 1, kcols)
+      k_ref = k * jnp.exp(jnp.where(row_c < i * sub, ref[None, :] - b, -jnp.inf))
+      blk = _mm((q_i * jnp.exp(b_i - ref[None, :])).astype(mm), k_ref.astype(mm), precise, tb=True)
+
+    def diagonal_column(j, blk, i=i, q_i=q_i, b_i=b_i):
+      k_j, b_j = _f32(ld.row(r["k"], n, i * sub + j, kcols)), ld.row(r["cum_g"], n, i * sub + j, kcols)
+      decay = jnp.exp(jnp.where(row_s >= j, b_i - b_j[None, :], -jnp.inf))
+      column = jnp.sum(q_i * k_j[None, :] * decay, axis=1)
+      return jnp.where(col_s == i * sub + j, column[:, None], blk)
+
+    blk = jax.lax.fori_loop(0, sub, diagonal_column, blk)
+    if has_seg:
+      seg_i = r["seg"][ld.b, pl.ds(n * c + i * sub, sub)]
+      blk = blk * _mask(seg_i[:, None] == seg[None, :])
+    r["p"][bh, n, pl.ds(i * sub, sub), :] = blk.astype(r["p"].dtype)
+
+
+def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
+  """The scores' VJP added to the state terms (program (B*H, N, K/BK)): from dP (masked to the
+  scores' support) the intra-chunk dq, dk with the same references as `_scores_kernel` (dk's
+  block j: r = b of its last row, so q e^(b - r) over the later rows and k e^(r - b) stay <= 1) and
+  the diagonal blocks exact; db += q * dq - k * dk of those intra-chunk terms."""
+  r = _split_refs(refs, ("q", "k", "cum_g", "dp", "dq_state", "dk_state", "db_state", "dq", "dk", "db"), {})
+  bh, n, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  kcols = pl.ds(kb * block_k, block_k)
+  ld = _Loader(bh, heads, c)
+  nb = c // sub
+  row_c = jax.lax.broadcasted_iota(jnp.int32, (c, block_k), 0)
+  row_s = jax.lax.broadcasted_iota(jnp.int32, (sub, block_k), 0)
+  q, k, b = _f32(ld.tok(r["q"], n, kcols)), _f32(ld.tok(r["k"], n, kcols)), ld.tok(r["cum_g"], n, kcols)
+  for i in range(nb):
+    rows = pl.ds(i * sub, sub)
+    q_i, k_i = _f32(ld.sub_rows(r["q"], n, i, sub, kcols)), _f32(ld.sub_rows(r["k"], n, i, sub, kcols))
+    b_i = ld.sub_rows(r["cum_g"], n, i, sub, kcols)
+    dq_i = jnp.zeros((sub, block_k), jnp.float32)
+    dk_i = jnp.zeros((sub, block_k), jnp.float32)
+    if i > 0:
+      ref = ld.row(r["cum_g"], n, i * sub - 1, kcols)
+      k_ref = k * jnp.exp(jnp.where(row_c < i * sub, ref[None, :] - b, -jnp.inf))
+      dq_i = jnp.exp(b_i - ref[None, :]) * _mm(r["dp"][bh, n, rows, :], k_ref, precise)
+    if i < nb - 1:
+      ref = ld.row(r["cum_g"], n, i * sub + sub - 1, kcols)
+      q_ref = q * jnp.exp(jnp.where(row_c >= (i + 1) * sub, b - ref[None, :], -jnp.inf))
+      dk_i = jnp.exp(ref[None, :] - b_i) * _mm(r["dp"][bh, n, :, rows], q_ref, precise, ta=True)
+
+    def diagonal(j, acc, i=i, b_i=b_i):
+      dq_i, dk_i = acc
+      t = i * sub + j
+      k_j, q_j, b_j = (_f32(ld.row(x, n, j + i * sub, kcols)) for x in (r["k"], r["q"], r["cum_g"]))
+      dp_col = r["dp"][bh, n, rows, t]          # dP[t', t] for t' in the block: key row t
+      dp_row = r["dp"][bh, n, t, rows]          # dP[t, s] for s in the block: query row t
+      dq_i += dp_col[:, None] * k_j[None, :] * jnp.exp(jnp.where(row_s >= j, b_i - b_j[None, :], -jnp.inf))
+      dk_i += dp_row[:, None] * q_j[None, :] * jnp.exp(jnp.where(row_s <= j, b_j[None, :] - b_i, -jnp.inf))
+      return dq_i, dk_i
+
+    dq_i, dk_i = jax.lax.fori_loop(0, sub, diagonal, (dq_i, dk_i))
+    ld_rows = functools.partial(ld.sub_rows, n=n, i=i, sub=sub, cols=kcols)
+    db_i = ld_rows(r["db_state"]) + q_i * dq_i - k_i * dk_i
+    t_rows = pl.ds(n * c + i * sub, sub)
+    r["dq"][ld.b, t_rows, ld.h, kcols] = (ld_rows(r["dq_state"]) + dq_i).astype(r["dq"].dtype)
+    r["dk"][ld.b, t_rows, ld.h, kcols] = (ld_rows(r["dk_state"]) + dk_i).astype(r["dk"].dtype)
+    r["db"][ld.b, t_rows, ld.h, kcols] = db_i
+
+
 def _operand(low, dtype):
   """The cast of a float32 intermediate for a gradient kernel's matmul: to the inputs' `dtype`
   with BF16_GRAD_OPERANDS (`low`), else float32 (TF32)."""
@@ -492,7 +588,12 @@ def _dim_state_grads(ld, r, bh, n, kb, kcols, dp, dqe, xh, dlam, q, k, scale):
 
   @pl.when(kb == 0)
   def _():
-    r["dp"][bh, n] = dp
+    rows, cols = _iota(ld.c)
+    support = rows >= cols
+    if r["seg"] is not None:
+      seg = ld.segments(r["seg"], n)[0]
+      support = support & (seg[:, None] == seg[None, :])
+    r["dp"][bh, n] = jnp.where(support, dp, 0.0)
 
 
 def _wy_grad_kernel(*refs, heads, c, block_k, block_v, has_g, has_seg, low, precise):
@@ -591,15 +692,14 @@ def wy(k, v, beta, cum_g, seg, *, chunk, t_dtype=None, interpret=False):
   return res if t_dtype is not None else (*res, None)
 
 
-def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, p=None, interpret=False):
+def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=False):
   """O [B, T, H, V] in v's dtype, the final state [B*H, K, V] float32 and, if `store_states`, what
   the backward needs (else None): the state entering every chunk [B*H, N, K, V] in q's dtype (the
   forward's matmuls already rounded it so), and for the delta rule W [B*H, N, C, K] and
   X [B, T, H, V] in q's dtype and the solve's T [B*H, N, C, C] (float32; q's dtype with
   BF16_GRAD_OPERANDS) (GLA: None for each). s0: [B*H, K, V] float32.
   beta None: GLA, X = V, with a scalar [B, T, H] or no decay g, or a per-dimension one
-  [B, T, H, K] whose intra-chunk scores P [B*H, N, C, C] (q's dtype, before `scale`) come in `p`;
-  else the delta rule, X = U - W S.
+  [B, T, H, K] (then also the intra-chunk scores P of `scores`); else the delta rule, X = U - W S.
   With `store_states` and SPLIT_OUTPUT: O from `_output_kernel` after the state pass (without
   the states stored, inference, the split has nothing to read them from: O stays fused)."""
   b, t, h, kd = q.shape
@@ -611,9 +711,8 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, p=None, in
   precise = _precision(q.dtype, interpret)
   cum_g = chunk_cumsum(g, chunk)
   per_dim = _is_per_dim(cum_g)
-  if per_dim != (p is not None):
-    raise ValueError("p: the scores come with a per-dimension decay, and only with it")
   flags = dict(_flags(cum_g, seg), per_dim=per_dim)
+  p = scores(q, k, cum_g, seg, chunk=chunk, interpret=interpret) if per_dim else None
   w = u = t_inv = None
   if wy_terms:
     t_dtype = _grad_dtype(q.dtype) if store_states else None
@@ -643,14 +742,28 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, p=None, in
     o = pl.pallas_call(kernel, grid=(b * h, n, vd // bo), out_shape=o_shape, interpret=interpret,
                        compiler_params=_params(interpret, OUTPUT_PARAMS),
                        )(*_present(q, k, x if wy_terms else v, cum_g, seg, p, s_in))
-  return o, s_final, (s_in, w, x, t_inv) if store_states else None
+  return o, s_final, (s_in, w, x, t_inv, p) if store_states else None
+
+
+def scores(q, k, cum_g, seg, *, chunk, interpret=False):
+  """The intra-chunk scores under a per-dimension decay, P [B*H, N, C, C] in q's dtype (before
+  the scale; `_scores_kernel`). cum_g: `chunk_cumsum` of the [B, T, H, K] log decay."""
+  b, t, h, kd = q.shape
+  n = t // chunk
+  kernel = functools.partial(_scores_kernel, heads=h, c=chunk, block_k=kd, sub=min(SCORE_BLOCK, chunk),
+                             has_seg=seg is not None, precise=_precision(q.dtype, interpret))
+  return pl.pallas_call(kernel, grid=(b * h, n), interpret=interpret,
+                        out_shape=jax.ShapeDtypeStruct((b * h, n, chunk, chunk), q.dtype),
+                        compiler_params=_params(interpret, SCORES_PARAMS),
+                        )(*_present(q, k, cum_g, seg))
 
 
 def state_grads(q, k, w, cum_g, seg, do, ds_final, *, scale, chunk, p=None, interpret=False):
   """The reverse pass: dL/dS leaving every chunk [B*H, N, K, V] (float32; q's dtype with
   BF16_GRAD_OPERANDS), the initial-state gradient [B*H, K, V] float32 and dL/dX [B, T, H, V]
   (the delta rule: as dL/dS; GLA, X = V: dv in do's dtype). w: W of `wy` (None for GLA); cum_g:
-  `chunk_cumsum` of the log decay or None; p: as for `forward`; do: [B, T, H, V] in q's dtype."""
+  `chunk_cumsum` of the log decay or None; p: the scores of `scores` under a per-dimension decay
+  (else None); do: [B, T, H, V] in q's dtype."""
   b, t, h, kd = q.shape
   vd = do.shape[-1]
   n = t // chunk
@@ -680,15 +793,14 @@ def chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, *, sc
   """Every chunk's input gradients from the state entering it (s_in) and the gradient of the
   state leaving it (ds_out), both [B*H, N, K, V], the forward's X and dL/dX (the delta rule; for
   GLA x is None, X = V, and dx is dv): dq, dk, dv in the inputs' dtype, dbeta and dg [B, T, H]
-  float32 (dbeta None for GLA, beta None; dg None when ungated), and None. cum_g: `chunk_cumsum`
-  of the log decay or None. t_inv: the forward's T [B*H, N, C, C] (GLA: None). dW between the
-  kernels is in ds_out's dtype.
-  A per-dimension decay (cum_g [B, T, H, K]; GLA only) gives only the state terms of dq, dk (float32)
-  and dg, and last dP [B*H, N, C, C] float32, the gradient of the scores P of `forward`, for their
-  VJP (in XLA) to add the rest.
+  float32 (dbeta None for GLA, beta None; dg None when ungated; [B, T, H, K] for a per-dimension
+  decay). cum_g: `chunk_cumsum` of the log decay or None. t_inv: the forward's T [B*H, N, C, C]
+  (GLA: None). dW between the kernels is in ds_out's dtype.
   Two kernels: `_dqk_kernel` (program per chunk and key block) and, for the delta rule,
-  `_wy_grad_kernel` (per chunk) through the solve; splitting them keeps each kernel's float32
-  accumulators within the register file."""
+  `_wy_grad_kernel` (per chunk) through the solve, or for a per-dimension decay
+  `_scores_grad_kernel` (per chunk and key block) through the intra-chunk scores, from the dP
+  that `_dqk_kernel` stores; splitting them keeps each kernel's float32 accumulators within the
+  register file."""
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n = t // chunk
@@ -715,8 +827,15 @@ def chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, *, sc
                        )(*_present(q, k, x if wy_terms else v, cum_g, seg, do, dx if wy_terms else None,
                                    s_in, ds_out))
   if per_dim:
-    dq, dk, db, dp = res
-    return dq, dk, dx, None, chunk_reverse_cumsum(db, chunk), dp
+    kernel = functools.partial(_scores_grad_kernel, heads=h, c=chunk, block_k=bk, sub=min(SCORE_BLOCK, chunk),
+                               precise=precise)
+    dq, dk, db = pl.pallas_call(
+        kernel, grid=(b * h, n, kd // bk), interpret=interpret,
+        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                   jax.ShapeDtypeStruct(cum_g.shape, jnp.float32)),
+        compiler_params=_params(interpret, SCORES_GRAD_PARAMS),
+    )(q, k, cum_g, res[3], *res[:3])
+    return dq, dk, dx, None, chunk_reverse_cumsum(db, chunk)
   dq, dk = res[0], res[1]
   db = None if cum_g is None else jnp.sum(res[-1], axis=0)
   dv, dbeta = dx, None
@@ -734,17 +853,16 @@ def chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, *, sc
     if cum_g is not None:
       db = db + res[3]
   dg = None if cum_g is None else chunk_reverse_cumsum(db, chunk)
-  return dq, dk, dv, dbeta, dg, None
+  return dq, dk, dv, dbeta, dg
 
 
-def backward(q, k, v, beta, g, seg, saved, do, ds_final, *, scale, chunk, p=None, interpret=False):
-  """(dq, dk, dv in the inputs' dtype, dbeta, dg float32 (None when beta / g is None), ds0 [B*H, K, V],
-  dP). saved: what `forward(store_states=True)` returned for the backward; p and, for a
-  per-dimension decay, what the first five are: as for `forward` and `chunk_grads`."""
-  s_in, w, x, t_inv = saved
+def backward(q, k, v, beta, g, seg, saved, do, ds_final, *, scale, chunk, interpret=False):
+  """(dq, dk, dv in the inputs' dtype, dbeta, dg float32 (None when beta / g is None), ds0 [B*H, K, V]).
+  saved: what `forward(store_states=True)` returned for the backward."""
+  s_in, w, x, t_inv, p = saved
   cum_g = chunk_cumsum(g, chunk)
   ds_out, ds0, dx = state_grads(q, k, w, cum_g, seg, do, ds_final, scale=scale, chunk=chunk, p=p,
                                 interpret=interpret)
-  *grads, dp = chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, scale=scale, chunk=chunk,
-                           interpret=interpret)
-  return (*grads, ds0, dp)
+  grads = chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, scale=scale, chunk=chunk,
+                      interpret=interpret)
+  return (*grads, ds0)

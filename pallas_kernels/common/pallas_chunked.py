@@ -9,8 +9,8 @@ backend module: `state_pass_triton` or `state_pass_mosaic_gpu` on GPU, `state_pa
 `make_fused_op` (GPU; the delta rule and GLA): every stage, chunk-parallel work included, is a
 kernel of `chunk_kernels_triton`; the only arrays between kernels are the delta rule's WY terms
 W, U, X and T = (I + A)^-1 (a [C, C] array per chunk), dX and dW, the states entering each chunk
-and their gradients. GLA with a per-dimension decay adds its intra-chunk scores P and their
-gradient dP ([C, C] per chunk), which XLA builds and differentiates.
+and their gradients; GLA with a per-dimension decay adds its intra-chunk scores P and their
+gradient dP ([C, C] per chunk).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import chunk_kernels_triton, state_pass_mosaic_gpu, state_pass_tpu, state_pass_triton
 from pallas_kernels.common.chunked import ChunkTerms, chunk_vjp
-from pallas_kernels.common.chunking import matmul_precision, num_chunks
+from pallas_kernels.common.chunking import num_chunks
 
 # backend name -> (kernel module, interpret argument)
 BACKENDS = {
@@ -89,32 +89,17 @@ def make_pallas_op(chunk_terms):
   return op
 
 
-def make_fused_op(scores_per_dim=None):
+def make_fused_op():
   """`op(scale, chunk, interpret, q, k, v, beta, g, s0, seg) -> (o, s_final)` on [B, T, H, *]
-  inputs with T a multiple of `chunk`; beta, g [B, T, H] float32 (beta None: GLA; g None: no
-  decay), s0 [B, H, K, V] float32, seg [B, T] int32 or None. Forward and backward are the
-  kernels of `chunk_kernels_triton` (interpret mode when `interpret`).
-  GLA may take a per-dimension decay g [B, T, H, K] when `scores_per_dim(q, k, g, seg, *, chunk,
-  precision)` gives its intra-chunk scores [B*H, N, C, C]: XLA builds them (and their VJP, from the
-  kernels' dP), the kernels do the rest."""
+  inputs with T a multiple of `chunk`; beta [B, T, H] float32 (None: GLA), g float32 [B, T, H],
+  [B, T, H, K] (GLA only) or None (no decay), s0 [B, H, K, V] float32, seg [B, T] int32 or None.
+  Forward and backward are the kernels of `chunk_kernels_triton` (interpret mode when `interpret`)."""
   kernels = chunk_kernels_triton
-
-  def scores(q, k, g, seg, chunk):
-    """P in q's dtype and its VJP to float32 (dq, dk, dg); (None, None) without a per-dimension decay."""
-    if g is None or g.ndim != 4:
-      return None, None
-    if scores_per_dim is None:
-      raise ValueError(f"g: these fused kernels take a scalar decay [B, T, H], got shape {g.shape}")
-    precision = matmul_precision(q.dtype)
-    f = lambda q32, k32, g32: scores_per_dim(q32, k32, g32, seg, chunk=chunk, precision=precision)
-    p, vjp = jax.vjp(f, q.astype(jnp.float32), k.astype(jnp.float32), g)
-    return p.astype(q.dtype), vjp
 
   def forward(scale, chunk, interpret, q, k, v, beta, g, s0, seg, store_states):
     b, _, h, _ = q.shape
-    p, _ = scores(q, k, g, seg, chunk)
     o, s_final, saved = kernels.forward(q, k, v, beta, g, s0.reshape(b * h, *s0.shape[2:]), seg,
-                                        scale=scale, chunk=chunk, store_states=store_states, p=p,
+                                        scale=scale, chunk=chunk, store_states=store_states,
                                         interpret=interpret)
     return o, s_final.reshape(s0.shape), saved
 
@@ -131,13 +116,9 @@ def make_fused_op(scores_per_dim=None):
     q, k, v, beta, g, seg, saved = residuals
     do, ds_final = cotangents
     b, _, h, _ = q.shape
-    p, scores_vjp = scores(q, k, g, seg, chunk)
-    dq, dk, dv, dbeta, dg, ds0, dp = kernels.backward(
+    dq, dk, dv, dbeta, dg, ds0 = kernels.backward(
         q, k, v, beta, g, seg, saved, do.astype(v.dtype), ds_final.reshape(b * h, *ds_final.shape[2:]),
-        scale=scale, chunk=chunk, p=p, interpret=interpret)
-    if scores_vjp is not None:
-      dq_p, dk_p, dg_p = scores_vjp(dp)
-      dq, dk, dg = (dq + dq_p).astype(q.dtype), (dk + dk_p).astype(k.dtype), dg + dg_p
+        scale=scale, chunk=chunk, interpret=interpret)
     return dq, dk, dv, dbeta, dg, ds0.reshape(ds_final.shape), None
 
   op.defvjp(op_fwd, op_bwd)

@@ -15,10 +15,10 @@ from jax import export
 from pallas_kernels import dispatch
 from pallas_kernels.common import chunk_kernels_triton as ck
 from pallas_kernels.common.chunked import chunk_vjp
-from pallas_kernels.common.chunking import segment_chunks, to_chunks
+from pallas_kernels.common.chunking import chunk_masks, segment_chunks, to_chunks
 from pallas_kernels.ops.delta_rule.chunk import delta_rule_chunk_terms
 from pallas_kernels.ops.delta_rule.pallas import delta_rule_fused
-from pallas_kernels.ops.gla.chunk import gla_chunk_terms
+from pallas_kernels.ops.gla.chunk import _scores_per_dim, gla_chunk_terms
 from pallas_kernels.ops.gla.pallas import gla_fused
 from tests.conftest import assert_rel_close
 from tests.kernels.recurrence_cases import kernel_names, make_inputs, run
@@ -92,9 +92,8 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
     t_dtype = dtype if low else jnp.float32
     *_, t_inv = ck.wy(k, v, beta, ck.chunk_cumsum(g, c), seg, chunk=c, t_dtype=t_dtype, interpret=True)
     assert t_inv.dtype == t_dtype
-  *got, dp = ck.chunk_grads(q, k, v, beta, ck.chunk_cumsum(g, c), seg, do, s_in, ds_out, x_in, dx_in, t_inv,
-                            scale=scale, chunk=c, interpret=True)
-  assert dp is None     # only a per-dimension decay returns dP
+  got = ck.chunk_grads(q, k, v, beta, ck.chunk_cumsum(g, c), seg, do, s_in, ds_out, x_in, dx_in, t_inv,
+                       scale=scale, chunk=c, interpret=True)
 
   dbeta, dg = dgates if family == "delta" else (None, dgates[0])
   tol = TOL[dtype]
@@ -104,6 +103,29 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
       continue
     assert out.dtype == (dtype if name in ("dq", "dk", "dv") else jnp.float32), name
     assert_rel_close(name, back(ref).astype(jnp.float32), out.astype(jnp.float32), tol)
+
+
+@pytest.mark.parametrize("c, kd, dtype, segments, gate_scale", [
+    (64, 32, jnp.float32, True, 1.0), (32, 16, jnp.float32, False, 30.0), (16, 64, jnp.bfloat16, True, 1.0)],
+    ids=["C64-seg", "C32-strong-decay", "C16-bf16-seg"])
+def test_scores_kernel_matches_chunk_scores(c, kd, dtype, segments, gate_scale):
+  """`_scores_kernel` (per-dimension decay) against the pure-JAX chunk form's scores, strong decay
+  included (gate_scale 30: b falls by about 20 a step, far past exp's float32 range in a chunk)."""
+  b, h, n = 2, 2, 3
+  t = n * c
+  rng = np.random.default_rng(c + kd)
+  x = make_inputs(c, "gla_perdim", b=b, t=t, h=h, kd=kd, vd=16, dtype=dtype, gate_scale=gate_scale)
+  seg = jnp.asarray(random_segments(rng, b, t, 4)) if segments else None
+  got = ck.scores(x["q"], x["k"], ck.chunk_cumsum(x["g"], c), seg, chunk=c, interpret=True)
+  assert got.shape == (b * h, n, c, c) and got.dtype == dtype
+
+  seg_c, prev_c = segment_chunks(seg, b, t, h, c)
+  def one_chunk(q_CK, k_CK, g_CK, seg_C, prev):
+    causal_CC = chunk_masks(seg_C, prev)[2]
+    return _scores_per_dim(q_CK, k_CK, jnp.cumsum(g_CK, 0), causal_CC, jax.lax.Precision.HIGHEST)
+  f32 = lambda a: to_chunks(a.astype(jnp.float32), c)
+  ref = jax.vmap(jax.vmap(jax.vmap(one_chunk)))(f32(x["q"]), f32(x["k"]), f32(x["g"]), seg_c, prev_c)
+  assert_rel_close("P", ref.reshape(got.shape), got.astype(jnp.float32), TOL[dtype])
 
 
 SCAN_CASES = {   # id: (variant, t, c, kd, vd, dtype, segments)
@@ -162,8 +184,10 @@ def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, split
   kernel_flags(SPLIT_OUTPUT=split)
   inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
   fwd = lambda x: run(variant, "pallas:generic:fused", x, chunk_size=c, segment_ids=seg)[0].astype(jnp.float32).sum()
-  state_pass = (["_wy_kernel"] if "delta" in variant else []) + ["_forward_kernel"]
-  backward = ["_state_grad_kernel", "_dqk_kernel"] + (["_wy_grad_kernel"] if "delta" in variant else [])
+  first = {"delta": ["_wy_kernel"], "gla_perdim": ["_scores_kernel"]}.get(variant.replace("gated_", ""), [])
+  last = {"delta": ["_wy_grad_kernel"], "gla_perdim": ["_scores_grad_kernel"]}.get(variant.replace("gated_", ""), [])
+  state_pass = first + ["_forward_kernel"]
+  backward = ["_state_grad_kernel", "_dqk_kernel"] + last
   assert kernel_names(fwd, inputs) == state_pass
   assert kernel_names(jax.grad(fwd), inputs) == state_pass + (["_output_kernel"] if split else []) + backward
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
@@ -183,7 +207,7 @@ def test_grad_operands_match_scan(variant, t, c, kd, vd, dtype, segments, bf16_g
   b, _, h, _ = q.shape
   common = dict(scale=kd ** -0.5, chunk=c, interpret=True)
   s0 = jnp.zeros((b * h, kd, vd), jnp.float32)
-  _, _, (_, w, _, t_inv) = ck.forward(q, k, v, None if beta is None else beta[:, :c].astype(jnp.float32), None,
+  _, _, (_, w, _, t_inv, _) = ck.forward(q, k, v, None if beta is None else beta[:, :c].astype(jnp.float32), None,
                                       s0, None, store_states=True, **common)
   ds_out, _, dx = ck.state_grads(q, k, w, None, None, v, s0, **common)
   stored = dtype if bf16_grads else jnp.float32
@@ -209,8 +233,9 @@ def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
   assert kernel_names(jax.grad(f_gla), y["q"], y["g"]) == ["_forward_kernel", "_output_kernel",
                                                             "_state_grad_kernel", "_dqk_kernel"]
   per_dim = make_inputs(1, "gla_perdim", t=20)["g"]
-  assert kernel_names(jax.grad(f_gla), y["q"], per_dim) == ["_forward_kernel", "_output_kernel",
-                                                             "_state_grad_kernel", "_dqk_kernel"]
+  assert kernel_names(jax.grad(f_gla), y["q"], per_dim) == ["_scores_kernel", "_forward_kernel", "_output_kernel",
+                                                             "_state_grad_kernel", "_dqk_kernel",
+                                                             "_scores_grad_kernel"]
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
   assert "_wy_kernel" not in kernel_names(jax.grad(f), x["q"])
   assert "_state_grad_kernel" not in kernel_names(jax.grad(f_gla), y["q"], y["g"])
@@ -275,4 +300,5 @@ def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segmen
   )(*args)
   # forward: (delta: W/U and) the state pass (split: and the output); backward: the reverse pass,
   # dq/dk (delta: and the solve's)
-  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (5 if family == "delta" else 3) + split
+  # per-dimension GLA: and the scores and their gradient
+  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (3 if family == "gla" else 5) + split

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.common.chunked import ChunkTerms, make_chunked_op
-from pallas_kernels.common.chunking import (chunk_masks, masked_exp, matmul_precision, run_chunked, segment_chunks,
-                                            to_chunks)
+from pallas_kernels.common.chunking import chunk_masks, masked_exp, matmul_precision, run_chunked
 
 SUB_CHUNK = 16
 
@@ -45,23 +43,6 @@ def _scores_per_dim(q_CK, k_CK, b_CK, causal_CC, prec):
   # A select, not a multiply by eye(n): the multiply form corrupted memory under jit in jax 0.10.2 (CPU).
   scores = jnp.where(jnp.eye(n, dtype=bool)[:, None, :, None], diag_ntt[:, :, None, :], off_nsns)
   return jnp.where(mask_nsns, scores, 0.0).reshape(c, c)
-
-
-def gla_scores_per_dim(q, k, g, seg, *, chunk, precision):
-  """The intra-chunk scores of GLA with a per-dimension decay, for the fused kernels: P [B*H, N, C, C]
-  float32, P_ij = sum_d q_id k_jd exp(b_id - b_jd) on the causal same-segment support (before the
-  scale), b the in-chunk cumulative sum of g. q, k, g: [B, T, H, K] with T a multiple of `chunk`;
-  seg: [B, T] int32 or None; precision: of the matmuls (`matmul_precision` of the inputs' dtype)."""
-  b, t, h, _ = q.shape
-  seg_c, prev_c = segment_chunks(seg, b, t, h, chunk)
-
-  def one_chunk(q_CK, k_CK, g_CK, seg_C, prev):
-    _, _, causal_CC = chunk_masks(seg_C, prev)
-    return _scores_per_dim(q_CK, k_CK, jnp.cumsum(g_CK, axis=0), causal_CC, precision)
-
-  chunks = (to_chunks(x.astype(jnp.float32), chunk) for x in (q, k, g))
-  p = jax.vmap(jax.vmap(jax.vmap(one_chunk)))(*chunks, seg_c, prev_c)
-  return p.reshape(b * h, *p.shape[2:])
 
 
 def gla_chunk_terms(q_CK, k_CK, v_CV, gates, seg_C, seg_prev, scale) -> ChunkTerms:

@@ -1,9 +1,8 @@
 """GLA as Pallas kernels.
 
-On GPU (and the generic interpreter) GLA can run every stage as a kernel
-(`pallas_chunked.make_fused_op`; with a per-dimension decay all but the intra-chunk scores, which
-XLA builds) when `dispatch.fused_kernels` picks it. Otherwise, and always on TPU, the passes over
-chunks are kernels over XLA-built terms (`pallas_chunked.make_pallas_op`).
+On GPU (and the generic interpreter) GLA can run every stage as a kernel (`pallas_chunked.make_fused_op`)
+when `dispatch.fused_kernels` picks it. Otherwise, and always on TPU, the passes over chunks are
+kernels over XLA-built terms (`pallas_chunked.make_pallas_op`).
 """
 from __future__ import annotations
 
@@ -12,10 +11,10 @@ import functools
 from pallas_kernels.common.chunking import run_chunked
 from pallas_kernels.common.pallas_chunked import make_fused_op, make_pallas_op, run_padded
 from pallas_kernels.dispatch import check_pallas_shapes, fused_kernels, pallas_backend
-from pallas_kernels.ops.gla.chunk import gla_chunk_terms, gla_gates, gla_scores_per_dim
+from pallas_kernels.ops.gla.chunk import gla_chunk_terms, gla_gates
 
 _gla_pallas = make_pallas_op(gla_chunk_terms)
-_gla_fused = make_fused_op(scores_per_dim=gla_scores_per_dim)
+_gla_fused = make_fused_op()
 
 
 def _fused_op_name(g):
