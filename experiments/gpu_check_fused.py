@@ -193,9 +193,16 @@ def bench(report, cases, shapes, out):
     write_report(report, out)
 
 
+def case(name):
+  """A case name of `default_cases` -> (op of `inputs`, gated, path name -> the path's function)."""
+  if name.startswith("delta"):
+    return "delta", name == "delta_gated", delta_fn
+  return name, None, gla_fn
+
+
 def _bench_shape(rows, cases, b, t, h, kd, vd):
   for name, impls in cases.items():
-    op, gated = ("delta", name == "delta_gated") if name.startswith("delta") else (name, None)
+    op, gated, fn = case(name)
     x = inputs(op, b, t, h, kd, vd, jnp.bfloat16, gated)
     do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, vd)), jnp.bfloat16)
     for impl in impls:
@@ -207,7 +214,7 @@ def _bench_shape(rows, cases, b, t, h, kd, vd):
         print(json.dumps(row), flush=True)
         rows.append(row)
         continue
-      f = (delta_fn if op == "delta" else gla_fn)(impl)
+      f = fn(impl)
       o_only = lambda x, f=f: f(x)[0]
       try:
         t0 = time.time()
@@ -226,7 +233,7 @@ def _bench_shape(rows, cases, b, t, h, kd, vd):
 
 PARAM_NAMES = ("WY_PARAMS", "FORWARD_PARAMS", "STATE_GRAD_PARAMS", "DQK_PARAMS", "WY_GRAD_PARAMS",
                "GRAD_BLOCK_K", "GRAD_BLOCK_V", "STATE_BLOCK_V", "SPLIT_OUTPUT", "OUTPUT_PARAMS",
-               "BF16_GRAD_OPERANDS")
+               "BF16_GRAD_OPERANDS", "SCORE_UNROLL")
 
 
 def kernel_params():
@@ -289,12 +296,12 @@ def sweep(report, param_sets, shapes, out, ops=("delta", "delta_gated", "gla_sca
   for b, t, h, kd, vd in [(1, 128, 2, 16, 16)] if SMOKE else shapes:
     do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, vd)), jnp.bfloat16)
     for name in names:
-      op = "delta" if name.startswith("delta") else name
-      x = inputs(op, b, t, h, kd, vd, jnp.bfloat16, name == "delta_gated")
+      op, gated, fn = case(name)
+      x = inputs(op, b, t, h, kd, vd, jnp.bfloat16, gated)
       for params in param_sets:
         set_params(default)
         set_params(params)
-        f = (delta_fn if op == "delta" else gla_fn)("fused")
+        f = fn("fused")
         row = {"op": name, "shape": [b, t, h, kd, vd], "params": params}
         try:
           fb = jax.jit(lambda x, f=f: jax.vjp(lambda x: f(x)[0], x)[1](do)).lower(x).compile()
@@ -354,14 +361,14 @@ def gla_stage_fns(x, do, s0, common):
   ck = chunk_kernels_triton
   a = dict(q=x["q"], k=x["k"], v=x["v"], g=x["g"].astype(jnp.float32), do=do, s0=s0)
   a["cum_g"] = ck.chunk_cumsum(a["g"], CHUNK)
-  _, _, (a["s_in"], _, _, _, a["p"]) = ck.forward(a["q"], a["k"], a["v"], None, a["g"], s0, None, store_states=True,
-                                                  **common)
-  a["ds_out"], _, a["dv"] = ck.state_grads(a["q"], a["k"], None, a["cum_g"], None, do, s0, p=a["p"], **common)
+  _, _, (a["s_in"], _, _, _, a["decayed"]) = ck.forward(a["q"], a["k"], a["v"], None, a["g"], s0, None,
+                                                        store_states=True, **common)
+  a["ds_out"], _, a["dv"] = ck.state_grads(None, None, None, None, None, do, s0, decayed=a["decayed"], **common)
   fns = {
       "scores": lambda a: ck.scores(a["q"], a["k"], a["cum_g"], None, chunk=CHUNK, interpret=SMOKE),
       "forward (scores + state pass + output)": lambda a: ck.forward(a["q"], a["k"], a["v"], None, a["g"], a["s0"],
                                                                      None, store_states=True, **common),
-      "state_grads": lambda a: ck.state_grads(a["q"], a["k"], None, a["cum_g"], None, a["do"], a["s0"], p=a["p"],
+      "state_grads": lambda a: ck.state_grads(None, None, None, None, None, a["do"], a["s0"], decayed=a["decayed"],
                                               **common),
       "chunk_grads (dqk + scores_grad)": lambda a: ck.chunk_grads(a["q"], a["k"], a["v"], None, a["cum_g"], None,
                                                                   a["do"], a["s_in"], a["ds_out"], None, a["dv"],

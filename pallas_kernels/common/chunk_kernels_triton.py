@@ -85,6 +85,10 @@ GRAD_BLOCK_V = 64     # value columns per step of both gradient kernels' loops
 STATE_BLOCK_V = 64    # value columns per program of the two sequential passes
 SOLVE_BLOCK = 16
 SCORE_BLOCK = 16      # rows of the sub-blocks of the per-dimension-decay scores (`_scores_kernel`)
+# Columns of the score kernels' diagonal blocks per loop iteration, in straight-line code, so that
+# their row loads issue ahead of the arithmetic (H200 run 12, one a step: `_scores_kernel` 1.16 ms
+# at 8x2048x16x128); SCORE_BLOCK (16) unrolls the loop, at minutes of Triton compile time.
+SCORE_UNROLL = 4
 # In a training step's forward, walk only the states and compute the outputs in the
 # chunk-parallel `_output_kernel` from the stored states and X, as flash-linear-attention does:
 # the sequential pass drops its 3 output-only matmuls a chunk (Q K^T, Q S, P X). Measured on the
@@ -146,12 +150,17 @@ class Geometry(NamedTuple):
 
 
 class DimGeometry(NamedTuple):
-  """A per-dimension decay's factors of one chunk (float32; segment masks applied as in Geometry).
-  Its intra-chunk scores (Q K^T weighted by exp(b_i - b_j) per key dimension) come from XLA:
-  the exponent cannot be split into the two operands without overflow (see `gla.chunk`)."""
+  """A per-dimension decay's factors of one chunk (float32; segment masks applied as in Geometry)."""
   e: jax.Array      # [C, K']: exp(b_i)
   d: jax.Array      # [C, K']: exp(b_C - b_i)
   lam: jax.Array    # [K']: exp(b_C)
+
+
+class PreDecayed(NamedTuple):
+  """A per-dimension decay in the sequential passes and `_output_kernel`: `_scores_kernel` has
+  already stored e * Q and d * K (segment masks included), which the passes read in place of Q and
+  K, and the intra-chunk scores P; left for the pass is the state's decay lambda [K]."""
+  lam: jax.Array
 
 
 def _geometry(c, b, b_last, seg, prev, last):
@@ -210,7 +219,7 @@ class _Loader:
   """Reads one chunk of the [B, T, H, *] inputs; `bh` is the flat batch*head program index."""
 
   def __init__(self, bh, heads, c):
-    self.b, self.h, self.c = bh // heads, bh % heads, c
+    self.bh, self.b, self.h, self.c = bh, bh // heads, bh % heads, c
 
   def tok(self, ref, n, cols=None):
     """[C, *] tile of a [B, T, H, *] array (columns `cols`, a pl.ds, or all)."""
@@ -317,32 +326,31 @@ def _wy_kernel(*refs, heads, c, block_v, has_g, has_seg, want_t, precise):
 def _chunk_output(q, k, p, s_mm, x_mm, geo, scale, precise):
   """O of one chunk (float32): scale (e * (Q S) + P X), S and X in q's dtype. Shared by the fused
   and the split forward, so both give the same output from the same operands. Per-dimension decay
-  (`geo` a DimGeometry): scale ((e * Q) S + P X), P the XLA-built scores in q's dtype."""
-  if isinstance(geo, DimGeometry):
-    qe = (_f32(q) * geo.e).astype(q.dtype)
-    return scale * (_mm(qe, s_mm, precise) + _mm(p, x_mm, precise))
+  (`geo` PreDecayed, q = e * Q): scale (q S + P X), P of `_scores_kernel`."""
+  if isinstance(geo, PreDecayed):
+    return scale * (_mm(q, s_mm, precise) + _mm(p, x_mm, precise))
   p = _mm(q, k, precise, tb=True) * geo.gamma
   return scale * (_rows(_mm(q, s_mm, precise), geo.e) + _mm(p.astype(q.dtype), x_mm, precise))
 
 
 def _decayed_keys(k, x, geo, mm):
   """(keys, values) whose product K'^T X' is the chunk's state update (d * K)^T X, cast to mm:
-  a scalar decay scales X's rows (as before per-dimension decays existed), a per-dimension one K's
-  entries."""
-  if isinstance(geo, DimGeometry):
-    return (_f32(k) * geo.d).astype(mm), x.astype(mm)
+  a scalar decay scales X's rows; a per-dimension one came in k = d * K."""
+  if isinstance(geo, PreDecayed):
+    return k, x.astype(mm)
   return k, x.astype(mm) if geo.d is None else _rows(_f32(x), geo.d).astype(mm)
 
 
 def _decay_state(s, geo):
   """lambda S: lambda a scalar or, per dimension, one factor per key row of S."""
-  if isinstance(geo, DimGeometry):
+  if isinstance(geo, PreDecayed):
     return geo.lam[:, None] * s
   return s if geo.lam is None else geo.lam * s
 
 
 def _chunk_geometry(ld, r, n, per_dim):
-  return ld.dim_geometry(r["cum_g"], r["seg"], n) if per_dim else ld.geometry(r["cum_g"], r["seg"], n)
+  """Per dimension, r["cum_g"] holds the chunks' lambda [B*H, N, K] (`scores`)."""
+  return PreDecayed(r["cum_g"][ld.bh, n]) if per_dim else ld.geometry(r["cum_g"], r["seg"], n)
 
 
 def _forward_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has_seg, per_dim, store_states,
@@ -410,12 +418,10 @@ def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has
     q, k = ld.tok(r["q"], n), ld.tok(r["k"], n)
     do = ld.tok(r["do"], n, cols)
     ds_mm = ds.astype(mm)
-    if per_dim:
-      dx = (scale * _mm(r["p"][bh, n], do, precise, ta=True)
-            + _mm((_f32(k) * geo.d).astype(mm), ds_mm, precise))
-      qe = (_f32(q) * geo.e).astype(mm)
+    if per_dim:    # q = e * Q, k = d * K
+      dx = scale * _mm(r["p"][bh, n], do, precise, ta=True) + _mm(k, ds_mm, precise)
       ld.store_tok(r["dx"], n, dx, cols)
-      return _decay_state(ds, geo) + scale * _mm(qe, do, precise, ta=True)
+      return _decay_state(ds, geo) + scale * _mm(q, do, precise, ta=True)
     do_e = do if geo.e is None else _rows(_f32(do), geo.e).astype(mm)
     p = scale * _mm(q, k, precise, tb=True) * geo.gamma
     dx = _mm(p.astype(mm), do, precise, ta=True) + _rows(_mm(k, ds_mm, precise), geo.d)
@@ -428,13 +434,29 @@ def _state_grad_kernel(*refs, heads, c, n_chunks, block_v, scale, wy, has_g, has
   r["ds0"][bh, :, cols] = jax.lax.fori_loop(0, n_chunks, step, r["ds_final"][bh, :, cols])
 
 
+def _loop(length, body, init):
+  """fori_loop over range(length), SCORE_UNROLL steps of it in straight-line code per iteration
+  (the steps' loads then issue ahead of their arithmetic)."""
+  unroll = max(1, min(SCORE_UNROLL, length))
+  if length % unroll:
+    raise ValueError(f"SCORE_UNROLL: expected a divisor of {length}, got {SCORE_UNROLL}")
+
+  def steps(i, carry):
+    for u in range(unroll):
+      carry = body(i * unroll + u, carry)
+    return carry
+
+  return steps(0, init) if unroll == length else jax.lax.fori_loop(0, length // unroll, steps, init)
+
+
 def _scores_kernel(*refs, heads, c, block_k, sub, has_seg, precise):
   """The intra-chunk scores under a per-dimension decay (program (B*H, N)), one row block of `sub`
   rows at a time: P_ts = sum_d q_td k_sd exp(b_td - b_sd) for s <= t in one segment (before the
   scale). The exponent does not factor into (q e^b)(k e^-b)^T without overflow, so each block of
   earlier rows takes a reference r = b of the row before the block, which keeps both factors
-  q e^(b - r) and k e^(r - b) <= 1, and the diagonal block is exact, one column at a time."""
-  r = _split_refs(refs, ("q", "k", "cum_g", "seg", "p"), {"seg": has_seg})
+  q e^(b - r) and k e^(r - b) <= 1, and the diagonal block is exact, one column at a time.
+  Also stores e * Q, d * K and lambda, what the passes read in place of Q, K and the decay."""
+  r = _split_refs(refs, ("q", "k", "cum_g", "seg", "p", "qe", "kd", "lam"), {"seg": has_seg})
   bh, n = pl.program_id(0), pl.program_id(1)
   ld = _Loader(bh, heads, c)
   kd = r["q"].shape[-1]
@@ -444,6 +466,10 @@ def _scores_kernel(*refs, heads, c, block_k, sub, has_seg, precise):
   row_s = jax.lax.broadcasted_iota(jnp.int32, (sub, kd), 0)
   col_s = jax.lax.broadcasted_iota(jnp.int32, (sub, c), 1)
   k, b = _f32(ld.tok(r["k"], n)), ld.tok(r["cum_g"], n)
+  geo = ld.dim_geometry(r["cum_g"], r["seg"], n)
+  ld.store_tok(r["qe"], n, _f32(ld.tok(r["q"], n)) * geo.e)
+  ld.store_tok(r["kd"], n, k * geo.d)
+  r["lam"][bh, n] = geo.lam
   seg = ld.segments(r["seg"], n)[0] if has_seg else None
   for i in range(c // sub):
     q_i, b_i = _f32(ld.sub_rows(r["q"], n, i, sub, kcols)), ld.sub_rows(r["cum_g"], n, i, sub, kcols)
@@ -459,7 +485,7 @@ def _scores_kernel(*refs, heads, c, block_k, sub, has_seg, precise):
       column = jnp.sum(q_i * k_j[None, :] * decay, axis=1)
       return jnp.where(col_s == i * sub + j, column[:, None], blk)
 
-    blk = jax.lax.fori_loop(0, sub, diagonal_column, blk)
+    blk = _loop(sub, diagonal_column, blk)
     if has_seg:
       seg_i = r["seg"][ld.b, pl.ds(n * c + i * sub, sub)]
       blk = blk * _mask(seg_i[:, None] == seg[None, :])
@@ -504,7 +530,7 @@ def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
       dk_i += dp_row[:, None] * q_j[None, :] * jnp.exp(jnp.where(row_s <= j, b_j[None, :] - b_i, -jnp.inf))
       return dq_i, dk_i
 
-    dq_i, dk_i = jax.lax.fori_loop(0, sub, diagonal, (dq_i, dk_i))
+    dq_i, dk_i = _loop(sub, diagonal, (dq_i, dk_i))
     ld_rows = functools.partial(ld.sub_rows, n=n, i=i, sub=sub, cols=kcols)
     db_i = ld_rows(r["db_state"]) + q_i * dq_i - k_i * dk_i
     t_rows = pl.ds(n * c + i * sub, sub)
@@ -699,7 +725,7 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
   X [B, T, H, V] in q's dtype and the solve's T [B*H, N, C, C] (float32; q's dtype with
   BF16_GRAD_OPERANDS) (GLA: None for each). s0: [B*H, K, V] float32.
   beta None: GLA, X = V, with a scalar [B, T, H] or no decay g, or a per-dimension one
-  [B, T, H, K] (then also the intra-chunk scores P of `scores`); else the delta rule, X = U - W S.
+  [B, T, H, K] (then also what `scores` returns, for the passes); else the delta rule, X = U - W S.
   With `store_states` and SPLIT_OUTPUT: O from `_output_kernel` after the state pass (without
   the states stored, inference, the split has nothing to read them from: O stays fused)."""
   b, t, h, kd = q.shape
@@ -711,8 +737,12 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
   precise = _precision(q.dtype, interpret)
   cum_g = chunk_cumsum(g, chunk)
   per_dim = _is_per_dim(cum_g)
+  decayed = p = None
+  if per_dim:    # the passes read e * Q, d * K and lambda (segment masks included) in place of q, k, cum_g
+    decayed = scores(q, k, cum_g, seg, chunk=chunk, interpret=interpret)
+    p, q, k, cum_g = decayed
+    seg = None
   flags = dict(_flags(cum_g, seg), per_dim=per_dim)
-  p = scores(q, k, cum_g, seg, chunk=chunk, interpret=interpret) if per_dim else None
   w = u = t_inv = None
   if wy_terms:
     t_dtype = _grad_dtype(q.dtype) if store_states else None
@@ -742,28 +772,35 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
     o = pl.pallas_call(kernel, grid=(b * h, n, vd // bo), out_shape=o_shape, interpret=interpret,
                        compiler_params=_params(interpret, OUTPUT_PARAMS),
                        )(*_present(q, k, x if wy_terms else v, cum_g, seg, p, s_in))
-  return o, s_final, (s_in, w, x, t_inv, p) if store_states else None
+  return o, s_final, (s_in, w, x, t_inv, decayed) if store_states else None
 
 
 def scores(q, k, cum_g, seg, *, chunk, interpret=False):
-  """The intra-chunk scores under a per-dimension decay, P [B*H, N, C, C] in q's dtype (before
-  the scale; `_scores_kernel`). cum_g: `chunk_cumsum` of the [B, T, H, K] log decay."""
+  """Under a per-dimension decay, what the passes read (`_scores_kernel`): the intra-chunk scores
+  P [B*H, N, C, C] (before the scale), e * Q and d * K [B, T, H, K], all in q's dtype, and lambda
+  [B*H, N, K] float32. cum_g: `chunk_cumsum` of the [B, T, H, K] log decay."""
   b, t, h, kd = q.shape
   n = t // chunk
   kernel = functools.partial(_scores_kernel, heads=h, c=chunk, block_k=kd, sub=min(SCORE_BLOCK, chunk),
                              has_seg=seg is not None, precise=_precision(q.dtype, interpret))
   return pl.pallas_call(kernel, grid=(b * h, n), interpret=interpret,
-                        out_shape=jax.ShapeDtypeStruct((b * h, n, chunk, chunk), q.dtype),
+                        out_shape=(jax.ShapeDtypeStruct((b * h, n, chunk, chunk), q.dtype),
+                                   jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, q.dtype),
+                                   jax.ShapeDtypeStruct((b * h, n, kd), jnp.float32)),
                         compiler_params=_params(interpret, SCORES_PARAMS),
                         )(*_present(q, k, cum_g, seg))
 
 
-def state_grads(q, k, w, cum_g, seg, do, ds_final, *, scale, chunk, p=None, interpret=False):
+def state_grads(q, k, w, cum_g, seg, do, ds_final, *, scale, chunk, decayed=None, interpret=False):
   """The reverse pass: dL/dS leaving every chunk [B*H, N, K, V] (float32; q's dtype with
   BF16_GRAD_OPERANDS), the initial-state gradient [B*H, K, V] float32 and dL/dX [B, T, H, V]
   (the delta rule: as dL/dS; GLA, X = V: dv in do's dtype). w: W of `wy` (None for GLA); cum_g:
-  `chunk_cumsum` of the log decay or None; p: the scores of `scores` under a per-dimension decay
-  (else None); do: [B, T, H, V] in q's dtype."""
+  `chunk_cumsum` of the log decay or None; decayed: under a per-dimension decay what `scores`
+  returned (q, k, cum_g and seg are then unused), else None; do: [B, T, H, V] in q's dtype."""
+  p = None
+  if decayed is not None:
+    p, q, k, cum_g = decayed
+    seg = None
   b, t, h, kd = q.shape
   vd = do.shape[-1]
   n = t // chunk
@@ -771,7 +808,7 @@ def state_grads(q, k, w, cum_g, seg, do, ds_final, *, scale, chunk, p=None, inte
   wy_terms = w is not None
   precise = _precision(q.dtype, interpret)
   kernel = functools.partial(_state_grad_kernel, heads=h, c=chunk, n_chunks=n, block_v=bv, scale=scale,
-                             wy=wy_terms, precise=precise, per_dim=_is_per_dim(cum_g), **_flags(cum_g, seg))
+                             wy=wy_terms, precise=precise, per_dim=p is not None, **_flags(cum_g, seg))
   ds_out, dx, ds0 = pl.pallas_call(
       kernel, grid=(b * h, vd // bv), interpret=interpret,
       out_shape=(jax.ShapeDtypeStruct((b * h, n, kd, vd), _grad_dtype(q.dtype)),
@@ -859,9 +896,9 @@ def chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, *, sc
 def backward(q, k, v, beta, g, seg, saved, do, ds_final, *, scale, chunk, interpret=False):
   """(dq, dk, dv in the inputs' dtype, dbeta, dg float32 (None when beta / g is None), ds0 [B*H, K, V]).
   saved: what `forward(store_states=True)` returned for the backward."""
-  s_in, w, x, t_inv, p = saved
+  s_in, w, x, t_inv, decayed = saved
   cum_g = chunk_cumsum(g, chunk)
-  ds_out, ds0, dx = state_grads(q, k, w, cum_g, seg, do, ds_final, scale=scale, chunk=chunk, p=p,
+  ds_out, ds0, dx = state_grads(q, k, w, cum_g, seg, do, ds_final, scale=scale, chunk=chunk, decayed=decayed,
                                 interpret=interpret)
   grads = chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, scale=scale, chunk=chunk,
                       interpret=interpret)

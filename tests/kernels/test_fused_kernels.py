@@ -108,18 +108,28 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
 @pytest.mark.parametrize("c, kd, dtype, segments, gate_scale", [
     (64, 32, jnp.float32, True, 1.0), (32, 16, jnp.float32, False, 30.0), (16, 64, jnp.bfloat16, True, 1.0)],
     ids=["C64-seg", "C32-strong-decay", "C16-bf16-seg"])
-def test_scores_kernel_matches_chunk_scores(c, kd, dtype, segments, gate_scale):
+@pytest.mark.parametrize("unroll", [4, 1, 16], ids=["unroll4", "loop", "unrolled"])
+def test_scores_kernel_matches_chunk_scores(c, kd, dtype, segments, gate_scale, unroll, kernel_flags):
   """`_scores_kernel` (per-dimension decay) against the pure-JAX chunk form's scores, strong decay
-  included (gate_scale 30: b falls by about 20 a step, far past exp's float32 range in a chunk)."""
+  included (gate_scale 30: b falls by about 20 a step, far past exp's float32 range in a chunk),
+  and its e * Q, d * K and lambda against `gla_chunk_terms`; the diagonal columns 4 to a loop step
+  (the default), one, and all (C = 16 has one block of 16)."""
+  kernel_flags(SCORE_UNROLL=unroll)
   b, h, n = 2, 2, 3
   t = n * c
   rng = np.random.default_rng(c + kd)
   x = make_inputs(c, "gla_perdim", b=b, t=t, h=h, kd=kd, vd=16, dtype=dtype, gate_scale=gate_scale)
   seg = jnp.asarray(random_segments(rng, b, t, 4)) if segments else None
-  got = ck.scores(x["q"], x["k"], ck.chunk_cumsum(x["g"], c), seg, chunk=c, interpret=True)
-  assert got.shape == (b * h, n, c, c) and got.dtype == dtype
-
+  got, qe, kdk, lam = ck.scores(x["q"], x["k"], ck.chunk_cumsum(x["g"], c), seg, chunk=c, interpret=True)
+  assert got.shape == (b * h, n, c, c) and got.dtype == dtype and lam.dtype == jnp.float32
   seg_c, prev_c = segment_chunks(seg, b, t, h, c)
+  terms = jax.vmap(jax.vmap(jax.vmap(lambda *a: gla_chunk_terms(*a, 1.0))))(
+      to_chunks(x["q"], c), to_chunks(x["k"], c), to_chunks(x["v"], c), (to_chunks(x["g"], c),), seg_c, prev_c)
+  back = lambda a: jnp.moveaxis(a, 1, 3).reshape(b, t, h, kd)
+  assert_rel_close("e * Q", back(terms.qe_CK), qe.astype(jnp.float32), TOL[dtype])
+  assert_rel_close("d * K", back(terms.kd_CK), kdk.astype(jnp.float32), TOL[dtype])
+  assert_rel_close("lambda", terms.decay_K.reshape(lam.shape), lam, 1e-6)
+
   def one_chunk(q_CK, k_CK, g_CK, seg_C, prev):
     causal_CC = chunk_masks(seg_C, prev)[2]
     return _scores_per_dim(q_CK, k_CK, jnp.cumsum(g_CK, 0), causal_CC, jax.lax.Precision.HIGHEST)
