@@ -233,7 +233,7 @@ def _bench_shape(rows, cases, b, t, h, kd, vd):
 
 PARAM_NAMES = ("WY_PARAMS", "FORWARD_PARAMS", "STATE_GRAD_PARAMS", "DQK_PARAMS", "WY_GRAD_PARAMS",
                "GRAD_BLOCK_K", "GRAD_BLOCK_V", "STATE_BLOCK_V", "SPLIT_OUTPUT", "OUTPUT_PARAMS",
-               "BF16_GRAD_OPERANDS", "SCORE_UNROLL")
+               "BF16_GRAD_OPERANDS", "SCORE_UNROLL", "SCORES_PARAMS", "SCORES_GRAD_PARAMS")
 
 
 def kernel_params():

@@ -85,10 +85,11 @@ GRAD_BLOCK_V = 64     # value columns per step of both gradient kernels' loops
 STATE_BLOCK_V = 64    # value columns per program of the two sequential passes
 SOLVE_BLOCK = 16
 SCORE_BLOCK = 16      # rows of the sub-blocks of the per-dimension-decay scores (`_scores_kernel`)
-# Columns of the score kernels' diagonal blocks per loop iteration, in straight-line code, so that
-# their row loads issue ahead of the arithmetic (H200 run 12, one a step: `_scores_kernel` 1.16 ms
-# at 8x2048x16x128); SCORE_BLOCK (16) unrolls the loop, at minutes of Triton compile time.
-SCORE_UNROLL = 4
+# Columns of the score kernels' diagonal blocks per loop iteration, in straight-line code. One:
+# H200 run 13, per-dimension GLA 8x2048x16x128 fwd+bwd 4.12 ms, 4.74 at 4 (`_scores_kernel` alone
+# 1.16 against 1.94 ms: more registers, fewer programs per SM, for loads issued ahead); 16
+# (SCORE_BLOCK) unrolls the loop, at minutes of Triton compile time.
+SCORE_UNROLL = 1
 # In a training step's forward, walk only the states and compute the outputs in the
 # chunk-parallel `_output_kernel` from the stored states and X, as flash-linear-attention does:
 # the sequential pass drops its 3 output-only matmuls a chunk (Q K^T, Q S, P X). Measured on the

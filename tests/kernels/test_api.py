@@ -86,7 +86,8 @@ def test_auto_takes_the_fused_kernels_on_gpu_where_they_apply(monkeypatch):
   for op in ("delta_rule", "gated_delta_rule", "gla"):
     assert auto(op) == "pallas", op
   assert auto("gla", kd=64, vd=2048) == "pallas"               # the Rodimus shape
-  assert auto(None) == "chunk"                                   # per-dimension GLA: no fused kernels
+  assert auto("gla_perdim") == "pallas"                          # per-dimension GLA
+  assert auto(None) == "chunk"                                   # an op without fused kernels
   assert auto("delta_rule", kd=96) == "chunk"                    # Triton tiles need powers of two
   assert auto("delta_rule", chunk=48) == "chunk"
   assert resolve_impl("auto", ("scan", "chunk"), op="delta_rule", dtype=jnp.bfloat16, kd=128, vd=128,
