@@ -494,13 +494,15 @@ def markdown(results_dir: str) -> str:
     if t["impl"] == "fused" and key(t) in chunk and "fwd_bwd_ms" in t:
       lines += ["", f"{ops.get(t['op'], t['op'])} {'x'.join(map(str, t['shape']))}, run {t['run']}: the fused kernels' "
                 f"fwd+bwd is {chunk[key(t)] / t['fwd_bwd_ms']:.1f}x faster than the XLA chunk path in the same process."]
-  latest = max((int(x["run"]) for x in res.get("sweep", []) if x.get("params") == {} and "fwd_bwd_ms" in x),
-               default=None)
-  if latest is not None and latest > max(int(t.get("run", 0)) for t in res["timing"]):
-    cells = ", ".join(f"{ops.get(x['op'], x['op'])} {'x'.join(map(str, x['shape'][:4]))} {x['fwd_bwd_ms']:.2f} ms"
-                      for x in res["sweep"] if x.get("run") == str(latest) and x.get("params") == {})
-    lines += ["", f"The fused kernels at the current defaults, fwd+bwd only (run {latest}, after the rows above; "
-              f"no fla in that run): {cells}."]
+  at_defaults = [x for x in res.get("sweep", []) if x.get("params") == {} and "fwd_bwd_ms" in x]
+  latest = {}      # op -> the last run that timed it at the defaults of its day
+  for x in at_defaults:
+    latest[x["op"]] = max(latest.get(x["op"], 0), int(x["run"]))
+  cells = [f"{ops.get(x['op'], x['op'])} {'x'.join(map(str, x['shape']))} {x['fwd_bwd_ms']:.2f} ms (run {x['run']})"
+           for x in at_defaults if int(x["run"]) == latest[x["op"]]]
+  if cells:
+    lines += ["", "The fused kernels, fwd+bwd only, each op in the last run that timed it (sweeps at that "
+              f"run's defaults, no fla in those runs): {', '.join(cells)}."]
   if no_peer_bwd:
     lines += ["", f"fla's backward refused to run for {', '.join(sorted(no_peer_bwd))} (its guard against a "
               "Triton < 3.7.1 miscompile on Hopper); only its forward is timed there."]
@@ -514,4 +516,9 @@ def markdown(results_dir: str) -> str:
   if res.get("stages"):
     stages = ", ".join(f"{n} {ms:.2f} ms" for n, ms in res["stages"].items() if isinstance(ms, (int, float)))
     lines += ["", f"Fused delta rule, each stage alone (8x2048x16x128): {stages}."]
+  gla_stages = [x for x in res.get("stage_sets", []) if x.get("op") == "gla" and x.get("params") == {}]
+  if gla_stages:
+    last = max(gla_stages, key=lambda x: int(x["run"]))
+    stages = ", ".join(f"{n} {ms:.2f} ms" for n, ms in last["ms"].items() if isinstance(ms, (int, float)))
+    lines += ["", f"Fused per-dimension GLA, each stage alone (8x2048x16x128, run {last['run']}): {stages}."]
   return "\n".join(lines)

@@ -282,6 +282,18 @@ def settings(args) -> dict:
   return v
 
 
+# settings that change what a row means: a resume under others would mix rows of two setups
+RESUME_SETTINGS = ("impl", "conv_init", "batch", "vocab", "eval_examples")
+
+
+def check_resumable(previous: dict, v: dict, out: str) -> None:
+  changed = {k: (previous.get(k), v.get(k)) for k in RESUME_SETTINGS if previous.get(k) != v.get(k)}
+  if changed:
+    said = ", ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in changed.items())
+    raise SystemExit(f"--out {out}: its rows were trained with {said}; pass --fresh to replace them "
+                     "or another --out to keep both")
+
+
 def main(argv=None) -> dict | None:
   args = parse(argv)
   out = lmrun.pool_script_start(args, NAME, work, plot)
@@ -298,6 +310,8 @@ def main(argv=None) -> dict | None:
   old = read_json(path) if os.path.exists(path) and not args.fresh else None
   if old is not None and old.get("meta", {}).get("version") != version:
     old = None
+  if old is not None:
+    check_resumable(old["meta"].get("settings", {}), v, out)
   rows = list(old["rows"]) if old else []
   details = dict(old["meta"].get("run_details", {})) if old else {}
   done = {run_key(r["model"], r["width"], r["seq_len"], r["n_pairs"], r["lr"]) for r in rows

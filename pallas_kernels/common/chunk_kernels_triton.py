@@ -1,6 +1,9 @@
 """Pallas kernels (GPU, Triton lowering) for the whole chunked delta rule, chunk-parallel work
-included; GLA with a scalar (or no) decay runs through the same kernels without the WY terms
-(beta None: X = V, T = I, so dV = dX and every dA / dbeta term drops out).
+included; GLA runs through the same kernels without the WY terms (beta None: X = V, T = I, so
+dV = dX and every dA / dbeta term drops out). GLA with a per-dimension decay (b, e, d: [C, K];
+lambda: [K]) cannot form Gamma: `_scores_kernel` builds P and stores e * Q, d * K and lambda,
+which the passes then read in place of Q, K and the decay; `_scores_grad_kernel` takes P's
+gradient back to dq, dk and db.
 
 Unlike `state_pass_triton`, which runs only the two sequential passes over XLA-built terms, these
 kernels read the raw inputs in their [B, T, H, *] layout (T padded to a multiple of the chunk C)
@@ -29,6 +32,9 @@ sequential):
                        decay-gradient terms, from X, dX, S and H.
   `_wy_grad_kernel`    (B*H, N):  back through the solve (T from the forward): dV, dbeta, the
                        rest of dK and of db.
+  `_scores_kernel`     (B*H, N):  per-dimension decay: P, e * Q, d * K, lambda (before the passes).
+  `_scores_grad_kernel` (B*H, N, K/BK): per-dimension decay: dq, dk, db through P from the masked
+                       dP = scale dO X^T that `_dqk_kernel` stores (in place of the solve's kernel).
 
 The solve: T = (I + A)^-1 with A strictly lower. D, the 16 x 16 diagonal blocks of A, are
 inverted by forward substitution on register tiles (row r of all four blocks at once: a masked

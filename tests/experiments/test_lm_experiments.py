@@ -164,6 +164,11 @@ def test_mqar_quick_end_to_end(tmp_path):
   # a rerun resumes: nothing left to train, the rows stay
   mqar.main(["--quick", "--out", out, "--models", "transformer"])
   assert read_json(os.path.join(out, "mqar.json"))["rows"] == res["rows"]
+  # a resume under another recurrence form or conv init would mix two setups' rows: refused
+  for flag in (["--impl", "chunk"], ["--conv-init", "torch"]):   # the quick setting: scan, normal
+    with pytest.raises(SystemExit, match=flag[0].lstrip("-").replace("-", "_")):
+      mqar.main(["--quick", "--out", out, "--models", "transformer", *flag])
+  assert read_json(os.path.join(out, "mqar.json"))["rows"] == res["rows"]
   if _has_matplotlib():
     assert os.path.exists(os.path.join(out, "mqar.png"))
 
