@@ -34,10 +34,9 @@ def test_pallas_matches_scan(variant, t, dtype, mode):
   check_against_reference(variant, inputs, TOL[dtype], (chunk,), seed, impl=mode)
 
 
-# The state-pass GPU kernels, which impl="pallas" takes only for per-dimension GLA by default
-# (PALLAS_KERNELS_FUSED=0 everywhere), at two of the lengths above.
+# The state-pass GPU kernels (PALLAS_KERNELS_FUSED=0), at two of the lengths above.
 @pytest.mark.parametrize("t, dtype", [(17, jnp.float32), (100, jnp.bfloat16)], ids=["17-f32", "100-bf16"])
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "gla_perdim"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_state_pass_kernels_match_scan(variant, t, dtype):
   seed = zlib.crc32(f"{variant}-{t}-{dtype.__name__}-state-pass".encode())
   inputs = make_inputs(seed, variant, t=t, dtype=dtype)
@@ -50,7 +49,7 @@ def test_state_pass_kernels_match_scan(variant, t, dtype):
 @pytest.mark.parametrize("mode", ["pallas:generic:state_pass", "pallas:generic:fused", "pallas:tpu"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_pallas_segment_ids_and_strong_decay(variant, mode):
-  """Both GPU paths (per-dimension GLA has only the state-pass one) and the TPU kernels."""
+  """Both GPU paths and the TPU kernels."""
   inputs = make_inputs(21, variant, t=90, gate_scale=10.0)
   seg = jnp.asarray(random_segments(np.random.default_rng(21), 2, 90, 4))
   check_against_reference(variant, inputs, TOL[jnp.float32], (16,), 21, segment_ids=seg, impl=mode)
