@@ -456,7 +456,7 @@ def _loop(length, body, init):
   return steps(0, init) if unroll == length else jax.lax.fori_loop(0, length // unroll, steps, init)
 
 
-def _scores_kernel(*refs, heads, c, block_k, sub, has_seg, precise):
+def _scores_kernel(*refs, heads, c, sub, has_seg, precise):
   """The intra-chunk scores under a per-dimension decay (program (B*H, N)), one row block of `sub`
   rows at a time: P_ts = sum_d q_td k_sd exp(b_td - b_sd) for s <= t in one segment (before the
   scale). The exponent does not factor into (q e^b)(k e^-b)^T without overflow, so each block of
@@ -530,7 +530,7 @@ def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
     def diagonal(j, acc, i=i, b_i=b_i):
       dq_i, dk_i = acc
       t = i * sub + j
-      k_j, q_j, b_j = (_f32(ld.row(x, n, j + i * sub, kcols)) for x in (r["k"], r["q"], r["cum_g"]))
+      k_j, q_j, b_j = (_f32(ld.row(x, n, t, kcols)) for x in (r["k"], r["q"], r["cum_g"]))
       dp_col = r["dp"][bh, n, rows, t]          # dP[t', t] for t' in the block: key row t
       dp_row = r["dp"][bh, n, t, rows]          # dP[t, s] for s in the block: query row t
       dq_i += dp_col[:, None] * k_j[None, :] * jnp.exp(jnp.where(row_s >= j, b_i - b_j[None, :], -jnp.inf))
@@ -555,7 +555,7 @@ def _operand(low, dtype):
 def _dqk_kernel(*refs, heads, c, block_k, block_v, scale, wy, has_g, has_seg, per_dim, low, precise):
   """dq, the dk terms outside the WY solve, dW = -dX S^T and the log-decay gradient's terms of one
   chunk and one block of key columns (program (B*H, N, K/BK)). Per-dimension decay: only the
-  state terms of dq, dk and db (float32), and dP = scale dO X^T for the XLA-built scores' VJP."""
+  state terms of dq, dk and db (float32), and dP = scale dO X^T for `_scores_grad_kernel`."""
   r = _split_refs(refs, ("q", "k", "x", "cum_g", "seg", "do", "dx", "s_in", "ds_out",
                          "dq", "dk", "dw", "db", "dp"),
                   {"dx": wy, "dw": wy, "cum_g": has_g, "seg": has_seg, "db": has_g, "dp": per_dim})
@@ -788,7 +788,7 @@ def scores(q, k, cum_g, seg, *, chunk, interpret=False):
   [B*H, N, K] float32. cum_g: `chunk_cumsum` of the [B, T, H, K] log decay."""
   b, t, h, kd = q.shape
   n = t // chunk
-  kernel = functools.partial(_scores_kernel, heads=h, c=chunk, block_k=kd, sub=min(SCORE_BLOCK, chunk),
+  kernel = functools.partial(_scores_kernel, heads=h, c=chunk, sub=min(SCORE_BLOCK, chunk),
                              has_seg=seg is not None, precise=_precision(q.dtype, interpret))
   return pl.pallas_call(kernel, grid=(b * h, n), interpret=interpret,
                         out_shape=(jax.ShapeDtypeStruct((b * h, n, chunk, chunk), q.dtype),
