@@ -279,6 +279,13 @@ class _Loader:
     """[sub, *] tile of a [B, T, H, *] array: rows i*sub... of chunk n, columns `cols` (a pl.ds)."""
     return ref[self.b, pl.ds(n * self.c + i * sub, sub), self.h, cols]
 
+  def store_sub_rows(self, ref, n, i, sub, x, cols=None):
+    t = pl.ds(n * self.c + i * sub, sub)
+    if cols is None:
+      ref[self.b, t, self.h, :] = x.astype(ref.dtype)
+    else:
+      ref[self.b, t, self.h, cols] = x.astype(ref.dtype)
+
   def row(self, ref, n, j, cols):
     """[*] of a [B, T, H, *] array at row j of chunk n (j may be traced)."""
     return ref[self.b, n * self.c + j, self.h, cols]
@@ -457,14 +464,16 @@ def _loop(length, body, init):
 
 
 def _scores_kernel(*refs, heads, c, sub, has_seg, precise):
-  """The intra-chunk scores under a per-dimension decay (program (B*H, N)), one row block of `sub`
-  rows at a time: P_ts = sum_d q_td k_sd exp(b_td - b_sd) for s <= t in one segment (before the
-  scale). The exponent does not factor into (q e^b)(k e^-b)^T without overflow, so each block of
-  earlier rows takes a reference r = b of the row before the block, which keeps both factors
-  q e^(b - r) and k e^(r - b) <= 1, and the diagonal block is exact, one column at a time.
-  Also stores e * Q, d * K and lambda, what the passes read in place of Q, K and the decay."""
+  """The intra-chunk scores under a per-dimension decay, one block of `sub` rows per program
+  (B*H, N, C/sub): P_ts = sum_d q_td k_sd exp(b_td - b_sd) for s <= t in one segment (before the
+  scale). The exponent does not factor into (q e^b)(k e^-b)^T without overflow, so the earlier
+  rows take a reference r = b of the row before the block, which keeps both factors q e^(b - r)
+  and k e^(r - b) <= 1, and the diagonal block is exact, one column at a time. A program per row
+  block rather than per chunk: the diagonal's column loop is serial, so the blocks run side by side.
+  Also stores the block's rows of e * Q and d * K and the chunk's lambda, what the passes read in
+  place of Q, K and the decay."""
   r = _split_refs(refs, ("q", "k", "cum_g", "seg", "p", "qe", "kd", "lam"), {"seg": has_seg})
-  bh, n = pl.program_id(0), pl.program_id(1)
+  bh, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   ld = _Loader(bh, heads, c)
   kd = r["q"].shape[-1]
   mm = r["q"].dtype
@@ -473,77 +482,75 @@ def _scores_kernel(*refs, heads, c, sub, has_seg, precise):
   row_s = jax.lax.broadcasted_iota(jnp.int32, (sub, kd), 0)
   col_s = jax.lax.broadcasted_iota(jnp.int32, (sub, c), 1)
   k, b = _f32(ld.tok(r["k"], n)), ld.tok(r["cum_g"], n)
-  geo = ld.dim_geometry(r["cum_g"], r["seg"], n)
-  ld.store_tok(r["qe"], n, _f32(ld.tok(r["q"], n)) * geo.e)
-  ld.store_tok(r["kd"], n, k * geo.d)
-  r["lam"][bh, n] = geo.lam
-  seg = ld.segments(r["seg"], n)[0] if has_seg else None
-  for i in range(c // sub):
-    q_i, b_i = _f32(ld.sub_rows(r["q"], n, i, sub, kcols)), ld.sub_rows(r["cum_g"], n, i, sub, kcols)
-    blk = jnp.zeros((sub, c), jnp.float32)
-    if i > 0:
-      ref = ld.row(r["cum_g"], n, i * sub - 1, kcols)
-      k_ref = k * jnp.exp(jnp.where(row_c < i * sub, ref[None, :] - b, -jnp.inf))
-      blk = _mm((q_i * jnp.exp(b_i - ref[None, :])).astype(mm), k_ref.astype(mm), precise, tb=True)
+  q_i, b_i = _f32(ld.sub_rows(r["q"], n, i, sub, kcols)), ld.sub_rows(r["cum_g"], n, i, sub, kcols)
+  b_last = ld.row(r["cum_g"], n, c - 1, kcols)
+  e_i, d_i, lam = jnp.exp(b_i), jnp.exp(b_last[None, :] - b_i), jnp.exp(b_last)
+  if has_seg:
+    seg, prev, last = ld.segments(r["seg"], n)
+    seg_i = r["seg"][ld.b, pl.ds(n * c + i * sub, sub)]
+    e_i, d_i, lam = e_i * _mask(seg_i == prev)[:, None], d_i * _mask(seg_i == last)[:, None], lam * _mask(last == prev)
+  ld.store_sub_rows(r["qe"], n, i, sub, q_i * e_i)
+  ld.store_sub_rows(r["kd"], n, i, sub, _f32(ld.sub_rows(r["k"], n, i, sub, kcols)) * d_i)
 
-    def diagonal_column(j, blk, i=i, q_i=q_i, b_i=b_i):
-      k_j, b_j = _f32(ld.row(r["k"], n, i * sub + j, kcols)), ld.row(r["cum_g"], n, i * sub + j, kcols)
-      decay = jnp.exp(jnp.where(row_s >= j, b_i - b_j[None, :], -jnp.inf))
-      column = jnp.sum(q_i * k_j[None, :] * decay, axis=1)
-      return jnp.where(col_s == i * sub + j, column[:, None], blk)
+  @pl.when(i == 0)
+  def _():
+    r["lam"][bh, n] = lam
 
-    blk = _loop(sub, diagonal_column, blk)
-    if has_seg:
-      seg_i = r["seg"][ld.b, pl.ds(n * c + i * sub, sub)]
-      blk = blk * _mask(seg_i[:, None] == seg[None, :])
-    r["p"][bh, n, pl.ds(i * sub, sub), :] = blk.astype(r["p"].dtype)
+  ref = ld.row(r["cum_g"], n, jnp.maximum(i * sub - 1, 0), kcols)     # block 0 has no earlier rows
+  k_ref = k * jnp.exp(jnp.where(row_c < i * sub, ref[None, :] - b, -jnp.inf))
+  blk = _mm((q_i * jnp.exp(b_i - ref[None, :])).astype(mm), k_ref.astype(mm), precise, tb=True)
+
+  def diagonal_column(j, blk):
+    k_j, b_j = _f32(ld.row(r["k"], n, i * sub + j, kcols)), ld.row(r["cum_g"], n, i * sub + j, kcols)
+    decay = jnp.exp(jnp.where(row_s >= j, b_i - b_j[None, :], -jnp.inf))
+    column = jnp.sum(q_i * k_j[None, :] * decay, axis=1)
+    return jnp.where(col_s == i * sub + j, column[:, None], blk)
+
+  blk = _loop(sub, diagonal_column, blk)
+  if has_seg:
+    blk = blk * _mask(seg_i[:, None] == seg[None, :])
+  r["p"][bh, n, pl.ds(i * sub, sub), :] = blk.astype(r["p"].dtype)
 
 
 def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
-  """The scores' VJP added to the state terms (program (B*H, N, K/BK)): from dP (masked to the
-  scores' support) the intra-chunk dq, dk with the same references as `_scores_kernel` (dk's
-  block j: r = b of its last row, so q e^(b - r) over the later rows and k e^(r - b) stay <= 1) and
-  the diagonal blocks exact; db += q * dq - k * dk of those intra-chunk terms."""
+  """The scores' VJP added to the state terms, one block of `sub` rows and `block_k` key columns
+  per program (B*H, N * C/sub, K/BK): from dP (masked to the scores' support) the intra-chunk dq,
+  dk with the same references as `_scores_kernel` (dk's: r = b of the block's last row, so
+  q e^(b - r) over the later rows and k e^(r - b) stay <= 1) and the diagonal block exact;
+  db += q * dq - k * dk of those intra-chunk terms."""
   r = _split_refs(refs, ("q", "k", "cum_g", "dp", "dq_state", "dk_state", "db_state", "dq", "dk", "db"), {})
-  bh, n, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  nb = c // sub
+  bh, n, i, kb = pl.program_id(0), pl.program_id(1) // nb, pl.program_id(1) % nb, pl.program_id(2)
   kcols = pl.ds(kb * block_k, block_k)
   ld = _Loader(bh, heads, c)
-  nb = c // sub
   row_c = jax.lax.broadcasted_iota(jnp.int32, (c, block_k), 0)
   row_s = jax.lax.broadcasted_iota(jnp.int32, (sub, block_k), 0)
   q, k, b = _f32(ld.tok(r["q"], n, kcols)), _f32(ld.tok(r["k"], n, kcols)), ld.tok(r["cum_g"], n, kcols)
-  for i in range(nb):
-    rows = pl.ds(i * sub, sub)
-    q_i, k_i = _f32(ld.sub_rows(r["q"], n, i, sub, kcols)), _f32(ld.sub_rows(r["k"], n, i, sub, kcols))
-    b_i = ld.sub_rows(r["cum_g"], n, i, sub, kcols)
-    dq_i = jnp.zeros((sub, block_k), jnp.float32)
-    dk_i = jnp.zeros((sub, block_k), jnp.float32)
-    if i > 0:
-      ref = ld.row(r["cum_g"], n, i * sub - 1, kcols)
-      k_ref = k * jnp.exp(jnp.where(row_c < i * sub, ref[None, :] - b, -jnp.inf))
-      dq_i = jnp.exp(b_i - ref[None, :]) * _mm(r["dp"][bh, n, rows, :], k_ref, precise)
-    if i < nb - 1:
-      ref = ld.row(r["cum_g"], n, i * sub + sub - 1, kcols)
-      q_ref = q * jnp.exp(jnp.where(row_c >= (i + 1) * sub, b - ref[None, :], -jnp.inf))
-      dk_i = jnp.exp(ref[None, :] - b_i) * _mm(r["dp"][bh, n, :, rows], q_ref, precise, ta=True)
+  rows = pl.ds(i * sub, sub)
+  ld_rows = functools.partial(ld.sub_rows, n=n, i=i, sub=sub, cols=kcols)
+  q_i, k_i, b_i = _f32(ld_rows(r["q"])), _f32(ld_rows(r["k"])), ld_rows(r["cum_g"])
+  ref = ld.row(r["cum_g"], n, jnp.maximum(i * sub - 1, 0), kcols)     # block 0 has no earlier rows
+  k_ref = k * jnp.exp(jnp.where(row_c < i * sub, ref[None, :] - b, -jnp.inf))
+  dq_i = jnp.exp(b_i - ref[None, :]) * _mm(r["dp"][bh, n, rows, :], k_ref, precise)
+  ref = ld.row(r["cum_g"], n, i * sub + sub - 1, kcols)                 # the last block has no later rows
+  q_ref = q * jnp.exp(jnp.where(row_c >= (i + 1) * sub, b - ref[None, :], -jnp.inf))
+  dk_i = jnp.exp(ref[None, :] - b_i) * _mm(r["dp"][bh, n, :, rows], q_ref, precise, ta=True)
 
-    def diagonal(j, acc, i=i, b_i=b_i):
-      dq_i, dk_i = acc
-      t = i * sub + j
-      k_j, q_j, b_j = (_f32(ld.row(x, n, t, kcols)) for x in (r["k"], r["q"], r["cum_g"]))
-      dp_col = r["dp"][bh, n, rows, t]          # dP[t', t] for t' in the block: key row t
-      dp_row = r["dp"][bh, n, t, rows]          # dP[t, s] for s in the block: query row t
-      dq_i += dp_col[:, None] * k_j[None, :] * jnp.exp(jnp.where(row_s >= j, b_i - b_j[None, :], -jnp.inf))
-      dk_i += dp_row[:, None] * q_j[None, :] * jnp.exp(jnp.where(row_s <= j, b_j[None, :] - b_i, -jnp.inf))
-      return dq_i, dk_i
+  def diagonal(j, acc):
+    dq_i, dk_i = acc
+    t = i * sub + j
+    k_j, q_j, b_j = (_f32(ld.row(x, n, t, kcols)) for x in (r["k"], r["q"], r["cum_g"]))
+    dp_col = r["dp"][bh, n, rows, t]          # dP[t', t] for t' in the block: key row t
+    dp_row = r["dp"][bh, n, t, rows]          # dP[t, s] for s in the block: query row t
+    dq_i += dp_col[:, None] * k_j[None, :] * jnp.exp(jnp.where(row_s >= j, b_i - b_j[None, :], -jnp.inf))
+    dk_i += dp_row[:, None] * q_j[None, :] * jnp.exp(jnp.where(row_s <= j, b_j[None, :] - b_i, -jnp.inf))
+    return dq_i, dk_i
 
-    dq_i, dk_i = _loop(sub, diagonal, (dq_i, dk_i))
-    ld_rows = functools.partial(ld.sub_rows, n=n, i=i, sub=sub, cols=kcols)
-    db_i = ld_rows(r["db_state"]) + q_i * dq_i - k_i * dk_i
-    t_rows = pl.ds(n * c + i * sub, sub)
-    r["dq"][ld.b, t_rows, ld.h, kcols] = (ld_rows(r["dq_state"]) + dq_i).astype(r["dq"].dtype)
-    r["dk"][ld.b, t_rows, ld.h, kcols] = (ld_rows(r["dk_state"]) + dk_i).astype(r["dk"].dtype)
-    r["db"][ld.b, t_rows, ld.h, kcols] = db_i
+  dq_i, dk_i = _loop(sub, diagonal, (dq_i, dk_i))
+  db_i = ld_rows(r["db_state"]) + q_i * dq_i - k_i * dk_i
+  ld.store_sub_rows(r["dq"], n, i, sub, ld_rows(r["dq_state"]) + dq_i, kcols)
+  ld.store_sub_rows(r["dk"], n, i, sub, ld_rows(r["dk_state"]) + dk_i, kcols)
+  ld.store_sub_rows(r["db"], n, i, sub, db_i, kcols)
 
 
 def _operand(low, dtype):
@@ -788,9 +795,10 @@ def scores(q, k, cum_g, seg, *, chunk, interpret=False):
   [B*H, N, K] float32. cum_g: `chunk_cumsum` of the [B, T, H, K] log decay."""
   b, t, h, kd = q.shape
   n = t // chunk
-  kernel = functools.partial(_scores_kernel, heads=h, c=chunk, sub=min(SCORE_BLOCK, chunk),
+  sub = min(SCORE_BLOCK, chunk)
+  kernel = functools.partial(_scores_kernel, heads=h, c=chunk, sub=sub,
                              has_seg=seg is not None, precise=_precision(q.dtype, interpret))
-  return pl.pallas_call(kernel, grid=(b * h, n), interpret=interpret,
+  return pl.pallas_call(kernel, grid=(b * h, n, chunk // sub), interpret=interpret,
                         out_shape=(jax.ShapeDtypeStruct((b * h, n, chunk, chunk), q.dtype),
                                    jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, q.dtype),
                                    jax.ShapeDtypeStruct((b * h, n, kd), jnp.float32)),
@@ -871,10 +879,10 @@ def chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, *, sc
                        )(*_present(q, k, x if wy_terms else v, cum_g, seg, do, dx if wy_terms else None,
                                    s_in, ds_out))
   if per_dim:
-    kernel = functools.partial(_scores_grad_kernel, heads=h, c=chunk, block_k=bk, sub=min(SCORE_BLOCK, chunk),
-                               precise=precise)
+    sub = min(SCORE_BLOCK, chunk)
+    kernel = functools.partial(_scores_grad_kernel, heads=h, c=chunk, block_k=bk, sub=sub, precise=precise)
     dq, dk, db = pl.pallas_call(
-        kernel, grid=(b * h, n, kd // bk), interpret=interpret,
+        kernel, grid=(b * h, n * (chunk // sub), kd // bk), interpret=interpret,
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(cum_g.shape, jnp.float32)),
         compiler_params=_params(interpret, SCORES_GRAD_PARAMS),
