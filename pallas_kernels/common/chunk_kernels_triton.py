@@ -465,28 +465,29 @@ def _loop(length, body, init):
 
 def _scores_kernel(*refs, heads, c, sub, has_seg, precise):
   """The intra-chunk scores under a per-dimension decay, one block of `sub` rows per program
-  (B*H, N, C/sub): P_ts = sum_d q_td k_sd exp(b_td - b_sd) for s <= t in one segment (before the
-  scale). The exponent does not factor into (q e^b)(k e^-b)^T without overflow, so the earlier
-  rows take a reference r = b of the row before the block, which keeps both factors q e^(b - r)
-  and k e^(r - b) <= 1, and the diagonal block is exact, one column at a time. A program per row
-  block rather than per chunk: the diagonal's column loop is serial, so the blocks run side by side.
-  Also stores the block's rows of e * Q and d * K and the chunk's lambda, what the passes read in
-  place of Q, K and the decay."""
+  (B*H, N, C/sub), one [sub, sub] tile at a time: P_ts = sum_d q_td k_sd exp(b_td - b_sd) for
+  s <= t in one segment (before the scale). The exponent does not factor into (q e^b)(k e^-b)^T
+  without overflow, so the tiles left of the diagonal take a reference r = b of the row before the
+  block, which keeps both factors q e^(b - r) and k e^(r - b) <= 1, and the diagonal tile is
+  exact, one column at a time. A program per row block rather than per chunk: the diagonal's
+  column loop is serial, so the blocks run side by side; each reads only the key rows up to its
+  own. Also stores the block's rows of e * Q and d * K and the chunk's lambda, what the passes
+  read in place of Q, K and the decay."""
   r = _split_refs(refs, ("q", "k", "cum_g", "seg", "p", "qe", "kd", "lam"), {"seg": has_seg})
   bh, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   ld = _Loader(bh, heads, c)
   kd = r["q"].shape[-1]
   mm = r["q"].dtype
   kcols = pl.ds(0, kd)
-  row_c = jax.lax.broadcasted_iota(jnp.int32, (c, kd), 0)
   row_s = jax.lax.broadcasted_iota(jnp.int32, (sub, kd), 0)
-  col_s = jax.lax.broadcasted_iota(jnp.int32, (sub, c), 1)
-  k, b = _f32(ld.tok(r["k"], n)), ld.tok(r["cum_g"], n)
+  col_s = jax.lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
+  rows = pl.ds(i * sub, sub)
   q_i, b_i = _f32(ld.sub_rows(r["q"], n, i, sub, kcols)), ld.sub_rows(r["cum_g"], n, i, sub, kcols)
   b_last = ld.row(r["cum_g"], n, c - 1, kcols)
   e_i, d_i, lam = jnp.exp(b_i), jnp.exp(b_last[None, :] - b_i), jnp.exp(b_last)
+  seg_i = None
   if has_seg:
-    seg, prev, last = ld.segments(r["seg"], n)
+    _, prev, last = ld.segments(r["seg"], n)
     seg_i = r["seg"][ld.b, pl.ds(n * c + i * sub, sub)]
     e_i, d_i, lam = e_i * _mask(seg_i == prev)[:, None], d_i * _mask(seg_i == last)[:, None], lam * _mask(last == prev)
   ld.store_sub_rows(r["qe"], n, i, sub, q_i * e_i)
@@ -496,20 +497,30 @@ def _scores_kernel(*refs, heads, c, sub, has_seg, precise):
   def _():
     r["lam"][bh, n] = lam
 
-  ref = ld.row(r["cum_g"], n, jnp.maximum(i * sub - 1, 0), kcols)     # block 0 has no earlier rows
-  k_ref = k * jnp.exp(jnp.where(row_c < i * sub, ref[None, :] - b, -jnp.inf))
-  blk = _mm((q_i * jnp.exp(b_i - ref[None, :])).astype(mm), k_ref.astype(mm), precise, tb=True)
+  def store(j, tile):
+    if has_seg:
+      tile = tile * _mask(seg_i[:, None] == r["seg"][ld.b, pl.ds(n * c + j * sub, sub)][None, :])
+    r["p"][bh, n, rows, pl.ds(j * sub, sub)] = tile.astype(r["p"].dtype)
 
-  def diagonal_column(j, blk):
+  ref = ld.row(r["cum_g"], n, jnp.maximum(i * sub - 1, 0), kcols)     # block 0 has no earlier rows
+  q_ref = (q_i * jnp.exp(b_i - ref[None, :])).astype(mm)
+  for j in range(c // sub):
+    @pl.when(j < i)
+    def _(j=j):
+      k_j, b_j = _f32(ld.sub_rows(r["k"], n, j, sub, kcols)), ld.sub_rows(r["cum_g"], n, j, sub, kcols)
+      store(j, _mm(q_ref, (k_j * jnp.exp(ref[None, :] - b_j)).astype(mm), precise, tb=True))
+
+    @pl.when(j > i)
+    def _(j=j):
+      store(j, jnp.zeros((sub, sub), jnp.float32))
+
+  def diagonal_column(j, tile):
     k_j, b_j = _f32(ld.row(r["k"], n, i * sub + j, kcols)), ld.row(r["cum_g"], n, i * sub + j, kcols)
     decay = jnp.exp(jnp.where(row_s >= j, b_i - b_j[None, :], -jnp.inf))
     column = jnp.sum(q_i * k_j[None, :] * decay, axis=1)
-    return jnp.where(col_s == i * sub + j, column[:, None], blk)
+    return jnp.where(col_s == j, column[:, None], tile)
 
-  blk = _loop(sub, diagonal_column, blk)
-  if has_seg:
-    blk = blk * _mask(seg_i[:, None] == seg[None, :])
-  r["p"][bh, n, pl.ds(i * sub, sub), :] = blk.astype(r["p"].dtype)
+  store(i, _loop(sub, diagonal_column, jnp.zeros((sub, sub), jnp.float32)))
 
 
 def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
