@@ -230,8 +230,7 @@ class _Loader:
 
   def tok(self, ref, n, cols=None):
     """[C, *] tile of a [B, T, H, *] array (columns `cols`, a pl.ds, or all)."""
-    t = pl.ds(n * self.c, self.c)
-    return ref[self.b, t, self.h, :] if cols is None else ref[self.b, t, self.h, cols]
+    return self.sub_rows(ref, n, 0, self.c, cols)
 
   def scalar(self, ref, n):
     """[C] of a [B, T, H] array."""
@@ -266,20 +265,18 @@ class _Loader:
     return DimGeometry(e, d, lam)
 
   def store_tok(self, ref, n, x, cols=None):
-    t = pl.ds(n * self.c, self.c)
-    if cols is None:
-      ref[self.b, t, self.h, :] = x.astype(ref.dtype)
-    else:
-      ref[self.b, t, self.h, cols] = x.astype(ref.dtype)
+    self.store_sub_rows(ref, n, 0, self.c, x, cols)
 
   def store_scalar(self, ref, n, x):
     ref[self.b, pl.ds(n * self.c, self.c), self.h] = x.astype(ref.dtype)
 
-  def sub_rows(self, ref, n, i, sub, cols):
-    """[sub, *] tile of a [B, T, H, *] array: rows i*sub... of chunk n, columns `cols` (a pl.ds)."""
-    return ref[self.b, pl.ds(n * self.c + i * sub, sub), self.h, cols]
+  def sub_rows(self, ref, n, i, sub, cols=None):
+    """[sub, *] tile of a [B, T, H, *] array: rows i*sub... of chunk n, columns `cols` (a pl.ds, or all)."""
+    t = pl.ds(n * self.c + i * sub, sub)
+    return ref[self.b, t, self.h, :] if cols is None else ref[self.b, t, self.h, cols]
 
   def store_sub_rows(self, ref, n, i, sub, x, cols=None):
+    """Stores x into rows i*sub... of chunk n (columns `cols`, a pl.ds, or all)."""
     t = pl.ds(n * self.c + i * sub, sub)
     if cols is None:
       ref[self.b, t, self.h, :] = x.astype(ref.dtype)
