@@ -7,7 +7,8 @@ Exports the fused forward+backward for CUDA (jax < 0.11: newer jax exports for C
 abstract GPU device), takes the Triton IR of each kernel out of its custom call, compiles it for
 sm_90a with the `triton` package found under --triton-path (e.g. `pip install --target DIR
 triton==3.6.0`; a child process, so that it never meets jax's own Triton) at the kernel's
-num_warps / num_stages, and reads `ptxas -v`. Spills and shared memory per block predict where a
+num_warps / num_stages, reads `ptxas -v` and counts the SASS instructions of the cubin by class
+(`sass_mix`). Spills, shared memory per block and the static instruction mix predict where a
 kernel loses time before any device time is spent; they are not a timing.
 """
 from __future__ import annotations
@@ -28,17 +29,33 @@ import triton
 from triton.backends.compiler import GPUTarget
 path, warps, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 k = triton.compile(path, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-  f.write(k.asm["ptx"])
-info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                      capture_output=True, text=True, check=True).stderr
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+with tempfile.TemporaryDirectory() as tmp:
+  ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+  with open(ptx, "w") as f:
+    f.write(k.asm["ptx"])
+  info = subprocess.run([os.path.join(bin_dir, "ptxas"), "-v", "--gpu-name", "sm_90a", ptx, "-o", cubin],
+                        capture_output=True, text=True, check=True).stderr
+  sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", cubin], capture_output=True, text=True,
+                        check=True).stdout
 regs = re.search(r"Used (\d+) registers", info)
 spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
 print(json.dumps({"triton": triton.__version__, "registers": int(regs.group(1)),
                   "spill_store_bytes": int(spill.group(1)), "spill_load_bytes": int(spill.group(2)),
-                  "shared_bytes": k.metadata.shared}))
+                  "shared_bytes": k.metadata.shared, "sass": sass}))
 """
+
+# The instruction classes that say where a kernel's time can go: MUFU for the transcendentals,
+# the float pipes, HGMMA (wgmma) and HMMA (mma.sync) for the tensor cores, global and shared memory.
+SASS_CLASSES = ("MUFU", "FFMA", "FMUL", "FADD", "HGMMA", "HMMA", "LDG", "STG", "LDS", "STS", "BAR", "BRA")
+_SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def sass_mix(sass: str) -> dict:
+  """Static instruction counts of `cuobjdump -sass` text (each loop body counted once): the total
+  and each class of SASS_CLASSES, by opcode without its modifiers (MUFU.EX2 counts as MUFU)."""
+  ops = _SASS_OP.findall(sass)
+  return {"instructions": len(ops), **{c: ops.count(c) for c in SASS_CLASSES}}
 
 
 def triton_kernels(family="delta", gated=True, segments=False, kd=128, vd=128, dtype="bfloat16",
@@ -111,7 +128,8 @@ def compile_report(kernels, triton_path):
       res = subprocess.run([sys.executable, "-c", _COMPILE_ONE, path, str(warps), str(stages)],
                            capture_output=True, text=True, env=env)
       if res.returncode == 0:
-        row.update(json.loads(res.stdout.strip().splitlines()[-1]))
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        row.update(out, sass=sass_mix(out["sass"]))
       else:
         row["error"] = res.stderr.strip()[-1500:]
       print(json.dumps(row), flush=True)

@@ -34,3 +34,19 @@ def test_refuses_a_path_without_triton(tmp_path):
   res = subprocess.run([sys.executable, ptxas_report.__file__, "--triton-path", str(tmp_path)],
                        capture_output=True, text=True)
   assert res.returncode == 2 and "holds no triton package" in res.stderr
+
+
+def test_sass_mix_counts_opcodes_without_modifiers_or_predicates():
+  sass = """
+        Function : _scores_kernel
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                                    /* 0x00000a00ff017b82 */
+                                                                                             /* 0x000e220000000800 */
+        /*01c0*/                   LDG.E.128 R4, desc[UR8][R4.64] ;                          /* 0x0000000804047981 */
+        /*0780*/                   MUFU.EX2 R48, R42 ;                                       /* 0x0000002a00307308 */
+        /*0790*/               @!P0 FFMA R3, R2, R5, R6 ;                                    /* 0x0000000502038223 */
+        /*07a0*/                @P1 MUFU.RCP R7, R8 ;                                        /* 0x0000000800077308 */
+        /*07b0*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;                    /* 0x000000100c08723c */
+  """
+  mix = ptxas_report.sass_mix(sass)
+  assert mix["instructions"] == 6
+  assert (mix["MUFU"], mix["FFMA"], mix["LDG"], mix["HMMA"], mix["HGMMA"]) == (2, 1, 1, 1, 0)
