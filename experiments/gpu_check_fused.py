@@ -113,12 +113,17 @@ def value_and_grads(f, x, cts):
   return out, d
 
 
-def check(report, check_impls):
+CHECK_OPS = {"delta": ("delta", False), "gated_delta": ("delta", True), "gla_scalar": ("gla_scalar", True),
+             "gla": ("gla", None)}
+
+
+def check(report, check_impls, check_ops=tuple(CHECK_OPS)):
   """Each kernel path vs the float32 scan: the fused Triton kernels (float32 and bf16) and the
-  Mosaic GPU state-pass kernels (bf16 only: wgmma has no float32 beyond TF32)."""
+  Mosaic GPU state-pass kernels (bf16 only: wgmma has no float32 beyond TF32), for the ops named
+  in `check_ops` (keys of CHECK_OPS)."""
   b, t, h, d = (1, 100, 2, 64) if SMOKE else (1, 1024, 4, 128)
   rows = []
-  for op, gated in (("delta", False), ("delta", True), ("gla_scalar", True), ("gla", None)):
+  for op, gated in (CHECK_OPS[name] for name in check_ops):
     fn = delta_fn if op == "delta" else gla_fn
     for dtype in (jnp.float32, jnp.bfloat16):
       impls = ["fused"]
@@ -233,7 +238,7 @@ def _bench_shape(rows, cases, b, t, h, kd, vd):
 
 PARAM_NAMES = ("WY_PARAMS", "FORWARD_PARAMS", "STATE_GRAD_PARAMS", "DQK_PARAMS", "WY_GRAD_PARAMS",
                "GRAD_BLOCK_K", "GRAD_BLOCK_V", "STATE_BLOCK_V", "SPLIT_OUTPUT", "OUTPUT_PARAMS",
-               "BF16_GRAD_OPERANDS", "SCORE_UNROLL", "SCORES_PARAMS", "SCORES_GRAD_PARAMS")
+               "BF16_GRAD_OPERANDS", "SCORE_UNROLL", "SCORES_PARAMS", "SCORES_GRAD_PARAMS", "SCORES_BLOCK_K")
 
 
 def kernel_params():
@@ -288,8 +293,8 @@ def time_fla(op, x, do, row):
 
 
 def sweep(report, param_sets, shapes, out, ops=("delta", "delta_gated", "gla_scalar", "gla")):
-  """The fused path's fwd+bwd (the ops of `ops` that have fused kernels) at each shape for each
-  set of kernel constants; the report is written after every row (a run cut off keeps them)."""
+  """The fused path's fwd and fwd+bwd (the ops of `ops` that have fused kernels) at each shape for
+  each set of kernel constants; the report is written after every row (a run cut off keeps them)."""
   default = kernel_params()
   rows = report.setdefault("sweep", [])
   names = [op for op in ("delta", "delta_gated", "gla_scalar", "gla") if op in ops]
@@ -304,7 +309,9 @@ def sweep(report, param_sets, shapes, out, ops=("delta", "delta_gated", "gla_sca
         f = fn("fused")
         row = {"op": name, "shape": [b, t, h, kd, vd], "params": params}
         try:
+          fwd = jax.jit(lambda x, f=f: f(x)[0]).lower(x).compile()
           fb = jax.jit(lambda x, f=f: jax.vjp(lambda x: f(x)[0], x)[1](do)).lower(x).compile()
+          row["fwd_ms"] = median_ms(fwd, x)
           row["fwd_bwd_ms"] = median_ms(fb, x)
         except Exception as e:
           row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
@@ -417,7 +424,12 @@ def main():
   ap.add_argument("--shapes", default="8x2048x16x128", help="comma-separated BxTxHxD timing shapes")
   ap.add_argument("--check-impls", default="fused,mosaic_gpu",
                   help="the paths the agreement check runs (comma-separated: fused, mosaic_gpu)")
+  ap.add_argument("--check-ops", default=",".join(CHECK_OPS),
+                  help=f"the ops the agreement check runs (comma-separated: {', '.join(CHECK_OPS)}; gla is per-dim)")
   args = ap.parse_args()
+  unknown = set(args.check_ops.split(",")) - set(CHECK_OPS)
+  if unknown:
+    ap.error(f"--check-ops: unknown {sorted(unknown)}, expected some of {list(CHECK_OPS)}")
   global SMOKE
   SMOKE = args.smoke
   report = {"device": str(jax.devices()[0]), "jax": jax.__version__}
@@ -431,7 +443,7 @@ def main():
     shapes = [(1, 128, 2, 64, 64)]
   t0 = time.time()
   if not args.skip_check:
-    check(report, args.check_impls.split(","))
+    check(report, args.check_impls.split(","), args.check_ops.split(","))
     write_report(report, args.out)
   if not args.skip_bench:
     bench(report, cases, shapes, args.out)

@@ -91,6 +91,11 @@ GRAD_BLOCK_V = 64     # value columns per step of both gradient kernels' loops
 STATE_BLOCK_V = 64    # value columns per program of the two sequential passes
 SOLVE_BLOCK = 16
 SCORE_BLOCK = 16      # rows of the sub-blocks of the per-dimension-decay scores (`_scores_kernel`)
+# Key columns per `_scores_kernel` program (None, or K or more: all K). Below K each program sums
+# its columns' share of P in float32 and XLA adds the K/BK shares: fewer registers per program
+# (ptxas, Triton 3.6, K 128: 255 with 88 bytes spilled, 236 at 64, 127 at 32) for a float32
+# [K/BK, B*H, N, C, C] round trip through memory. Not yet timed (experiments/results/kernels/h200/run19.sh).
+SCORES_BLOCK_K = None
 # Columns of the score kernels' diagonal blocks per loop iteration, in straight-line code. One:
 # H200 run 13, per-dimension GLA 8x2048x16x128 fwd+bwd 4.12 ms, 4.74 at 4 (`_scores_kernel` alone
 # 1.16 against 1.94 ms: more registers, fewer programs per SM, for loads issued ahead); 16
@@ -460,30 +465,32 @@ def _loop(length, body, init):
   return steps(0, init) if unroll == length else jax.lax.fori_loop(0, length // unroll, steps, init)
 
 
-def _scores_kernel(*refs, heads, c, sub, has_seg, precise):
-  """The intra-chunk scores under a per-dimension decay (program (B*H, N)), one row block of `sub`
-  rows at a time: P_ts = sum_d q_td k_sd exp(b_td - b_sd) for s <= t in one segment (before the
-  scale). The exponent does not factor into (q e^b)(k e^-b)^T without overflow, so each block of
-  earlier rows takes a reference r = b of the row before the block, which keeps both factors
-  q e^(b - r) and k e^(r - b) <= 1, and the diagonal block is exact, one column at a time.
+def _scores_kernel(*refs, heads, c, sub, block_k, has_seg, precise):
+  """The intra-chunk scores under a per-dimension decay (program (B*H, N, K/BK)), one row block of
+  `sub` rows at a time: P_ts = sum_d q_td k_sd exp(b_td - b_sd) for s <= t in one segment (before
+  the scale), summed over the program's `block_k` key columns d. The exponent does not factor
+  into (q e^b)(k e^-b)^T without overflow, so each block of earlier rows takes a reference r = b
+  of the row before the block, which keeps both factors q e^(b - r) and k e^(r - b) <= 1, and the
+  diagonal block is exact, one column at a time.
   Also stores e * Q, d * K and lambda, what the passes read in place of Q, K and the decay.
   One program per chunk: a program per row block, as `_scores_grad_kernel`, measured slower here
   (H200 runs 16-18: 4.05 against 3.90 ms fwd+bwd at 8x2048x16x128, also when it read only the key
   blocks left of its own)."""
   r = _split_refs(refs, ("q", "k", "cum_g", "seg", "p", "qe", "kd", "lam"), {"seg": has_seg})
   bh, n = pl.program_id(0), pl.program_id(1)
+  # one key block: a 2-D grid (a third grid axis of 1 spills 16 more bytes, ptxas at K 128)
+  kb = pl.program_id(2) if r["q"].shape[-1] > block_k else 0
   ld = _Loader(bh, heads, c)
-  kd = r["q"].shape[-1]
   mm = r["q"].dtype
-  kcols = pl.ds(0, kd)
-  row_c = jax.lax.broadcasted_iota(jnp.int32, (c, kd), 0)
-  row_s = jax.lax.broadcasted_iota(jnp.int32, (sub, kd), 0)
+  kcols = pl.ds(kb * block_k, block_k)
+  row_c = jax.lax.broadcasted_iota(jnp.int32, (c, block_k), 0)
+  row_s = jax.lax.broadcasted_iota(jnp.int32, (sub, block_k), 0)
   col_s = jax.lax.broadcasted_iota(jnp.int32, (sub, c), 1)
-  k, b = _f32(ld.tok(r["k"], n)), ld.tok(r["cum_g"], n)
-  geo = ld.dim_geometry(r["cum_g"], r["seg"], n)
-  ld.store_tok(r["qe"], n, _f32(ld.tok(r["q"], n)) * geo.e)
-  ld.store_tok(r["kd"], n, k * geo.d)
-  r["lam"][bh, n] = geo.lam
+  k, b = _f32(ld.tok(r["k"], n, kcols)), ld.tok(r["cum_g"], n, kcols)
+  geo = ld.dim_geometry(r["cum_g"], r["seg"], n, kcols)
+  ld.store_tok(r["qe"], n, _f32(ld.tok(r["q"], n, kcols)) * geo.e, kcols)
+  ld.store_tok(r["kd"], n, k * geo.d, kcols)
+  r["lam"][bh, n, kcols] = geo.lam
   seg = ld.segments(r["seg"], n)[0] if has_seg else None
   for i in range(c // sub):
     q_i, b_i = _f32(ld.sub_rows(r["q"], n, i, sub, kcols)), ld.sub_rows(r["cum_g"], n, i, sub, kcols)
@@ -503,7 +510,7 @@ def _scores_kernel(*refs, heads, c, sub, has_seg, precise):
     if has_seg:
       seg_i = r["seg"][ld.b, pl.ds(n * c + i * sub, sub)]
       blk = blk * _mask(seg_i[:, None] == seg[None, :])
-    r["p"][bh, n, pl.ds(i * sub, sub), :] = blk.astype(r["p"].dtype)
+    r["p"][kb, bh, n, pl.ds(i * sub, sub), :] = blk.astype(r["p"].dtype)
 
 
 def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
@@ -789,14 +796,22 @@ def scores(q, k, cum_g, seg, *, chunk, interpret=False):
   [B*H, N, K] float32. cum_g: `chunk_cumsum` of the [B, T, H, K] log decay."""
   b, t, h, kd = q.shape
   n = t // chunk
-  kernel = functools.partial(_scores_kernel, heads=h, c=chunk, sub=min(SCORE_BLOCK, chunk),
+  bk = kd if SCORES_BLOCK_K is None else min(SCORES_BLOCK_K, kd)
+  if bk <= 0 or kd % bk:
+    raise ValueError(f"SCORES_BLOCK_K: expected None or a positive divisor of K={kd}, got {SCORES_BLOCK_K}")
+  nk = kd // bk
+  kernel = functools.partial(_scores_kernel, heads=h, c=chunk, sub=min(SCORE_BLOCK, chunk), block_k=bk,
                              has_seg=seg is not None, precise=_precision(q.dtype, interpret))
-  return pl.pallas_call(kernel, grid=(b * h, n), interpret=interpret,
-                        out_shape=(jax.ShapeDtypeStruct((b * h, n, chunk, chunk), q.dtype),
-                                   jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, q.dtype),
-                                   jax.ShapeDtypeStruct((b * h, n, kd), jnp.float32)),
-                        compiler_params=_params(interpret, SCORES_PARAMS),
-                        )(*_present(q, k, cum_g, seg))
+  p_dtype = q.dtype if nk == 1 else jnp.float32
+  p, qe, kdk, lam = pl.pallas_call(
+      kernel, grid=(b * h, n) if nk == 1 else (b * h, n, nk), interpret=interpret,
+      out_shape=(jax.ShapeDtypeStruct((nk, b * h, n, chunk, chunk), p_dtype),
+                 jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b * h, n, kd), jnp.float32)),
+      compiler_params=_params(interpret, SCORES_PARAMS),
+  )(*_present(q, k, cum_g, seg))
+  p = p.reshape(p.shape[1:]) if nk == 1 else p.sum(0).astype(q.dtype)
+  return p, qe, kdk, lam
 
 
 def state_grads(q, k, w, cum_g, seg, do, ds_final, *, scale, chunk, decayed=None, interpret=False):

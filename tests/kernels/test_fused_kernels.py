@@ -105,16 +105,20 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
     assert_rel_close(name, back(ref).astype(jnp.float32), out.astype(jnp.float32), tol)
 
 
-@pytest.mark.parametrize("c, kd, dtype, segments, gate_scale, unroll", [
-    (64, 32, jnp.float32, True, 1.0, 1), (32, 16, jnp.float32, False, 30.0, 1), (16, 64, jnp.bfloat16, True, 1.0, 1),
-    (64, 32, jnp.float32, True, 1.0, 4), (16, 64, jnp.bfloat16, True, 1.0, 16)],
-    ids=["C64-seg", "C32-strong-decay", "C16-bf16-seg", "C64-seg-unroll4", "C16-bf16-seg-unrolled"])
-def test_scores_kernel_matches_chunk_scores(c, kd, dtype, segments, gate_scale, unroll, kernel_flags):
+@pytest.mark.parametrize("c, kd, dtype, segments, gate_scale, unroll, block_k", [
+    (64, 32, jnp.float32, True, 1.0, 1, None), (32, 16, jnp.float32, False, 30.0, 1, None),
+    (16, 64, jnp.bfloat16, True, 1.0, 1, None), (64, 32, jnp.float32, True, 1.0, 4, None),
+    (16, 64, jnp.bfloat16, True, 1.0, 16, None), (64, 32, jnp.float32, True, 30.0, 1, 8),
+    (16, 64, jnp.bfloat16, True, 1.0, 1, 32)],
+    ids=["C64-seg", "C32-strong-decay", "C16-bf16-seg", "C64-seg-unroll4", "C16-bf16-seg-unrolled",
+         "C64-seg-strong-decay-4-key-blocks", "C16-bf16-seg-2-key-blocks"])
+def test_scores_kernel_matches_chunk_scores(c, kd, dtype, segments, gate_scale, unroll, block_k, kernel_flags):
   """`_scores_kernel` (per-dimension decay) against the pure-JAX chunk form's scores, strong decay
   included (gate_scale 30: b falls by about 20 a step, far past exp's float32 range in a chunk),
   and its e * Q, d * K and lambda against `gla_chunk_terms`; the diagonal columns one to a loop
-  step (the default), four, and all (C = 16 has one block of 16)."""
-  kernel_flags(SCORE_UNROLL=unroll)
+  step (the default), four, and all (C = 16 has one block of 16); all key columns in one program
+  (the default) or split over 2 and 4 (SCORES_BLOCK_K)."""
+  kernel_flags(SCORE_UNROLL=unroll, SCORES_BLOCK_K=block_k)
   b, h, n = 2, 2, 3
   t = n * c
   rng = np.random.default_rng(c + kd)
@@ -303,6 +307,18 @@ def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segmen
                                             monkeypatch):
   monkeypatch.setattr(ck, "SPLIT_OUTPUT", split)
   monkeypatch.setattr(ck, "BF16_GRAD_OPERANDS", bf16_grads)
+  _check_lowering(family, kd, vd, dtype, gated, segments, split)
+
+
+@pytest.mark.skipif(jax.__version_info__ >= (0, 11),
+                    reason="jax >= 0.11 exports for cuda only with an abstract GPU device; the H200 runs "
+                           "of gpu_check_fused.py cover it")
+def test_scores_split_over_key_blocks_lowers_through_triton(monkeypatch):
+  monkeypatch.setattr(ck, "SCORES_BLOCK_K", 32)
+  _check_lowering("gla_perdim", 128, 128, jnp.bfloat16, True, True, ck.SPLIT_OUTPUT)
+
+
+def _check_lowering(family, kd, vd, dtype, gated, segments, split):
   b, t, h = 2, 256, 2
   spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
   g = spec(b, t, h, kd) if family == "gla_perdim" else spec(b, t, h)
