@@ -46,8 +46,10 @@ print(json.dumps({"triton": triton.__version__, "registers": int(regs.group(1)),
 """
 
 # The instruction classes that say where a kernel's time can go: MUFU for the transcendentals,
-# the float pipes, HGMMA (wgmma) and HMMA (mma.sync) for the tensor cores, global and shared memory.
-SASS_CLASSES = ("MUFU", "FFMA", "FMUL", "FADD", "HGMMA", "HMMA", "LDG", "STG", "LDS", "STS", "BAR", "BRA")
+# the float pipes, HGMMA (wgmma) and HMMA (mma.sync) for the tensor cores, global and shared memory
+# (LDGSTS: cp.async, LDSM: ldmatrix, UTMALDG: TMA loads).
+SASS_CLASSES = ("MUFU", "FFMA", "FMUL", "FADD", "HGMMA", "HMMA", "LDG", "STG", "LDS", "STS", "LDGSTS", "LDSM",
+                "UTMALDG", "BAR", "BRA")
 _SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
 
 

@@ -94,7 +94,8 @@ SCORE_BLOCK = 16      # rows of the sub-blocks of the per-dimension-decay scores
 # Key columns per `_scores_kernel` program (None, or K or more: all K). Below K each program sums
 # its columns' share of P in float32 and XLA adds the K/BK shares: fewer registers per program
 # (ptxas, Triton 3.6, K 128: 255 with 88 bytes spilled, 236 at 64, 127 at 32) for a float32
-# [K/BK, B*H, N, C, C] round trip through memory. Not yet timed (experiments/results/kernels/h200/run19.sh).
+# [K/BK, B*H, N, C, C] round trip through memory. Triton's dot needs 16 or more on a GPU (the
+# interpret-mode tests also take 8). Not yet timed (experiments/results/kernels/h200/run19.sh).
 SCORES_BLOCK_K = None
 # Columns of the score kernels' diagonal blocks per loop iteration, in straight-line code. One:
 # H200 run 13, per-dimension GLA 8x2048x16x128 fwd+bwd 4.12 ms, 4.74 at 4 (`_scores_kernel` alone
@@ -798,7 +799,7 @@ def scores(q, k, cum_g, seg, *, chunk, interpret=False):
   n = t // chunk
   bk = kd if SCORES_BLOCK_K is None else min(SCORES_BLOCK_K, kd)
   if bk <= 0 or kd % bk:
-    raise ValueError(f"SCORES_BLOCK_K: expected None or a positive divisor of K={kd}, got {SCORES_BLOCK_K}")
+    raise ValueError(f"SCORES_BLOCK_K: expected None, K={kd} or more, or a positive divisor of K, got {SCORES_BLOCK_K}")
   nk = kd // bk
   kernel = functools.partial(_scores_kernel, heads=h, c=chunk, sub=min(SCORE_BLOCK, chunk), block_k=bk,
                              has_seg=seg is not None, precise=_precision(q.dtype, interpret))

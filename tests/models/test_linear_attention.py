@@ -48,9 +48,10 @@ def masked_reference(mixer, x_BTD, seg_BT, phi, strict=False):
 
 def cancellation(mixer, x_BTD, seg_BT, phi):
   """Per token, the worst head's ||o_mag_t|| / ||o_t||, where o_mag is the output before the norm
-  recomputed from |x| and the weights' magnitudes (the three maps are 1-Lipschitz): float32's
-  rounding error scales with o_mag, and the output norm divides it by ||o_t||. With signed
-  scores (the identity map) the sums can nearly cancel, leaving no float32 accuracy to test."""
+  recomputed from |x| and the weights' magnitudes (exact in form for the identity map, an
+  overestimate for the two positive maps, whose scores do not cancel): float32's rounding error
+  scales with o_mag, and the output norm divides it by ||o_t||. With signed scores the sums can
+  nearly cancel, leaving no float32 accuracy to test."""
   o = np.einsum("bhts,bshv->bthv", *_masked_scores(mixer, x_BTD, seg_BT, phi, strict=False))
   o_mag = np.einsum("bhts,bshv->bthv", *_masked_scores(mixer, np.abs(x_BTD), seg_BT, lambda a: a, strict=False,
                                                        weights=[np.abs(w) for w in _weights(mixer)]))
