@@ -22,9 +22,9 @@ def _weights(mixer):
   return [np.asarray(getattr(mixer, name).kernel[...], np.float64) for name in ("q_proj", "k_proj", "v_proj")]
 
 
-def _masked_scores(mixer, x_BTD, seg_BT, phi, strict, weights=None):
-  """(mask * phi(Q) phi(K)^T * K^-0.5, V) per head in float64, from the mixer's projections or
-  `weights`; the mask keeps s <= t (s < t with `strict`) within one segment."""
+def _pre_norm(mixer, x_BTD, seg_BT, phi, strict, weights=None):
+  """(mask * phi(Q) phi(K)^T * K^-0.5) V per head [B, T, H, V] in float64, from the mixer's
+  projections or `weights`; the mask keeps s <= t (s < t with `strict`) within one segment."""
   x = np.asarray(x_BTD, np.float64)
   b, t, _ = x.shape
   h, kd, vd = mixer.h, mixer.kd, mixer.vd
@@ -34,15 +34,16 @@ def _masked_scores(mixer, x_BTD, seg_BT, phi, strict, weights=None):
   v = (x @ wv).reshape(b, t, h, vd)
   ti, si = np.arange(t)[:, None], np.arange(t)[None, :]
   mask = ((ti > si) if strict else (ti >= si))[None] & (seg_BT[:, :, None] == seg_BT[:, None, :])
-  return np.einsum("bthk,bshk->bhts", q, k) * kd ** -0.5 * mask[:, None], v
+  scores = np.einsum("bthk,bshk->bhts", q, k) * kd ** -0.5 * mask[:, None]
+  return np.einsum("bhts,bshv->bthv", scores, v)
 
 
 def masked_reference(mixer, x_BTD, seg_BT, phi, strict=False):
   """y = W_o rmsnorm( (mask * phi(Q) phi(K)^T * K^-0.5) V ) per head, in float64."""
-  scores, v = _masked_scores(mixer, x_BTD, seg_BT, phi, strict)
-  b, t, h, vd = v.shape
-  o = np.einsum("bhts,bshv->bthv", scores, v)
-  o = o / np.sqrt(np.mean(o * o, axis=-1, keepdims=True) + mixer.o_norm.eps) * np.asarray(mixer.o_norm.scale[...], np.float64)
+  o = _pre_norm(mixer, x_BTD, seg_BT, phi, strict)
+  b, t, h, vd = o.shape
+  o = o / np.sqrt(np.mean(o * o, axis=-1, keepdims=True) + mixer.o_norm.eps)
+  o = o * np.asarray(mixer.o_norm.scale[...], np.float64)
   return o.reshape(b, t, h * vd) @ np.asarray(mixer.o_proj.kernel[...], np.float64)
 
 
@@ -52,9 +53,9 @@ def cancellation(mixer, x_BTD, seg_BT, phi):
   overestimate for the two positive maps, whose scores do not cancel): float32's rounding error
   scales with o_mag, and the output norm divides it by ||o_t||. With signed scores the sums can
   nearly cancel, leaving no float32 accuracy to test."""
-  o = np.einsum("bhts,bshv->bthv", *_masked_scores(mixer, x_BTD, seg_BT, phi, strict=False))
-  o_mag = np.einsum("bhts,bshv->bthv", *_masked_scores(mixer, np.abs(x_BTD), seg_BT, lambda a: a, strict=False,
-                                                       weights=[np.abs(w) for w in _weights(mixer)]))
+  o = _pre_norm(mixer, x_BTD, seg_BT, phi, strict=False)
+  o_mag = _pre_norm(mixer, np.abs(x_BTD), seg_BT, lambda a: a, strict=False,
+                    weights=[np.abs(w) for w in _weights(mixer)])
   norm = lambda a: np.linalg.norm(a, axis=-1)
   return np.max(norm(o_mag) / np.maximum(norm(o), 1e-300), axis=-1)
 
