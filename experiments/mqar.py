@@ -68,6 +68,8 @@ from experiments.common import (  # noqa: E402
 
 NAME = "mqar"
 FILE = "mqar.json"
+PNG = "mqar.png"
+LONG_DIR = "long"   # the same grid trained longer, a results file of its own (README: after the main table)
 MODELS = ("transformer", "linear_attention", "gla", "gla_conv", "deltanet", "rodimus", "rodimus_plus", "dijiang")
 LABELS = {"transformer": "softmax attention", "linear_attention": "linear attention", "gla": "GLA",
           "gla_conv": "GLA + short conv",
@@ -434,6 +436,9 @@ def markdown(results_dir: str) -> str:
   if meta.get("failed"):
     lines.append(f"Failed or skipped runs: {len(meta['failed'])} (see meta.failed).")
   lines.append("")
+  longer = os.path.join(results_dir, LONG_DIR)
+  if os.path.exists(os.path.join(longer, FILE)):
+    lines += [f"Trained longer (`{LONG_DIR}/`, plot `{LONG_DIR}/{PNG}`):", "", markdown(longer)]
   return "\n".join(lines)
 
 
@@ -476,7 +481,7 @@ def plot(out: str) -> str | None:
   meta = res.get("meta", {})
   fig.suptitle(f"MQAR, {meta.get('version_name', '')} ({meta.get('hardware', '')})", fontsize=9)
   fig.tight_layout()
-  png = os.path.join(out, "mqar.png")
+  png = os.path.join(out, PNG)
   fig.savefig(png, dpi=120)
   plt.close(fig)
   print(f"wrote {png}")

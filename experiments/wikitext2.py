@@ -28,11 +28,11 @@ seen during training (selected on the test set itself, so optimistic; shown for 
 
 Concurrency: the models train as concurrent worker processes (experiments/lmrun.py).
 
-Time on one H100 (estimate, not measured: these machines were not used to write this):
-minimum version about 2-3 minutes (3 processes; ~10 s start and 5 s tokenising each, 30-60 s
-compile, 1200 steps of ~0.4 TFLOP (mostly the tied 50304-way head) at an estimated 5-20 ms
-while shared, 13 test evaluations of 19 batches); `--full` about 4-6 minutes. Results: `experiments/results/wikitext2/wikitext2.json` ({"meta",
-"rows"}, one row per model with its curves, written as each model finishes) and `wikitext2.png`.
+Time (measured, one H200, session 9): the minimum version took 123 s wall (run 20) and 185 s
+(run 21), each beside MQAR training on the same GPU; Transformer++ 0.012 s a step, DeltaNet
+0.013, Rodimus 0.029 (run 20). `--full` (7 models) is not yet measured.
+Results: `experiments/results/wikitext2/wikitext2.json` ({"meta", "rows"}, one row per model
+with its curves, written as each model finishes) and `wikitext2.png`.
 """
 from __future__ import annotations
 

@@ -95,13 +95,15 @@ SCORE_BLOCK = 16      # rows of the sub-blocks of the per-dimension-decay scores
 # its columns' share of P in float32 and XLA adds the K/BK shares: fewer registers per program
 # (ptxas, Triton 3.6, K 128: 255 with 88 bytes spilled, 236 at 64, 127 at 32) for a float32
 # [K/BK, B*H, N, C, C] round trip through memory. Triton's dot needs 16 or more on a GPU (the
-# interpret-mode tests also take 8). Not yet timed (experiments/results/kernels/h200/run19.sh).
-SCORES_BLOCK_K = None
+# interpret-mode tests also take 8). 64: H200 run 19, per-dimension GLA 8x2048x16x128 fwd+bwd
+# 3.51-3.57 ms against 3.65 (all K) and 3.79 (32), with exp2 and the per-block scores gradient.
+SCORES_BLOCK_K = 64
 # Columns of the score kernels' diagonal blocks per loop iteration, in straight-line code. One:
 # H200 run 13, per-dimension GLA 8x2048x16x128 fwd+bwd 4.12 ms, 4.74 at 4 (`_scores_kernel` alone
 # 1.16 against 1.94 ms: more registers, fewer programs per SM, for loads issued ahead); 16
 # (SCORE_BLOCK) unrolls the loop, at minutes of Triton compile time.
 SCORE_UNROLL = 1
+_LOG2_E = 1.4426950408889634   # exp(x) = exp2(x log2 e): jnp.exp lowers to libdevice expf, several instructions around one ex2
 # In a training step's forward, walk only the states and compute the outputs in the
 # chunk-parallel `_output_kernel` from the stored states and X, as flash-linear-attention does:
 # the sequential pass drops its 3 output-only matmuls a chunk (Q K^T, Q S, P X). Measured on the
@@ -503,7 +505,7 @@ def _scores_kernel(*refs, heads, c, sub, block_k, has_seg, precise):
 
     def diagonal_column(j, blk, i=i, q_i=q_i, b_i=b_i):
       k_j, b_j = _f32(ld.row(r["k"], n, i * sub + j, kcols)), ld.row(r["cum_g"], n, i * sub + j, kcols)
-      decay = jnp.exp(jnp.where(row_s >= j, b_i - b_j[None, :], -jnp.inf))
+      decay = jnp.exp2(jnp.where(row_s >= j, (b_i - b_j[None, :]) * _LOG2_E, -jnp.inf))
       column = jnp.sum(q_i * k_j[None, :] * decay, axis=1)
       return jnp.where(col_s == i * sub + j, column[:, None], blk)
 
@@ -525,18 +527,25 @@ def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
   bh, n, i, kb = pl.program_id(0), pl.program_id(1) // nb, pl.program_id(1) % nb, pl.program_id(2)
   kcols = pl.ds(kb * block_k, block_k)
   ld = _Loader(bh, heads, c)
-  row_c = jax.lax.broadcasted_iota(jnp.int32, (c, block_k), 0)
   row_s = jax.lax.broadcasted_iota(jnp.int32, (sub, block_k), 0)
-  q, k, b = _f32(ld.tok(r["q"], n, kcols)), _f32(ld.tok(r["k"], n, kcols)), ld.tok(r["cum_g"], n, kcols)
   rows = pl.ds(i * sub, sub)
   ld_rows = functools.partial(ld.sub_rows, n=n, i=i, sub=sub, cols=kcols)
   q_i, k_i, b_i = _f32(ld_rows(r["q"])), _f32(ld_rows(r["k"])), ld_rows(r["cum_g"])
+  zero = jnp.zeros((sub, block_k), jnp.float32)
   ref = ld.row(r["cum_g"], n, jnp.maximum(i * sub - 1, 0), kcols)     # block 0 has no earlier rows
-  k_ref = k * jnp.exp(jnp.where(row_c < i * sub, ref[None, :] - b, -jnp.inf))
-  dq_i = jnp.exp(b_i - ref[None, :]) * _mm(r["dp"][bh, n, rows, :], k_ref, precise)
+
+  def earlier(j, acc, ref=ref):
+    k_j, b_j = _f32(ld.sub_rows(r["k"], n, j, sub, kcols)), ld.sub_rows(r["cum_g"], n, j, sub, kcols)
+    return acc + _mm(r["dp"][bh, n, rows, pl.ds(j * sub, sub)], k_j * jnp.exp(ref[None, :] - b_j), precise)
+
+  dq_i = jnp.exp(b_i - ref[None, :]) * jax.lax.fori_loop(0, i, earlier, zero)
   ref = ld.row(r["cum_g"], n, i * sub + sub - 1, kcols)                 # the last block has no later rows
-  q_ref = q * jnp.exp(jnp.where(row_c >= (i + 1) * sub, b - ref[None, :], -jnp.inf))
-  dk_i = jnp.exp(ref[None, :] - b_i) * _mm(r["dp"][bh, n, :, rows], q_ref, precise, ta=True)
+
+  def later(j, acc, ref=ref):
+    q_j, b_j = _f32(ld.sub_rows(r["q"], n, j, sub, kcols)), ld.sub_rows(r["cum_g"], n, j, sub, kcols)
+    return acc + _mm(r["dp"][bh, n, pl.ds(j * sub, sub), rows], q_j * jnp.exp(b_j - ref[None, :]), precise, ta=True)
+
+  dk_i = jnp.exp(ref[None, :] - b_i) * jax.lax.fori_loop(i + 1, nb, later, zero)
 
   def diagonal(j, acc):
     dq_i, dk_i = acc
@@ -544,8 +553,8 @@ def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
     k_j, q_j, b_j = (_f32(ld.row(x, n, t, kcols)) for x in (r["k"], r["q"], r["cum_g"]))
     dp_col = r["dp"][bh, n, rows, t]          # dP[t', t] for t' in the block: key row t
     dp_row = r["dp"][bh, n, t, rows]          # dP[t, s] for s in the block: query row t
-    dq_i += dp_col[:, None] * k_j[None, :] * jnp.exp(jnp.where(row_s >= j, b_i - b_j[None, :], -jnp.inf))
-    dk_i += dp_row[:, None] * q_j[None, :] * jnp.exp(jnp.where(row_s <= j, b_j[None, :] - b_i, -jnp.inf))
+    dq_i += dp_col[:, None] * k_j[None, :] * jnp.exp2(jnp.where(row_s >= j, (b_i - b_j[None, :]) * _LOG2_E, -jnp.inf))
+    dk_i += dp_row[:, None] * q_j[None, :] * jnp.exp2(jnp.where(row_s <= j, (b_j[None, :] - b_i) * _LOG2_E, -jnp.inf))
     return dq_i, dk_i
 
   dq_i, dk_i = _loop(sub, diagonal, (dq_i, dk_i))

@@ -161,6 +161,12 @@ def test_mqar_quick_end_to_end(tmp_path):
       assert isinstance(r[k], t), (k, r[k])
     assert 0.0 <= r["accuracy"] <= 1.0 and math.isfinite(r["loss"]) and r["steps"] == 30
   assert "| softmax attention |" in mqar.markdown(out)
+  assert "Trained longer" not in mqar.markdown(out)
+  longer = os.path.join(out, mqar.LONG_DIR)   # a longer run's own file follows the main table
+  os.makedirs(longer)
+  write_json(os.path.join(longer, mqar.FILE), {"meta": res["meta"], "rows": [dict(res["rows"][0], steps=12000)]})
+  md = mqar.markdown(out)
+  assert md.index("Trained longer") > md.index("| softmax attention |") and md.count("| softmax attention |") == 2
   # a rerun resumes: nothing left to train, the rows stay
   mqar.main(["--quick", "--out", out, "--models", "transformer"])
   assert read_json(os.path.join(out, "mqar.json"))["rows"] == res["rows"]
