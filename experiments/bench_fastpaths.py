@@ -80,19 +80,34 @@ def peak_bytes():
 
 # ----------------------------------------------------------------------------- MoE
 
-def bench_moe(report, a):
-  n, d, hid, e, k = (8 * 2048, 1280, 448, 16, 4) if not a.quick else (512, 64, 32, 4, 2)
-  rng = np.random.default_rng(0)
+def moe_problem(quick, rng):
+  """The MoE layer's inputs at rmoe-paper shape (quick: tiny), drawn from rng: x [N, D], the
+  router's [D, E], the experts' (gate, up, down), a cotangent like x, and top-k."""
+  n, d, hid, e, k = (8 * 2048, 1280, 448, 16, 4) if not quick else (512, 64, 32, 4, 2)
   bf = jnp.bfloat16
   x = jnp.asarray(rng.standard_normal((n, d)), bf)
   w_router = jnp.asarray(rng.standard_normal((d, e)) * d ** -0.5, jnp.float32)
   ws = tuple(jnp.asarray(rng.standard_normal(s) * 0.02, bf) for s in ((e, d, hid), (e, d, hid), (e, hid, d)))
   cot = jnp.asarray(rng.standard_normal((n, d)), bf)
+  return x, w_router, ws, cot, k
+
+
+def moe_layer(w_router, k, impl):
+  """(x, w_gate, w_up, w_down) -> the MoE layer's output: linear router, top-k, dropless experts."""
+  def f(x, wg, wu, wd):
+    _, idx, wts = route(jnp.dot(x.astype(jnp.float32), w_router), k)
+    return expert_mlp(x, idx, wts, wg, wu, wd, impl=impl)
+  return f
+
+
+def bench_moe(report, a):
+  rng = np.random.default_rng(0)
+  x, w_router, ws, cot, k = moe_problem(a.quick, rng)
+  (n, d), (e, _, hid) = x.shape, ws[0].shape
+  bf = jnp.bfloat16
 
   def layer(impl):
-    def f(x, wg, wu, wd):
-      _, idx, wts = route(jnp.dot(x.astype(jnp.float32), w_router), k)
-      return expert_mlp(x, idx, wts, wg, wu, wd, impl=impl)
+    f = moe_layer(w_router, k, impl)
     fwd = jax.jit(f)
     fwd_bwd = jax.jit(lambda x, *w: jax.vjp(f, x, *w)[1](cot))
     return fwd, fwd_bwd

@@ -47,18 +47,10 @@ def recurrence_target(op, smoke):
 
 
 def moe_target(impl, smoke):
-  from efficient_lm.layers.moe import expert_mlp, route  # noqa: PLC0415
-  n, d, hid, e, k = (256, 64, 32, 4, 2) if smoke else (8 * 2048, 1280, 448, 16, 4)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
-  w_router = jnp.asarray(rng.standard_normal((d, e)) * d ** -0.5, jnp.float32)
-  ws = tuple(jnp.asarray(rng.standard_normal(s) * 0.02, jnp.bfloat16) for s in ((e, d, hid), (e, d, hid), (e, hid, d)))
-  cot = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
-
-  def layer(x, wg, wu, wd):
-    _, idx, wts = route(jnp.dot(x.astype(jnp.float32), w_router), k)
-    return expert_mlp(x, idx, wts, wg, wu, wd, impl=impl)
-
+  from experiments.bench_fastpaths import moe_layer, moe_problem  # noqa: PLC0415
+  x, w_router, ws, cot, k = moe_problem(smoke, np.random.default_rng(0))
+  (n, d), (e, _, hid) = x.shape, ws[0].shape
+  layer = moe_layer(w_router, k, impl)
   fn = jax.jit(lambda x, *w: jax.vjp(layer, x, *w)[1](cot))
   return lambda: fn(x, *ws), f"MoE layer fwd+bwd, {impl}, {n} tokens top-{k} of {e}, d {d}, hidden {hid}"
 
@@ -66,9 +58,7 @@ def moe_target(impl, smoke):
 def make_target(name, smoke):
   if name in ("gla", "delta"):
     return recurrence_target(name, smoke)
-  if name.startswith("moe_"):
-    return moe_target(name[len("moe_"):], smoke)
-  raise ValueError(f"--targets: expected names from {TARGETS}, got {name!r}")
+  return moe_target(name[len("moe_"):], smoke)
 
 
 def read_trace(log_dir):
@@ -135,10 +125,12 @@ def main(argv=None):
   a = p.parse_args(argv)
   if a.iters < 1:
     p.error(f"--iters: expected 1 or more, got {a.iters}")
+  names = a.targets.split(",")
+  unknown = [n for n in names if n not in TARGETS]
+  if unknown:   # before any target runs, not after the ones ahead of it have been profiled
+    p.error(f"--targets: expected names from {TARGETS}, got {unknown}")
   rows, failed = [], {}
-  for name in a.targets.split(","):
-    if name not in TARGETS:
-      p.error(f"--targets: expected names from {TARGETS}, got {name!r}")
+  for name in names:
     try:
       rows += profile(name, a.smoke, a.iters, a.top)
     except Exception as e:  # one target's failure (tokamax absent, a kernel that will not lower) keeps the rest

@@ -103,7 +103,7 @@ SCORES_BLOCK_K = 64
 # 1.16 against 1.94 ms: more registers, fewer programs per SM, for loads issued ahead); 16
 # (SCORE_BLOCK) unrolls the loop, at minutes of Triton compile time.
 SCORE_UNROLL = 1
-_LOG2_E = 1.4426950408889634   # exp(x) = exp2(x log2 e): jnp.exp lowers to libdevice expf, several instructions around one ex2
+_LOG2_E = 1.4426950408889634
 # In a training step's forward, walk only the states and compute the outputs in the
 # chunk-parallel `_output_kernel` from the stored states and X, as flash-linear-attention does:
 # the sequential pass drops its 3 output-only matmuls a chunk (Q K^T, Q S, P X). Measured on the
@@ -123,6 +123,13 @@ BF16_GRAD_OPERANDS = True
 
 def _f32(x):
   return x.astype(jnp.float32)
+
+
+def _masked_exp2(x, mask):
+  """`chunking.masked_exp` inside a kernel: exp(x) where mask, else 0, as exp2(x log2 e) (jnp.exp
+  lowers to libdevice expf, several instructions around one ex2). Scaling the difference x keeps
+  its float32 accuracy under a strong decay."""
+  return jnp.exp2(jnp.where(mask, x * _LOG2_E, -jnp.inf))
 
 
 _PRECISIONS = {False: None, "highest": jax.lax.Precision.HIGHEST,
@@ -505,7 +512,7 @@ def _scores_kernel(*refs, heads, c, sub, block_k, has_seg, precise):
 
     def diagonal_column(j, blk, i=i, q_i=q_i, b_i=b_i):
       k_j, b_j = _f32(ld.row(r["k"], n, i * sub + j, kcols)), ld.row(r["cum_g"], n, i * sub + j, kcols)
-      decay = jnp.exp2(jnp.where(row_s >= j, (b_i - b_j[None, :]) * _LOG2_E, -jnp.inf))
+      decay = _masked_exp2(b_i - b_j[None, :], row_s >= j)
       column = jnp.sum(q_i * k_j[None, :] * decay, axis=1)
       return jnp.where(col_s == i * sub + j, column[:, None], blk)
 
@@ -553,8 +560,8 @@ def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
     k_j, q_j, b_j = (_f32(ld.row(x, n, t, kcols)) for x in (r["k"], r["q"], r["cum_g"]))
     dp_col = r["dp"][bh, n, rows, t]          # dP[t', t] for t' in the block: key row t
     dp_row = r["dp"][bh, n, t, rows]          # dP[t, s] for s in the block: query row t
-    dq_i += dp_col[:, None] * k_j[None, :] * jnp.exp2(jnp.where(row_s >= j, (b_i - b_j[None, :]) * _LOG2_E, -jnp.inf))
-    dk_i += dp_row[:, None] * q_j[None, :] * jnp.exp2(jnp.where(row_s <= j, (b_j[None, :] - b_i) * _LOG2_E, -jnp.inf))
+    dq_i += dp_col[:, None] * k_j[None, :] * _masked_exp2(b_i - b_j[None, :], row_s >= j)
+    dk_i += dp_row[:, None] * q_j[None, :] * _masked_exp2(b_j[None, :] - b_i, row_s <= j)
     return dq_i, dk_i
 
   dq_i, dk_i = _loop(sub, diagonal, (dq_i, dk_i))
