@@ -238,7 +238,8 @@ def _bench_shape(rows, cases, b, t, h, kd, vd):
 
 PARAM_NAMES = ("WY_PARAMS", "FORWARD_PARAMS", "STATE_GRAD_PARAMS", "DQK_PARAMS", "WY_GRAD_PARAMS",
                "GRAD_BLOCK_K", "GRAD_BLOCK_V", "STATE_BLOCK_V", "SPLIT_OUTPUT", "OUTPUT_PARAMS",
-               "BF16_GRAD_OPERANDS", "SCORE_UNROLL", "SCORES_PARAMS", "SCORES_GRAD_PARAMS", "SCORES_BLOCK_K")
+               "BF16_GRAD_OPERANDS", "SCORE_UNROLL", "SCORES_PARAMS", "SCORES_GRAD_PARAMS", "SCORES_BLOCK_K",
+               "SCORES_GRAD_BLOCK_K", "PALLAS_CUMSUM", "CUMSUM_PARAMS", "CUMSUM_BLOCK_K")
 
 
 def kernel_params():
@@ -367,8 +368,8 @@ def gla_stage_fns(x, do, s0, common):
   """Per-dimension GLA: each kernel stage, as functions of one dict of arrays (and that dict)."""
   ck = chunk_kernels_triton
   a = dict(q=x["q"], k=x["k"], v=x["v"], g=x["g"].astype(jnp.float32), do=do, s0=s0)
-  a["cum_g"] = ck.chunk_cumsum(a["g"], CHUNK)
-  _, _, (a["s_in"], _, _, _, a["decayed"]) = ck.forward(a["q"], a["k"], a["v"], None, a["g"], s0, None,
+  a["cum_g"] = ck.chunk_cumsum(a["g"], CHUNK, SMOKE)
+  _, _, (a["s_in"], _, _, _, a["decayed"], _) = ck.forward(a["q"], a["k"], a["v"], None, a["g"], s0, None,
                                                         store_states=True, **common)
   a["ds_out"], _, a["dv"] = ck.state_grads(None, None, None, None, None, do, s0, decayed=a["decayed"], **common)
   fns = {

@@ -8,7 +8,9 @@ then sum the duration of every complete event by (track, name) and divide by --i
 one thread of a device process ("/device:GPU:0": its streams and XLA's derived op lines, each a
 table of its own, so nothing is counted twice); without a device process (a CPU run) the XLA
 threads of the host. Writes profile_ops.json into --out ({"meta", "rows"}: target, track, kernel,
-ms per call, calls per call, share of the track) and prints each track's top kernels.
+ms per call, calls per call, share of the track, source: the op_name in the optimised HLO's
+metadata, which names the jax operation a fusion came from) and hlo_<target>.txt, and prints each
+track's top kernels. The output is kept live beside the gradients, as in training.
 Targets, bf16 (gpu_check_fused's and bench_fastpaths' inputs):
 - gla, delta: per-dim GLA / the delta rule through the fused Pallas kernels, 8x2048x16x128;
 - moe_tokamax, moe_xla: the MoE layer of rmoe-paper shape (8x2048 tokens, top-4 of 16, d 1280,
@@ -22,6 +24,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -34,6 +37,13 @@ import numpy as np
 TARGETS = ("gla", "delta", "moe_tokamax", "moe_xla")
 
 
+def _with_output(f, cotangent, *args):
+  """(f's output, its VJP): the output kept live, else XLA drops whatever only the output needs
+  (the GLA output kernel, the MoE combine) and the profile misses it."""
+  out, vjp = jax.vjp(f, *args)
+  return out, vjp(cotangent)
+
+
 def recurrence_target(op, smoke):
   from experiments import gpu_check_fused as g  # noqa: PLC0415
   g.SMOKE = smoke
@@ -42,8 +52,8 @@ def recurrence_target(op, smoke):
   f = (g.delta_fn if op == "delta" else g.gla_fn)("fused")
   do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
   ds = jnp.zeros((b, h, d, d), jnp.float32)
-  fn = jax.jit(lambda x: jax.vjp(f, x)[1]((do, ds)))
-  return lambda: fn(x), f"{op} fused fwd+bwd {b}x{t}x{h}x{d}"
+  fn = jax.jit(lambda x: _with_output(f, (do, ds), x))
+  return fn, (x,), f"{op} fused fwd+bwd {b}x{t}x{h}x{d}"
 
 
 def moe_target(impl, smoke):
@@ -51,8 +61,8 @@ def moe_target(impl, smoke):
   x, w_router, ws, cot, k = moe_problem(smoke, np.random.default_rng(0))
   (n, d), (e, _, hid) = x.shape, ws[0].shape
   layer = moe_layer(w_router, k, impl)
-  fn = jax.jit(lambda x, *w: jax.vjp(layer, x, *w)[1](cot))
-  return lambda: fn(x, *ws), f"MoE layer fwd+bwd, {impl}, {n} tokens top-{k} of {e}, d {d}, hidden {hid}"
+  fn = jax.jit(lambda x, *w: _with_output(layer, cot, x, *w))
+  return fn, (x, *ws), f"MoE layer fwd+bwd, {impl}, {n} tokens top-{k} of {e}, d {d}, hidden {hid}"
 
 
 def make_target(name, smoke):
@@ -93,8 +103,45 @@ def kernel_totals(events):
   return totals
 
 
-def profile(name, smoke, iters, top):
-  call, label = make_target(name, smoke)
+def hlo_sources(hlo_text):
+  """{instruction name: its jax op_names} from an optimised HLO module's text, which tells a fusion
+  in the trace from the program line it came from. A fusion without metadata of its own gets
+  the distinct op_names inside the computation it calls (the last two path parts of each)."""
+  own, calls, inside, computation = {}, {}, collections.defaultdict(list), None
+  for line in hlo_text.splitlines():
+    head = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+) \(.*\{\s*$", line)
+    if head:
+      computation = head.group(1)
+      continue
+    m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = ", line)
+    if not m:
+      continue
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    if op_name:
+      own.setdefault(m.group(1), op_name.group(1))
+      short = "/".join(op_name.group(1).split("/")[-2:])
+      if computation and short not in inside[computation]:
+        inside[computation].append(short)
+    callee = re.search(r"calls=%?([\w.\-]+)", line)
+    if callee:
+      calls[m.group(1)] = callee.group(1)
+  sources = dict(own)
+  for name, callee in calls.items():
+    if name not in own and inside.get(callee):
+      sources[name] = " | ".join(inside[callee][:4])
+  return sources
+
+
+def profile(name, smoke, iters, top, out_dir=None):
+  fn, args, label = make_target(name, smoke)
+  compiled = fn.lower(*args).compile()
+  hlo = compiled.as_text()
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"hlo_{name}.txt"), "w") as f:
+      f.write(hlo)
+  sources = hlo_sources(hlo)
+  call = lambda: compiled(*args)
   for _ in range(3):
     jax.block_until_ready(call())
   with tempfile.TemporaryDirectory() as log_dir:
@@ -109,9 +156,10 @@ def profile(name, smoke, iters, top):
     print(f"\n== {label} | {track}: {track_us / iters / 1e3:.3f} ms per call in {len(names)} kernels")
     for kernel, (us, count) in ranked[:top]:
       row = {"target": name, "label": label, "track": track, "kernel": kernel, "ms": us / iters / 1e3,
-             "calls": count / iters, "share": us / track_us if track_us else 0.0}
+             "calls": count / iters, "share": us / track_us if track_us else 0.0,
+             "source": sources.get(kernel, "")}
       rows.append(row)
-      print(f"  {row['ms']:8.3f} ms {100 * row['share']:5.1f}% x{row['calls']:g}  {kernel[:110]}")
+      print(f"  {row['ms']:8.3f} ms {100 * row['share']:5.1f}% x{row['calls']:g}  {kernel[:60]}  {row['source'][-90:]}")
   return rows
 
 
@@ -132,7 +180,7 @@ def main(argv=None):
   rows, failed = [], {}
   for name in names:
     try:
-      rows += profile(name, a.smoke, a.iters, a.top)
+      rows += profile(name, a.smoke, a.iters, a.top, a.out)
     except Exception as e:  # one target's failure (tokamax absent, a kernel that will not lower) keeps the rest
       failed[name] = f"{type(e).__name__}: {e}"[:2000]
       print(f"{name}: failed: {failed[name]}", flush=True)

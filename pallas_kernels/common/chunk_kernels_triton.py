@@ -85,7 +85,10 @@ DQK_PARAMS = (4, 1)
 WY_GRAD_PARAMS = (4, 1)
 OUTPUT_PARAMS = (4, 1)
 SCORES_PARAMS = (4, 1)
-SCORES_GRAD_PARAMS = (4, 1)
+# 2 stages for the scores gradient's loops over earlier/later blocks: H200 run 25, per-dim GLA
+# 8x2048x16x128 fwd+bwd 3.52 / 3.49 ms against 3.54 / 3.61 at 1 stage (interleaved processes).
+SCORES_GRAD_PARAMS = (4, 2)
+CUMSUM_PARAMS = (4, 1)
 GRAD_BLOCK_K = 64     # key columns per program of `_dqk_kernel` (and per step of `_wy_grad_kernel`)
 GRAD_BLOCK_V = 64     # value columns per step of both gradient kernels' loops
 STATE_BLOCK_V = 64    # value columns per program of the two sequential passes
@@ -103,6 +106,14 @@ SCORES_BLOCK_K = 64
 # 1.16 against 1.94 ms: more registers, fewer programs per SM, for loads issued ahead); 16
 # (SCORE_BLOCK) unrolls the loop, at minutes of Triton compile time.
 SCORE_UNROLL = 1
+# Key columns per `_scores_grad_kernel` program (a divisor of K, 16 or more).
+SCORES_GRAD_BLOCK_K = 64
+# A per-dimension decay's in-chunk cumulative sums (forward: of g, backward: of db) in
+# `_cumsum_kernel` rather than XLA, whose reduce-window cumsum over the chunk axis took 0.23 ms
+# forward (three fusions) and 0.16 ms backward of the 3.31 ms of per-dim GLA's fwd+bwd at
+# 8x2048x16x128 (H200 run 24 profile).
+PALLAS_CUMSUM = True
+CUMSUM_BLOCK_K = 128
 _LOG2_E = 1.4426950408889634
 # In a training step's forward, walk only the states and compute the outputs in the
 # chunk-parallel `_output_kernel` from the stored states and X, as flash-linear-attention does:
@@ -711,13 +722,38 @@ def _present(*xs):
   return [x for x in xs if x is not None]
 
 
-def chunk_cumsum(g, chunk):
+def _cumsum_kernel(x_ref, out_ref, *, heads, c, block_k, reverse):
+  """The float32 cumulative sum inside chunk n of one block of key columns of a [B, T, H, K]
+  array (program (B*H, N, K/BK)); `reverse`: from the chunk's end, as the chunk total minus the
+  inclusive sum plus the row (Triton's scan runs forward only)."""
+  bh, n, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  ld = _Loader(bh, heads, c)
+  cols = pl.ds(kb * block_k, block_k)
+  x = _f32(ld.tok(x_ref, n, cols))
+  total = jnp.cumsum(x, axis=0)
+  if reverse:
+    total = jnp.sum(x, axis=0)[None, :] - total + x
+  ld.store_tok(out_ref, n, total, cols)
+
+
+def _pallas_cumsum(x, chunk, *, reverse, interpret):
+  b, t, h, kd = x.shape
+  bk = _block_v(kd, CUMSUM_BLOCK_K)
+  kernel = functools.partial(_cumsum_kernel, heads=h, c=chunk, block_k=bk, reverse=reverse)
+  return pl.pallas_call(kernel, grid=(b * h, t // chunk, kd // bk), interpret=interpret,
+                        out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                        compiler_params=_params(interpret, CUMSUM_PARAMS))(x)
+
+
+def chunk_cumsum(g, chunk, interpret=False):
   """[B, T, H] or [B, T, H, K] log decay -> its float32 inclusive cumulative sum inside each chunk
-  of T, once per forward and once per backward in XLA, rather than as a masked [C, C] reduction in
-  every kernel's every chunk: H200 run 10, gated delta rule 8x2048x16x128 fwd+bwd 2.05 against
-  3.00 ms (None stays None)."""
+  of T, once per forward, rather than as a masked [C, C] reduction in every kernel's every chunk:
+  H200 run 10, gated delta rule 8x2048x16x128 fwd+bwd 2.05 against 3.00 ms (None stays None).
+  A per-dimension decay's in `_cumsum_kernel` with PALLAS_CUMSUM, else in XLA."""
   if g is None:
     return None
+  if PALLAS_CUMSUM and g.ndim == 4:
+    return _pallas_cumsum(g, chunk, reverse=False, interpret=interpret)
   b, t = g.shape[:2]
   return jnp.cumsum(g.astype(jnp.float32).reshape(b, t // chunk, chunk, *g.shape[2:]), axis=2).reshape(g.shape)
 
@@ -755,7 +791,8 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
   the backward needs (else None): the state entering every chunk [B*H, N, K, V] in q's dtype (the
   forward's matmuls already rounded it so), and for the delta rule W [B*H, N, C, K] and
   X [B, T, H, V] in q's dtype and the solve's T [B*H, N, C, C] (float32; q's dtype with
-  BF16_GRAD_OPERANDS) (GLA: None for each). s0: [B*H, K, V] float32.
+  BF16_GRAD_OPERANDS) (GLA: None for each), what `scores` returned (None unless the decay is
+  per-dimension) and `chunk_cumsum` of g (None ungated). s0: [B*H, K, V] float32.
   beta None: GLA, X = V, with a scalar [B, T, H] or no decay g, or a per-dimension one
   [B, T, H, K] (then also what `scores` returns, for the passes); else the delta rule, X = U - W S.
   With `store_states` and SPLIT_OUTPUT: O from `_output_kernel` after the state pass (without
@@ -767,7 +804,8 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
   wy_terms = beta is not None
   split = store_states and SPLIT_OUTPUT
   precise = _precision(q.dtype, interpret)
-  cum_g = chunk_cumsum(g, chunk)
+  cum_g = chunk_cumsum(g, chunk, interpret)
+  saved_cum_g = cum_g
   per_dim = _is_per_dim(cum_g)
   decayed = p = None
   if per_dim:    # the passes read e * Q, d * K and lambda (segment masks included) in place of q, k, cum_g
@@ -804,7 +842,7 @@ def forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=
     o = pl.pallas_call(kernel, grid=(b * h, n, vd // bo), out_shape=o_shape, interpret=interpret,
                        compiler_params=_params(interpret, OUTPUT_PARAMS),
                        )(*_present(q, k, x if wy_terms else v, cum_g, seg, p, s_in))
-  return o, s_final, (s_in, w, x, t_inv, decayed) if store_states else None
+  return o, s_final, (s_in, w, x, t_inv, decayed, saved_cum_g) if store_states else None
 
 
 def scores(q, k, cum_g, seg, *, chunk, interpret=False):
@@ -859,8 +897,11 @@ def state_grads(q, k, w, cum_g, seg, do, ds_final, *, scale, chunk, decayed=None
   return ds_out, ds0, dx
 
 
-def chunk_reverse_cumsum(x, chunk):
-  """[B, T, H(, K)]: the reverse cumulative sum inside each chunk of T (the VJP of `chunk_cumsum`)."""
+def chunk_reverse_cumsum(x, chunk, interpret=False):
+  """[B, T, H(, K)] float32: the reverse cumulative sum inside each chunk of T (the VJP of
+  `chunk_cumsum`; [B, T, H, K] in `_cumsum_kernel` with PALLAS_CUMSUM)."""
+  if PALLAS_CUMSUM and x.ndim == 4:
+    return _pallas_cumsum(x, chunk, reverse=True, interpret=interpret)
   b, t = x.shape[:2]
   x = x.reshape(b, t // chunk, chunk, *x.shape[2:])
   return jnp.flip(jnp.cumsum(jnp.flip(x, 2), axis=2), 2).reshape(b, t, *x.shape[3:])
@@ -905,6 +946,7 @@ def chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, *, sc
                                    s_in, ds_out))
   if per_dim:
     sub = min(SCORE_BLOCK, chunk)
+    bk = _block_v(kd, SCORES_GRAD_BLOCK_K)
     kernel = functools.partial(_scores_grad_kernel, heads=h, c=chunk, block_k=bk, sub=sub, precise=precise)
     dq, dk, db = pl.pallas_call(
         kernel, grid=(b * h, n * (chunk // sub), kd // bk), interpret=interpret,
@@ -912,7 +954,7 @@ def chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, *, sc
                    jax.ShapeDtypeStruct(cum_g.shape, jnp.float32)),
         compiler_params=_params(interpret, SCORES_GRAD_PARAMS),
     )(q, k, cum_g, res[3], *res[:3])
-    return dq, dk, dx, None, chunk_reverse_cumsum(db, chunk)
+    return dq, dk, dx, None, chunk_reverse_cumsum(db, chunk, interpret)
   dq, dk = res[0], res[1]
   db = None if cum_g is None else jnp.sum(res[-1], axis=0)
   dv, dbeta = dx, None
@@ -929,15 +971,14 @@ def chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, *, sc
     dk, dv, dbeta = res[:3]
     if cum_g is not None:
       db = db + res[3]
-  dg = None if cum_g is None else chunk_reverse_cumsum(db, chunk)
+  dg = None if cum_g is None else chunk_reverse_cumsum(db, chunk, interpret)
   return dq, dk, dv, dbeta, dg
 
 
-def backward(q, k, v, beta, g, seg, saved, do, ds_final, *, scale, chunk, interpret=False):
+def backward(q, k, v, beta, seg, saved, do, ds_final, *, scale, chunk, interpret=False):
   """(dq, dk, dv in the inputs' dtype, dbeta, dg float32 (None when beta / g is None), ds0 [B*H, K, V]).
   saved: what `forward(store_states=True)` returned for the backward."""
-  s_in, w, x, t_inv, decayed = saved
-  cum_g = chunk_cumsum(g, chunk)
+  s_in, w, x, t_inv, decayed, cum_g = saved
   ds_out, ds0, dx = state_grads(q, k, w, cum_g, seg, do, ds_final, scale=scale, chunk=chunk, decayed=decayed,
                                 interpret=interpret)
   grads = chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, scale=scale, chunk=chunk,

@@ -110,14 +110,14 @@ def make_fused_op():
 
   def op_fwd(scale, chunk, interpret, q, k, v, beta, g, s0, seg):
     o, s_final, saved = forward(scale, chunk, interpret, q, k, v, beta, g, s0, seg, True)
-    return (o, s_final), (q, k, v, beta, g, seg, saved)
+    return (o, s_final), (q, k, v, beta, seg, saved)
 
   def op_bwd(scale, chunk, interpret, residuals, cotangents):
-    q, k, v, beta, g, seg, saved = residuals
+    q, k, v, beta, seg, saved = residuals
     do, ds_final = cotangents
     b, _, h, _ = q.shape
     dq, dk, dv, dbeta, dg, ds0 = kernels.backward(
-        q, k, v, beta, g, seg, saved, do.astype(v.dtype), ds_final.reshape(b * h, *ds_final.shape[2:]),
+        q, k, v, beta, seg, saved, do.astype(v.dtype), ds_final.reshape(b * h, *ds_final.shape[2:]),
         scale=scale, chunk=chunk, interpret=interpret)
     return dq, dk, dv, dbeta, dg, ds0.reshape(ds_final.shape), None
 

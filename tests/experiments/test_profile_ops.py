@@ -42,3 +42,19 @@ def test_smoke_profile_writes_rows_and_reports_a_bad_target(tmp_path):
   assert saved["rows"] == rows and saved["meta"]["iters"] == 2
   with pytest.raises(SystemExit):
     profile_ops.main(["--targets", "moe_xla,flash", "--out", str(tmp_path)])
+
+
+def test_hlo_sources_names_a_fusion_by_its_own_metadata_or_by_what_it_calls():
+  hlo = "\n".join([
+      "%fused_computation.3 (param_0: f32[8]) -> f32[8] {",
+      '  %add.1 = f32[8]{0} add(%param_0, %param_0), metadata={op_name="jit(f)/vjp/cumsum/add"}',
+      '  ROOT %neg.2 = f32[8]{0} negate(%add.1), metadata={op_name="jit(f)/vjp/neg"}',
+      "}",
+      "ENTRY %main.9 (p: f32[8]) -> f32[8] {",
+      "  %loop_add_fusion = f32[8]{0} fusion(%p), kind=kLoop, calls=%fused_computation.3",
+      '  ROOT %custom-call.1 = f32[8]{0} custom-call(%loop_add_fusion), metadata={op_name="jit(f)/pallas_call"}',
+      "}"])
+  sources = profile_ops.hlo_sources(hlo)
+  assert sources["custom-call.1"] == "jit(f)/pallas_call"
+  assert sources["loop_add_fusion"] == "cumsum/add | vjp/neg"
+  assert "param_0" not in sources

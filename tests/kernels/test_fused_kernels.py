@@ -90,9 +90,9 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
   t_inv = None
   if family == "delta":
     t_dtype = dtype if low else jnp.float32
-    *_, t_inv = ck.wy(k, v, beta, ck.chunk_cumsum(g, c), seg, chunk=c, t_dtype=t_dtype, interpret=True)
+    *_, t_inv = ck.wy(k, v, beta, ck.chunk_cumsum(g, c, True), seg, chunk=c, t_dtype=t_dtype, interpret=True)
     assert t_inv.dtype == t_dtype
-  got = ck.chunk_grads(q, k, v, beta, ck.chunk_cumsum(g, c), seg, do, s_in, ds_out, x_in, dx_in, t_inv,
+  got = ck.chunk_grads(q, k, v, beta, ck.chunk_cumsum(g, c, True), seg, do, s_in, ds_out, x_in, dx_in, t_inv,
                        scale=scale, chunk=c, interpret=True)
 
   dbeta, dg = dgates if family == "delta" else (None, dgates[0])
@@ -124,7 +124,7 @@ def test_scores_kernel_matches_chunk_scores(c, kd, dtype, segments, gate_scale, 
   rng = np.random.default_rng(c + kd)
   x = make_inputs(c, "gla_perdim", b=b, t=t, h=h, kd=kd, vd=16, dtype=dtype, gate_scale=gate_scale)
   seg = jnp.asarray(random_segments(rng, b, t, 4)) if segments else None
-  got, qe, kdk, lam = ck.scores(x["q"], x["k"], ck.chunk_cumsum(x["g"], c), seg, chunk=c, interpret=True)
+  got, qe, kdk, lam = ck.scores(x["q"], x["k"], ck.chunk_cumsum(x["g"], c, True), seg, chunk=c, interpret=True)
   assert got.shape == (b * h, n, c, c) and got.dtype == dtype and lam.dtype == jnp.float32
   seg_c, prev_c = segment_chunks(seg, b, t, h, c)
   terms = jax.vmap(jax.vmap(jax.vmap(lambda *a: gla_chunk_terms(*a, 1.0))))(
@@ -200,8 +200,9 @@ def test_split_output_matches_scan(variant, t, c, kd, vd, dtype, segments, split
   kernel_flags(SPLIT_OUTPUT=split)
   inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
   fwd = lambda x: run(variant, "pallas:generic:fused", x, chunk_size=c, segment_ids=seg)[0].astype(jnp.float32).sum()
-  first = {"delta": ["_wy_kernel"], "gla_perdim": ["_scores_kernel"]}.get(variant.replace("gated_", ""), [])
-  last = {"delta": ["_wy_grad_kernel"], "gla_perdim": ["_scores_grad_kernel"]}.get(variant.replace("gated_", ""), [])
+  first = {"delta": ["_wy_kernel"], "gla_perdim": ["_cumsum_kernel", "_scores_kernel"]}.get(variant.replace("gated_", ""), [])
+  last = {"delta": ["_wy_grad_kernel"],
+          "gla_perdim": ["_scores_grad_kernel", "_cumsum_kernel"]}.get(variant.replace("gated_", ""), [])
   state_pass = first + ["_forward_kernel"]
   backward = ["_state_grad_kernel", "_dqk_kernel"] + last
   assert kernel_names(fwd, inputs) == state_pass
@@ -224,7 +225,7 @@ def test_grad_operands_match_scan(variant, t, c, kd, vd, dtype, segments, bf16_g
   b, _, h, _ = q.shape
   common = dict(scale=kd ** -0.5, chunk=c, interpret=True)
   s0 = jnp.zeros((b * h, kd, vd), jnp.float32)
-  _, _, (_, w, _, t_inv, _) = ck.forward(q, k, v, None if beta is None else beta[:, :c].astype(jnp.float32), None,
+  _, _, (_, w, _, t_inv, _, _) = ck.forward(q, k, v, None if beta is None else beta[:, :c].astype(jnp.float32), None,
                                       s0, None, store_states=True, **common)
   ds_out, _, dx = ck.state_grads(q, k, w, None, None, v, s0, **common)
   stored = dtype if bf16_grads else jnp.float32
@@ -235,6 +236,17 @@ def test_grad_operands_match_scan(variant, t, c, kd, vd, dtype, segments, bf16_g
     assert t_inv is None and dx.dtype == dtype   # GLA: dX is dv, in the inputs' dtype
   if bf16_grads != DEFAULT_BF16_GRAD_OPERANDS:
     check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
+
+
+@_scan_cases("gla-perdim-seg-C16-bf16", "gla-perdim-seg-C32-V128")
+def test_xla_cumsum_matches_scan(variant, t, c, kd, vd, dtype, segments, kernel_flags):
+  """PALLAS_CUMSUM off: a per-dimension decay's in-chunk sums in XLA, forward and every gradient
+  against the f32 scan (on, the default, test_fused_op_matches_scan checks the same cases)."""
+  kernel_flags(PALLAS_CUMSUM=False)
+  inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
+  fwd = lambda x: run(variant, "pallas:generic:fused", x, chunk_size=c, segment_ids=seg)[0].astype(jnp.float32).sum()
+  assert "_cumsum_kernel" not in kernel_names(jax.grad(fwd), inputs)
+  check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
 
 
 def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
@@ -251,9 +263,9 @@ def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
   assert kernel_names(jax.grad(f_gla), y["q"], y["g"]) == ["_forward_kernel", "_output_kernel",
                                                             "_state_grad_kernel", "_dqk_kernel"]
   per_dim = make_inputs(1, "gla_perdim", t=20)["g"]
-  assert kernel_names(jax.grad(f_gla), y["q"], per_dim) == ["_scores_kernel", "_forward_kernel", "_output_kernel",
-                                                             "_state_grad_kernel", "_dqk_kernel",
-                                                             "_scores_grad_kernel"]
+  assert kernel_names(jax.grad(f_gla), y["q"], per_dim) == ["_cumsum_kernel", "_scores_kernel", "_forward_kernel",
+                                                             "_output_kernel", "_state_grad_kernel", "_dqk_kernel",
+                                                             "_scores_grad_kernel", "_cumsum_kernel"]
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
   assert "_wy_kernel" not in kernel_names(jax.grad(f), x["q"])
   assert "_state_grad_kernel" not in kernel_names(jax.grad(f_gla), y["q"], y["g"])
@@ -330,5 +342,23 @@ def _check_lowering(family, kd, vd, dtype, gated, segments, split):
   )(*args)
   # forward: (delta: W/U and) the state pass (split: and the output); backward: the reverse pass,
   # dq/dk (delta: and the solve's)
-  # per-dimension GLA: and the scores and their gradient
-  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == (3 if family == "gla" else 5) + split
+  # per-dimension GLA: and the scores and their gradient, and the in-chunk sums of g and of dg
+  kernels = {"gla": 3, "delta": 5, "gla_perdim": 7 if ck.PALLAS_CUMSUM else 5}[family]
+  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == kernels + split
+
+
+@pytest.mark.parametrize("c, kd, block_k, dtype", [(16, 32, 128, jnp.float32), (32, 64, 32, jnp.bfloat16)])
+def test_cumsum_kernel_matches_xla(c, kd, block_k, dtype, kernel_flags):
+  """`_cumsum_kernel` (a per-dimension decay's in-chunk sums, forward and reverse) against XLA's
+  cumsum on fresh random inputs, one key block (K <= CUMSUM_BLOCK_K) and two."""
+  kernel_flags(CUMSUM_BLOCK_K=block_k)
+  rng = np.random.default_rng(kd)
+  b, n, h = 2, 3, 2
+  x = jnp.asarray(rng.standard_normal((b, n * c, h, kd)), dtype)
+  chunks = np.asarray(x, np.float64).reshape(b, n, c, h, kd)
+  forward = np.cumsum(chunks, axis=2).reshape(x.shape)
+  reverse = np.flip(np.cumsum(np.flip(chunks, 2), axis=2), 2).reshape(x.shape)
+  got = ck.chunk_cumsum(x, c, True)
+  assert got.dtype == jnp.float32
+  assert_rel_close("forward", forward, got, 1e-6)
+  assert_rel_close("reverse", reverse, ck.chunk_reverse_cumsum(x.astype(jnp.float32), c, True), 1e-6)
