@@ -108,6 +108,11 @@ SCORES_BLOCK_K = 64
 SCORE_UNROLL = 1
 # Key columns per `_scores_grad_kernel` program (a divisor of K, 16 or more).
 SCORES_GRAD_BLOCK_K = 64
+# `_scores_grad_kernel`'s diagonal block: one exp2 a step for dq's and dk's decay factors (they
+# live on complementary rows) rather than two, and dP's 16x16 diagonal tile loaded once rather
+# than a column and a row of it each step (session 11: both to be timed on the GPU).
+SCORES_GRAD_SHARED_EXP = True
+SCORES_GRAD_DP_TILE = False
 # A per-dimension decay's in-chunk cumulative sums (forward: of g, backward: of db) in
 # `_cumsum_kernel` rather than XLA, whose reduce-window cumsum over the chunk axis took 0.23 ms
 # forward (three fusions) and 0.16 ms backward of the 3.31 ms of per-dim GLA's fwd+bwd at
@@ -565,14 +570,33 @@ def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
 
   dk_i = jnp.exp(ref[None, :] - b_i) * jax.lax.fori_loop(i + 1, nb, later, zero)
 
+  if SCORES_GRAD_DP_TILE:
+    dp_tile = r["dp"][bh, n, rows, rows]      # dP[t', s] inside the diagonal block
+    dp_tile_t = dp_tile.T
+    col_ss = jax.lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
+
   def diagonal(j, acc):
     dq_i, dk_i = acc
     t = i * sub + j
     k_j, q_j, b_j = (_f32(ld.row(x, n, t, kcols)) for x in (r["k"], r["q"], r["cum_g"]))
-    dp_col = r["dp"][bh, n, rows, t]          # dP[t', t] for t' in the block: key row t
-    dp_row = r["dp"][bh, n, t, rows]          # dP[t, s] for s in the block: query row t
-    dq_i += dp_col[:, None] * k_j[None, :] * _masked_exp2(b_i - b_j[None, :], row_s >= j)
-    dk_i += dp_row[:, None] * q_j[None, :] * _masked_exp2(b_j[None, :] - b_i, row_s <= j)
+    if SCORES_GRAD_DP_TILE:
+      dp_col = jnp.sum(jnp.where(col_ss == j, dp_tile, 0.0), axis=1)
+      dp_row = jnp.sum(jnp.where(col_ss == j, dp_tile_t, 0.0), axis=1)
+    else:
+      dp_col = r["dp"][bh, n, rows, t]        # dP[t', t] for t' in the block: key row t
+      dp_row = r["dp"][bh, n, t, rows]        # dP[t, s] for s in the block: query row t
+    later_rows, earlier_rows = row_s >= j, row_s <= j
+    if SCORES_GRAD_SHARED_EXP:
+      # dq's factor e^(b_t' - b_t) lives on the rows t' >= t, dk's e^(b_t - b_s) on s <= t: one
+      # exp2 of the difference signed per row serves both (row t's is 1 in each).
+      diff = b_i - b_j[None, :]
+      decay = jnp.exp2(jnp.where(later_rows, diff, -diff) * _LOG2_E)
+      dq_decay, dk_decay = jnp.where(later_rows, decay, 0.0), jnp.where(earlier_rows, decay, 0.0)
+    else:
+      dq_decay = _masked_exp2(b_i - b_j[None, :], later_rows)
+      dk_decay = _masked_exp2(b_j[None, :] - b_i, earlier_rows)
+    dq_i += dp_col[:, None] * k_j[None, :] * dq_decay
+    dk_i += dp_row[:, None] * q_j[None, :] * dk_decay
     return dq_i, dk_i
 
   dq_i, dk_i = _loop(sub, diagonal, (dq_i, dk_i))
@@ -736,12 +760,12 @@ def _cumsum_kernel(x_ref, out_ref, *, heads, c, block_k, reverse):
   ld.store_tok(out_ref, n, total, cols)
 
 
-def _pallas_cumsum(x, chunk, *, reverse, interpret):
+def _pallas_cumsum(x, chunk, *, reverse, out_dtype, interpret):
   b, t, h, kd = x.shape
   bk = _block_v(kd, CUMSUM_BLOCK_K)
   kernel = functools.partial(_cumsum_kernel, heads=h, c=chunk, block_k=bk, reverse=reverse)
   return pl.pallas_call(kernel, grid=(b * h, t // chunk, kd // bk), interpret=interpret,
-                        out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                        out_shape=jax.ShapeDtypeStruct(x.shape, out_dtype),
                         compiler_params=_params(interpret, CUMSUM_PARAMS))(x)
 
 
@@ -749,11 +773,12 @@ def chunk_cumsum(g, chunk, interpret=False):
   """[B, T, H] or [B, T, H, K] log decay -> its float32 inclusive cumulative sum inside each chunk
   of T, once per forward, rather than as a masked [C, C] reduction in every kernel's every chunk:
   H200 run 10, gated delta rule 8x2048x16x128 fwd+bwd 2.05 against 3.00 ms (None stays None).
-  A per-dimension decay's in `_cumsum_kernel` with PALLAS_CUMSUM, else in XLA."""
+  A per-dimension decay's in `_cumsum_kernel` with PALLAS_CUMSUM, else in XLA; the kernel reads g
+  in its own dtype, so a bf16 g needs no float32 copy first."""
   if g is None:
     return None
   if PALLAS_CUMSUM and g.ndim == 4:
-    return _pallas_cumsum(g, chunk, reverse=False, interpret=interpret)
+    return _pallas_cumsum(g, chunk, reverse=False, out_dtype=jnp.float32, interpret=interpret)
   b, t = g.shape[:2]
   return jnp.cumsum(g.astype(jnp.float32).reshape(b, t // chunk, chunk, *g.shape[2:]), axis=2).reshape(g.shape)
 
@@ -897,22 +922,24 @@ def state_grads(q, k, w, cum_g, seg, do, ds_final, *, scale, chunk, decayed=None
   return ds_out, ds0, dx
 
 
-def chunk_reverse_cumsum(x, chunk, interpret=False):
-  """[B, T, H(, K)] float32: the reverse cumulative sum inside each chunk of T (the VJP of
-  `chunk_cumsum`; [B, T, H, K] in `_cumsum_kernel` with PALLAS_CUMSUM)."""
+def chunk_reverse_cumsum(x, chunk, interpret=False, out_dtype=jnp.float32):
+  """[B, T, H(, K)] float32 -> the reverse cumulative sum inside each chunk of T in `out_dtype`
+  (the VJP of `chunk_cumsum`; [B, T, H, K] in `_cumsum_kernel` with PALLAS_CUMSUM, which writes
+  `out_dtype` itself: a bf16 dg then needs no separate cast of a float32 one)."""
   if PALLAS_CUMSUM and x.ndim == 4:
-    return _pallas_cumsum(x, chunk, reverse=True, interpret=interpret)
+    return _pallas_cumsum(x, chunk, reverse=True, out_dtype=out_dtype, interpret=interpret)
   b, t = x.shape[:2]
   x = x.reshape(b, t // chunk, chunk, *x.shape[2:])
-  return jnp.flip(jnp.cumsum(jnp.flip(x, 2), axis=2), 2).reshape(b, t, *x.shape[3:])
+  return jnp.flip(jnp.cumsum(jnp.flip(x, 2), axis=2), 2).reshape(b, t, *x.shape[3:]).astype(out_dtype)
 
 
-def chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, *, scale, chunk, interpret=False):
+def chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, *, scale, chunk, dg_dtype=jnp.float32,
+                interpret=False):
   """Every chunk's input gradients from the state entering it (s_in) and the gradient of the
   state leaving it (ds_out), both [B*H, N, K, V], the forward's X and dL/dX (the delta rule; for
-  GLA x is None, X = V, and dx is dv): dq, dk, dv in the inputs' dtype, dbeta and dg [B, T, H]
-  float32 (dbeta None for GLA, beta None; dg None when ungated; [B, T, H, K] for a per-dimension
-  decay). cum_g: `chunk_cumsum` of the log decay or None. t_inv: the forward's T [B*H, N, C, C]
+  GLA x is None, X = V, and dx is dv): dq, dk, dv in the inputs' dtype, dbeta [B, T, H] float32
+  and dg [B, T, H] in `dg_dtype` (dbeta None for GLA, beta None; dg None when ungated; [B, T, H, K]
+  for a per-dimension decay). cum_g: `chunk_cumsum` of the log decay or None. t_inv: the forward's T [B*H, N, C, C]
   (GLA: None). dW between the kernels is in ds_out's dtype.
   Two kernels: `_dqk_kernel` (program per chunk and key block) and, for the delta rule,
   `_wy_grad_kernel` (per chunk) through the solve, or for a per-dimension decay
@@ -954,7 +981,7 @@ def chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, *, sc
                    jax.ShapeDtypeStruct(cum_g.shape, jnp.float32)),
         compiler_params=_params(interpret, SCORES_GRAD_PARAMS),
     )(q, k, cum_g, res[3], *res[:3])
-    return dq, dk, dx, None, chunk_reverse_cumsum(db, chunk, interpret)
+    return dq, dk, dx, None, chunk_reverse_cumsum(db, chunk, interpret, dg_dtype)
   dq, dk = res[0], res[1]
   db = None if cum_g is None else jnp.sum(res[-1], axis=0)
   dv, dbeta = dx, None
@@ -971,16 +998,16 @@ def chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, *, sc
     dk, dv, dbeta = res[:3]
     if cum_g is not None:
       db = db + res[3]
-  dg = None if cum_g is None else chunk_reverse_cumsum(db, chunk, interpret)
+  dg = None if cum_g is None else chunk_reverse_cumsum(db, chunk, interpret, dg_dtype)
   return dq, dk, dv, dbeta, dg
 
 
-def backward(q, k, v, beta, seg, saved, do, ds_final, *, scale, chunk, interpret=False):
-  """(dq, dk, dv in the inputs' dtype, dbeta, dg float32 (None when beta / g is None), ds0 [B*H, K, V]).
-  saved: what `forward(store_states=True)` returned for the backward."""
+def backward(q, k, v, beta, seg, saved, do, ds_final, *, scale, chunk, dg_dtype=jnp.float32, interpret=False):
+  """(dq, dk, dv in the inputs' dtype, dbeta float32, dg in `dg_dtype` (None when beta / g is None),
+  ds0 [B*H, K, V]). saved: what `forward(store_states=True)` returned for the backward."""
   s_in, w, x, t_inv, decayed, cum_g = saved
   ds_out, ds0, dx = state_grads(q, k, w, cum_g, seg, do, ds_final, scale=scale, chunk=chunk, decayed=decayed,
                                 interpret=interpret)
   grads = chunk_grads(q, k, v, beta, cum_g, seg, do, s_in, ds_out, x, dx, t_inv, scale=scale, chunk=chunk,
-                      interpret=interpret)
+                      dg_dtype=dg_dtype, interpret=interpret)
   return (*grads, ds0)

@@ -92,7 +92,8 @@ def make_pallas_op(chunk_terms):
 def make_fused_op():
   """`op(scale, chunk, interpret, q, k, v, beta, g, s0, seg) -> (o, s_final)` on [B, T, H, *]
   inputs with T a multiple of `chunk`; beta [B, T, H] float32 (None: GLA), g float32 [B, T, H],
-  [B, T, H, K] (GLA only) or None (no decay), s0 [B, H, K, V] float32, seg [B, T] int32 or None.
+  [B, T, H, K] in any float dtype (GLA only; dg comes back in it) or None (no decay),
+  s0 [B, H, K, V] float32, seg [B, T] int32 or None.
   Forward and backward are the kernels of `chunk_kernels_triton` (interpret mode when `interpret`)."""
   kernels = chunk_kernels_triton
 
@@ -110,15 +111,18 @@ def make_fused_op():
 
   def op_fwd(scale, chunk, interpret, q, k, v, beta, g, s0, seg):
     o, s_final, saved = forward(scale, chunk, interpret, q, k, v, beta, g, s0, seg, True)
-    return (o, s_final), (q, k, v, beta, seg, saved)
+    # Residuals must be arrays: g's dtype, which dg is written in, travels as an empty one.
+    g_dtype = None if g is None else jnp.zeros((0,), g.dtype)
+    return (o, s_final), (q, k, v, beta, seg, saved, g_dtype)
 
   def op_bwd(scale, chunk, interpret, residuals, cotangents):
-    q, k, v, beta, seg, saved = residuals
+    q, k, v, beta, seg, saved, g_dtype = residuals
     do, ds_final = cotangents
     b, _, h, _ = q.shape
     dq, dk, dv, dbeta, dg, ds0 = kernels.backward(
         q, k, v, beta, seg, saved, do.astype(v.dtype), ds_final.reshape(b * h, *ds_final.shape[2:]),
-        scale=scale, chunk=chunk, interpret=interpret)
+        scale=scale, chunk=chunk, dg_dtype=jnp.float32 if g_dtype is None else g_dtype.dtype,
+        interpret=interpret)
     return dq, dk, dv, dbeta, dg, ds0.reshape(ds_final.shape), None
 
   op.defvjp(op_fwd, op_bwd)
@@ -127,12 +131,15 @@ def make_fused_op():
 
 def run_padded(op, q, k, v, scalars, *, s0, segment_ids, chunk_size):
   """Pads T of [B, T, H, *] inputs to a multiple of the chunk (zeros; segment ids repeat the
-  last id), casts the per-token scalars (a tuple, entries may be None) to float32, runs
-  `op(q, k, v, *scalars, s0, seg)` and returns (o [B, T, H, V], final state)."""
+  last id), casts the per-token scalars (a tuple of [B, T, H], entries may be None) to float32,
+  keeps a per-dimension decay [B, T, H, K] in its dtype (the kernels read it so: a bf16 one costs
+  no float32 copy each way), runs `op(q, k, v, *scalars, s0, seg)` and returns (o [B, T, H, V],
+  final state)."""
   t = q.shape[1]
   pad = num_chunks(t, chunk_size) * chunk_size - t
   padded = lambda x: x if x is None or pad == 0 else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  scalars = tuple(None if x is None else padded(x.astype(jnp.float32)) for x in scalars)
+  as_read = lambda x: x if x.ndim == 4 else x.astype(jnp.float32)
+  scalars = tuple(None if x is None else padded(as_read(x)) for x in scalars)
   seg = None
   if segment_ids is not None:
     seg = segment_ids.astype(jnp.int32)

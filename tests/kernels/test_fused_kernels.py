@@ -249,6 +249,45 @@ def test_xla_cumsum_matches_scan(variant, t, c, kd, vd, dtype, segments, kernel_
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
 
 
+@pytest.mark.parametrize("case, shared_exp, dp_tile", [
+    ("gla-perdim-seg-C32-V128", False, False), ("gla-perdim-seg-C32-V128", False, True),
+    ("gla-perdim-seg-C32-V128", True, True), ("gla-perdim-seg-C16-bf16", True, True)])
+def test_scores_grad_diagonal_forms_match_scan(case, shared_exp, dp_tile, kernel_flags):
+  """`_scores_grad_kernel`'s diagonal block off the defaults (two exp2 a step; dP's tile loaded
+  once): forward and every gradient against the f32 scan (the defaults: test_fused_op_matches_scan)."""
+  if (shared_exp, dp_tile) == (ck.SCORES_GRAD_SHARED_EXP, ck.SCORES_GRAD_DP_TILE):
+    pytest.fail("a form this test covers became the default: test another")
+  kernel_flags(SCORES_GRAD_SHARED_EXP=shared_exp, SCORES_GRAD_DP_TILE=dp_tile)
+  variant, t, c, kd, vd, dtype, segments = SCAN_CASES[case]
+  inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
+  check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
+
+
+def test_perdim_decay_read_and_its_gradient_written_in_its_dtype():
+  """A bf16 per-dimension decay goes into the kernels as bf16 and dg comes out of the reverse
+  in-chunk sum as bf16: no float32 copy of g [B, T, H, K] before, nor a cast of dg after."""
+  inputs = make_inputs(5, "gla_perdim", t=32, kd=16, vd=32, dtype=jnp.bfloat16)
+  g = inputs["g"]     # q and k have its shape and dtype too: they go in as they are
+  f = lambda g: gla_fused(inputs["q"], inputs["k"], inputs["v"], g, scale=0.25, s0=inputs["s0"], segment_ids=None,
+                          chunk_size=16, interpret=True)[0].astype(jnp.float32).sum()
+  dg = jax.grad(f)(g)
+  assert dg.dtype == jnp.bfloat16
+
+  def converts_of_g_shape(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        continue
+      dtypes = {eqn.invars[0].aval.dtype, eqn.outvars[0].aval.dtype}
+      if eqn.primitive.name == "convert_element_type" and eqn.invars[0].aval.shape == g.shape and len(dtypes) > 1:
+        yield dtypes
+      for param in eqn.params.values():
+        inner = getattr(param, "jaxpr", param)
+        if hasattr(inner, "eqns"):
+          yield from converts_of_g_shape(inner)
+
+  assert list(converts_of_g_shape(jax.make_jaxpr(jax.grad(f))(g).jaxpr)) == []
+
+
 def test_pallas_impl_takes_the_fused_kernels(monkeypatch):
   import pallas_kernels as pk
 
