@@ -129,11 +129,21 @@ def fla_fns(op, x):
   return fwd, fwd_bwd, lambda _: torch.cuda.synchronize(), peak_mb
 
 
+# The agreement checks run at the anchors' T, K and V with one sequence and fewer heads where the
+# scan's gradient (every state stored, float32) would not fit: B*T*H*K*V*4 bytes, 2 GiB here.
+CHECK_SHAPES = [  # (op, B, T, H, K, V)
+    ("delta_rule", 1, 2048, 16, 128, 128),
+    ("delta_rule", 1, 8192, 4, 128, 128),
+    ("gla", 1, 2048, 16, 128, 128),
+    ("gla", 1, 8192, 4, 128, 128),
+    ("gla", 1, 2048, 1, 64, 2048),
+]
+
+
 def check_agreement(report):
   """pallas vs the float32 scan on this device: forward and every gradient, rel. error."""
-  b, t, h, kd, vd = 1, 1024, 4, 128, 128
   rows = []
-  for op in ("delta_rule", "gla"):
+  for op, b, t, h, kd, vd in CHECK_SHAPES:
     for dtype in (jnp.float32, jnp.bfloat16):
       x = make_inputs(op, b, t, h, kd, vd, dtype, seed=1)
       do = jnp.asarray(np.random.default_rng(2).standard_normal((b, t, h, vd)), jnp.float32)
@@ -212,6 +222,7 @@ def main():
         print(row, flush=True)
 
     write(report, args.out)
+  print(summary(report), flush=True)
 
 
 def write(report, out):
@@ -223,13 +234,36 @@ def write(report, out):
     dims = (row["B"], row["T"], row["H"], row["K"], row["V"])
     row["tflops"] = flops(row["op"], *dims, backward) / (row["ms"] * 1e-3) / 1e12
     row["gbps"] = io_bytes(*dims, 2, backward) / (row["ms"] * 1e-3) / 1e9
-    peer = [r for r in report["results"] if r["impl"] == "fla" and r["mode"] == row["mode"]
-            and all(r[k] == row[k] for k in ("op", "B", "T", "H", "K", "V")) and "ms" in r]
+    peer = _same_shape(report, row, "fla")
     if peer:
-      row["ratio_to_fla"] = row["ms"] / peer[0]["ms"]
+      row["ratio_to_fla"] = row["ms"] / peer["ms"]
+    chunk = _same_shape(report, row, "chunk")
+    if chunk and row["impl"] == "pallas":
+      row["speedup_vs_chunk"] = chunk["ms"] / row["ms"]
   with open(os.path.join(out, "bench_kernels.json"), "w") as f:
     json.dump(report, f, indent=1)
   plot(report, os.path.join(out, "bench_kernels.png"))
+
+def _same_shape(report, row, impl):
+  """The timed row of `impl` at row's op, shape and mode, or None."""
+  return next((r for r in report["results"] if r["impl"] == impl and r["mode"] == row["mode"] and "ms" in r
+               and all(r[k] == row[k] for k in ("op", "B", "T", "H", "K", "V"))), None)
+
+
+def summary(report):
+  """fwd+bwd per anchor: chunk, pallas and fla ms, pallas / fla and chunk / pallas (the issue's targets)."""
+  lines = ["| op | BxTxHxKxV | chunk ms | pallas ms | fla ms | pallas / fla | chunk / pallas |", "|---" * 7 + "|"]
+  for row in report["results"]:
+    if row["impl"] != "pallas" or row["mode"] != "fwd_bwd" or "ms" not in row:
+      continue
+    ms = lambda impl: (_same_shape(report, row, impl) or {}).get("ms")
+    fmt = lambda x, spec=".2f", unit="": "-" if x is None else format(x, spec) + unit
+    ratio = lambda a, b: None if a is None or b is None else a / b
+    lines.append(f"| {row['op']} | {row['B']}x{row['T']}x{row['H']}x{row['K']}x{row['V']} | {fmt(ms('chunk'))} | "
+                 f"{fmt(row['ms'])} | {fmt(ms('fla'))} | {fmt(ratio(row['ms'], ms('fla')), '.2f', 'x')} | "
+                 f"{fmt(ratio(ms('chunk'), row['ms']), '.1f', 'x')} |")
+  return "\n".join(lines)
+
 
 def plot(report, path):
   try:
