@@ -108,11 +108,6 @@ SCORES_BLOCK_K = 64
 SCORE_UNROLL = 1
 # Key columns per `_scores_grad_kernel` program (a divisor of K, 16 or more).
 SCORES_GRAD_BLOCK_K = 64
-# `_scores_grad_kernel`'s diagonal block: one exp2 a step for dq's and dk's decay factors (they
-# live on complementary rows) rather than two, and dP's 16x16 diagonal tile loaded once rather
-# than a column and a row of it each step (session 11: both to be timed on the GPU).
-SCORES_GRAD_SHARED_EXP = True
-SCORES_GRAD_DP_TILE = False
 # A per-dimension decay's in-chunk cumulative sums (forward: of g, backward: of db) in
 # `_cumsum_kernel` rather than XLA, whose reduce-window cumsum over the chunk axis took 0.23 ms
 # forward (three fusions) and 0.16 ms backward of the 3.31 ms of per-dim GLA's fwd+bwd at
@@ -570,31 +565,20 @@ def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
 
   dk_i = jnp.exp(ref[None, :] - b_i) * jax.lax.fori_loop(i + 1, nb, later, zero)
 
-  if SCORES_GRAD_DP_TILE:
-    dp_tile = r["dp"][bh, n, rows, rows]      # dP[t', s] inside the diagonal block
-    dp_tile_t = dp_tile.T
-    col_ss = jax.lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
-
   def diagonal(j, acc):
     dq_i, dk_i = acc
     t = i * sub + j
     k_j, q_j, b_j = (_f32(ld.row(x, n, t, kcols)) for x in (r["k"], r["q"], r["cum_g"]))
-    if SCORES_GRAD_DP_TILE:
-      dp_col = jnp.sum(jnp.where(col_ss == j, dp_tile, 0.0), axis=1)
-      dp_row = jnp.sum(jnp.where(col_ss == j, dp_tile_t, 0.0), axis=1)
-    else:
-      dp_col = r["dp"][bh, n, rows, t]        # dP[t', t] for t' in the block: key row t
-      dp_row = r["dp"][bh, n, t, rows]        # dP[t, s] for s in the block: query row t
+    dp_col = r["dp"][bh, n, rows, t]          # dP[t', t] for t' in the block: key row t
+    dp_row = r["dp"][bh, n, t, rows]          # dP[t, s] for s in the block: query row t
+    # dq's factor e^(b_t' - b_t) lives on the rows t' >= t, dk's e^(b_t - b_s) on s <= t: one exp2
+    # of the difference signed per row serves both (row t's is 1 in each). Half the MUFU work, but
+    # not measurably faster (H100 run 27, 8x2048x16x128 fwd+bwd 3.38 against 3.39 ms with two); loading
+    # dP's 16x16 diagonal tile once instead of this column and row was slower (3.75 ms).
     later_rows, earlier_rows = row_s >= j, row_s <= j
-    if SCORES_GRAD_SHARED_EXP:
-      # dq's factor e^(b_t' - b_t) lives on the rows t' >= t, dk's e^(b_t - b_s) on s <= t: one
-      # exp2 of the difference signed per row serves both (row t's is 1 in each).
-      diff = b_i - b_j[None, :]
-      decay = jnp.exp2(jnp.where(later_rows, diff, -diff) * _LOG2_E)
-      dq_decay, dk_decay = jnp.where(later_rows, decay, 0.0), jnp.where(earlier_rows, decay, 0.0)
-    else:
-      dq_decay = _masked_exp2(b_i - b_j[None, :], later_rows)
-      dk_decay = _masked_exp2(b_j[None, :] - b_i, earlier_rows)
+    diff = b_i - b_j[None, :]
+    decay = jnp.exp2(jnp.where(later_rows, diff, -diff) * _LOG2_E)
+    dq_decay, dk_decay = jnp.where(later_rows, decay, 0.0), jnp.where(earlier_rows, decay, 0.0)
     dq_i += dp_col[:, None] * k_j[None, :] * dq_decay
     dk_i += dp_row[:, None] * q_j[None, :] * dk_decay
     return dq_i, dk_i

@@ -249,20 +249,6 @@ def test_xla_cumsum_matches_scan(variant, t, c, kd, vd, dtype, segments, kernel_
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
 
 
-@pytest.mark.parametrize("case, shared_exp, dp_tile", [
-    ("gla-perdim-seg-C32-V128", False, False), ("gla-perdim-seg-C32-V128", False, True),
-    ("gla-perdim-seg-C32-V128", True, True), ("gla-perdim-seg-C16-bf16", True, True)])
-def test_scores_grad_diagonal_forms_match_scan(case, shared_exp, dp_tile, kernel_flags):
-  """`_scores_grad_kernel`'s diagonal block off the defaults (two exp2 a step; dP's tile loaded
-  once): forward and every gradient against the f32 scan (the defaults: test_fused_op_matches_scan)."""
-  if (shared_exp, dp_tile) == (ck.SCORES_GRAD_SHARED_EXP, ck.SCORES_GRAD_DP_TILE):
-    pytest.fail("a form this test covers became the default: test another")
-  kernel_flags(SCORES_GRAD_SHARED_EXP=shared_exp, SCORES_GRAD_DP_TILE=dp_tile)
-  variant, t, c, kd, vd, dtype, segments = SCAN_CASES[case]
-  inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
-  check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
-
-
 def test_perdim_decay_read_and_its_gradient_written_in_its_dtype():
   """A bf16 per-dimension decay goes into the kernels as bf16 and dg comes out of the reverse
   in-chunk sum as bf16: no float32 copy of g [B, T, H, K] before, nor a cast of dg after."""
