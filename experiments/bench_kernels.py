@@ -140,10 +140,10 @@ CHECK_SHAPES = [  # (op, B, T, H, K, V)
 ]
 
 
-def check_agreement(report):
+def check_agreement(report, shapes):
   """pallas vs the float32 scan on this device: forward and every gradient, rel. error."""
   rows = []
-  for op, b, t, h, kd, vd in CHECK_SHAPES:
+  for op, b, t, h, kd, vd in shapes:
     for dtype in (jnp.float32, jnp.bfloat16):
       x = make_inputs(op, b, t, h, kd, vd, dtype, seed=1)
       do = jnp.asarray(np.random.default_rng(2).standard_normal((b, t, h, vd)), jnp.float32)
@@ -175,6 +175,7 @@ def main():
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--check", action="store_true")
   ap.add_argument("--anchors", default=None, help="comma-separated indices into ANCHORS (default all)")
+  ap.add_argument("--check-shapes", default=None, help="comma-separated indices into CHECK_SHAPES (default all)")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
 
@@ -188,10 +189,11 @@ def main():
   except ImportError as e:
     report["fla"] = f"unavailable: {e}"
     have_fla = False
+  pick = lambda table, arg: table if arg is None else [table[int(i)] for i in arg.split(",")]
   if args.check:
-    check_agreement(report)
+    check_agreement(report, pick(CHECK_SHAPES, args.check_shapes))
 
-  anchors = ANCHORS if args.anchors is None else [ANCHORS[int(i)] for i in args.anchors.split(",")]
+  anchors = pick(ANCHORS, args.anchors)
   for op, b, t, h, kd, vd in anchors:
     x = make_inputs(op, b, t, h, kd, vd, jnp.bfloat16)
     do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, vd)), jnp.bfloat16)
