@@ -66,6 +66,8 @@ VARIANTS = {   # name: (options, what it tests); options None = the library's ex
     "base": (None, "library expert_mlp"),
     "base_again": (None, "library expert_mlp, compiled and run again: is it deterministic?"),
     "swap": (dict(wgrad="swap"), "dW_gu = rcd(dgu, x_sorted)^T: transpose dgu, not x_sorted"),
+    "tiled_dw": (dict(wgrad="tiled", down_wgrad="tiled"),
+                 "every dW by cuBLAS over group-padded 1024-row tiles (no tokamax weight-gradient kernel)"),
     "pallas_t": (dict(wgrad="pallas_t"), "x_sorted^T by a Pallas transpose (layout barrier)"),
     "pgather": (dict(take="pallas"), "dispatch rows by a Pallas gather (row-major, a custom call)"),
     "swap_pgather": (dict(wgrad="swap", take="pallas"), "swap with pgather's gathers"),
@@ -211,6 +213,28 @@ def pallas_gather(x_ND, idx_P):
           idx_P.astype(jnp.int32), x_ND)
 
 
+def tiled_weight_grad(x_PK, dy_PN, sizes_G, tile=1024):
+  """[G, K, N]: per group g, x[rows of g]^T @ dy[rows of g] by dense batched matmuls: each group's
+  rows padded with zeros to whole `tile`-row tiles, one [K, N] float32 product a tile, the tiles
+  of a group summed (they are contiguous)."""
+  (p, kd), nd, g = x_PK.shape, dy_PN.shape[1], sizes_G.shape[0]
+  n_tiles = p // tile + g                      # static bound: each group wastes < 1 tile
+  sizes = sizes_G.astype(jnp.int32)
+  start = jnp.cumsum(sizes) - sizes
+  padded = (sizes + tile - 1) // tile * tile
+  padded_end = jnp.cumsum(padded)
+  padded_start = padded_end - padded
+  r = jnp.arange(n_tiles * tile, dtype=jnp.int32)
+  group = jnp.minimum(jnp.searchsorted(padded_end, r, side="right"), g - 1)
+  within = r - padded_start[group]
+  valid = (within < sizes[group]) & (r < padded_end[-1])
+  src = jnp.where(valid, start[group] + within, 0)
+  pad = lambda a: jnp.where(valid[:, None], a[src], 0).reshape(n_tiles, tile, a.shape[1])
+  per_tile = jnp.einsum("trk,trn->tkn", pad(x_PK), pad(dy_PN), preferred_element_type=jnp.float32)
+  tile_group = jnp.searchsorted(padded_end, jnp.arange(n_tiles, dtype=jnp.int32) * tile, side="right")
+  return jax.ops.segment_sum(per_tile, tile_group, num_segments=g, indices_are_sorted=True)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def ragged_dot_wgrad(x_MK, w_GKN, sizes_G, impl, how):
   """kernels.ragged_dot with a VJP whose weight gradient avoids XLA's transpose of x:
@@ -227,7 +251,9 @@ def _rdw_bwd(impl, how, res, g_MN):
   x_MK, w_GKN, sizes_G = res
   # dx as tokamax's own VJP does it (TRANS_RHS is w.mT then the plain kernel); w is small.
   dx = kernels.ragged_dot(g_MN, jnp.swapaxes(w_GKN, 1, 2), sizes_G, impl=impl).astype(x_MK.dtype)
-  if how == "swap":
+  if how == "tiled":
+    dw = tiled_weight_grad(x_MK, g_MN, sizes_G).astype(w_GKN.dtype)
+  elif how == "swap":
     dw = jnp.swapaxes(ragged_contract(g_MN, x_MK, sizes_G, impl, w_GKN.dtype), 1, 2)
   else:
     # The kernel's own lhs.T meets this .T: XLA folds the pair, the kernel reads the Pallas output.
@@ -240,7 +266,7 @@ ragged_dot_wgrad.defvjp(_rdw_fwd, _rdw_bwd)
 
 # ----------------------------------------------------------------------------- variants
 
-def make_expert_mlp(take="index", barrier=False, gate_up="fused", wgrad="tokamax"):
+def make_expert_mlp(take="index", barrier=False, gate_up="fused", wgrad="tokamax", down_wgrad="tokamax"):
   """An `expert_mlp` (same signature and math as the library's) with the given pieces swapped."""
   gather_pairs, combine_pairs, permute_rows = make_dispatch(
       _take_pib if take == "pib" else _take_index, barrier, pallas_gather if take == "pallas" else None)
@@ -265,7 +291,8 @@ def make_expert_mlp(take="index", barrier=False, gate_up="fused", wgrad="tokamax
     else:
       gate, up = rd(x_sorted, w_gate_EDH), rd(x_sorted, w_up_EDH)
     h = (jax.nn.silu(gate) * up * w_sorted).astype(x_ND.dtype)
-    y_sorted = kernels.ragged_dot(h, w_down_EHD, sizes, impl=impl)
+    y_sorted = (kernels.ragged_dot(h, w_down_EHD, sizes, impl=impl) if down_wgrad == "tokamax"
+                else ragged_dot_wgrad(h, w_down_EHD, sizes, impl, down_wgrad))
     return combine_pairs(y_sorted, order, slot, k)
 
   return expert_mlp
