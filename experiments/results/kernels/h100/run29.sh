@@ -7,7 +7,7 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 mkdir -p $OUT/m $OUT/p
-timeout 75 python3 experiments/moe_variants.py --out $OUT/m --variants base_again,tiled_dw --no-profile --budget-s 60 \
+timeout 75 python3 experiments/moe_variants.py --out $OUT/m --variants tiled_dw,base_again --no-profile --budget-s 60 \
   --iters 10 2>&1 | grep -v "Autotuning cache miss" > $OUT/m/log.txt
 K=/tmp/site/tokamax/_src/ops/ragged_dot/pallas_mosaic_gpu_kernel_sm90.py
 python3 - $K <<'PY'
