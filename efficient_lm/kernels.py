@@ -1,7 +1,9 @@
 """The one place where library kernels are chosen: grouped matmuls, attention, the LM loss.
 
 - `ragged_dot`: tokamax's `ragged_dot` where its Mosaic kernels run (Hopper-or-newer NVIDIA
-  GPUs, TPUs) and tokamax imports; `jax.lax.ragged_dot` everywhere else.
+  GPUs, TPUs) and tokamax imports; `jax.lax.ragged_dot` everywhere else. On NVIDIA GPUs the
+  weight gradient of the tokamax path is `grouped_weight_grad` (dense matmuls over group-padded
+  tiles), not tokamax's own kernel: see RAGGED_DOT_WEIGHT_GRAD.
 - `dot_product_attention`: cuDNN flash attention through `jax.nn.dot_product_attention(...,
   implementation="cudnn")` on NVIDIA GPUs (bf16/fp16, head_dim <= 128 and a multiple of 8);
   tokamax's attention on TPU; XLA elsewhere. The window is `(w, 0)` with `is_causal=True` on
@@ -25,6 +27,16 @@ import jax
 import jax.numpy as jnp
 
 RAGGED_DOT_IMPLS = ("auto", "xla", "tokamax")
+# The weight gradient of the tokamax ragged dot on NVIDIA GPUs. tokamax 0.0.17's Hopper kernel for
+# it (`ragged_contracting_dim_dot_sm90`) gave weight gradients that differed by 2-12% between two
+# runs of the same computation on an H100 (experiments/NOTES.md, session 11, run 27), and by
+# 1.4-7.6% from jax.lax.ragged_dot (session 2), while the forward and the input gradient agreed
+# exactly; in Mosaic GPU interpret mode on the CPU the same kernel is exact, so it is a GPU-only
+# race (unconfirmed guess: the masked operand it feeds wgmma from registers while the previous
+# wgmma is still in flight). "tiled" (default): `grouped_weight_grad`, dense matmuls, correct by
+# construction, its speed not yet measured; "tokamax": tokamax's own, for when that is fixed.
+RAGGED_DOT_WEIGHT_GRADS = ("tiled", "tokamax")
+RAGGED_DOT_WEIGHT_GRAD = "tiled"
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "tokamax")
 
 _overrides: dict[str, str] = {}
@@ -126,14 +138,68 @@ def ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, *, impl: str = "auto", preferred_
   """[M, K] @ [G, K, N] with rows grouped by `group_sizes` (sum <= M) -> [M, N]; differentiable."""
   group_sizes_G = group_sizes_G.astype(jnp.int32)
   if resolve_ragged_dot(impl) == "tokamax":
+    _check("RAGGED_DOT_WEIGHT_GRAD", RAGGED_DOT_WEIGHT_GRAD, RAGGED_DOT_WEIGHT_GRADS)
+    backend, kind, _ = _platform()
     try:
-      return tokamax_module().ragged_dot(lhs_MK, rhs_GKN, group_sizes_G,
-                                         preferred_element_type=preferred_element_type)
+      if RAGGED_DOT_WEIGHT_GRAD == "tiled" and _is_nvidia(backend, kind):
+        return _tokamax_ragged_dot_tiled_wgrad(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)
+      return _tokamax_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)
     except Exception as e:  # a trace-time refusal: fall back rather than fail the model
       if impl == "tokamax":
         raise
       _warn_once("ragged_dot", f"tokamax.ragged_dot failed ({type(e).__name__}: {e}); using jax.lax.ragged_dot")
   return jax.lax.ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type=preferred_element_type)
+
+
+def _tokamax_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type):
+  return tokamax_module().ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type=preferred_element_type)
+
+
+def grouped_weight_grad(x_PK, dy_PN, group_sizes_G, *, tile: int = 1024):
+  """[G, K, N] float32: per group g, x[rows of g]^T @ dy[rows of g] (rows grouped in order by
+  `group_sizes`, sum <= P; rows past the groups ignored), the weight gradient of `ragged_dot`.
+  Each group's rows are padded with zeros to whole `tile`-row tiles, every tile's [K, N] product
+  is one batched matmul (float32 accumulation), and the tiles of a group are summed. Costs at most
+  G * tile rows of zeros and a [P / tile + G, K, N] float32 intermediate."""
+  (p, _), g = x_PK.shape, group_sizes_G.shape[0]
+  n_tiles = p // tile + g                    # a static bound: each group wastes less than a tile
+  sizes = group_sizes_G.astype(jnp.int32)
+  start = jnp.cumsum(sizes) - sizes
+  padded_end = jnp.cumsum((sizes + tile - 1) // tile * tile)
+  padded_start = padded_end - (sizes + tile - 1) // tile * tile
+  row = jnp.arange(n_tiles * tile, dtype=jnp.int32)
+  group = jnp.minimum(jnp.searchsorted(padded_end, row, side="right"), g - 1)
+  within = row - padded_start[group]
+  valid = (within < sizes[group]) & (row < padded_end[-1])
+  src = jnp.where(valid, start[group] + within, 0)
+  tiles = lambda a: jnp.where(valid[:, None], a[src], 0).reshape(n_tiles, tile, a.shape[1])
+  per_tile = jnp.einsum("trk,trn->tkn", tiles(x_PK), tiles(dy_PN), preferred_element_type=jnp.float32)
+  tile_group = jnp.searchsorted(padded_end, jnp.arange(n_tiles, dtype=jnp.int32) * tile, side="right")
+  return jax.ops.segment_sum(per_tile, tile_group, num_segments=g, indices_are_sorted=True)
+
+
+def with_tiled_weight_grad(dot):
+  """`dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)`, a ragged dot, with a VJP whose
+  input gradient is `dot` itself on the transposed weights and whose weight gradient is
+  `grouped_weight_grad`."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+  def f(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type):
+    return dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)
+
+  def f_fwd(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type):
+    return f(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type), (lhs_MK, rhs_GKN, group_sizes_G)
+
+  def f_bwd(preferred_element_type, res, dout_MN):
+    lhs_MK, rhs_GKN, group_sizes_G = res
+    dlhs = dot(dout_MN.astype(rhs_GKN.dtype), jnp.swapaxes(rhs_GKN, 1, 2), group_sizes_G, lhs_MK.dtype)
+    drhs = grouped_weight_grad(lhs_MK, dout_MN, group_sizes_G).astype(rhs_GKN.dtype)
+    return dlhs.astype(lhs_MK.dtype), drhs, None
+
+  f.defvjp(f_fwd, f_bwd)
+  return f
+
+
+_tokamax_ragged_dot_tiled_wgrad = with_tiled_weight_grad(_tokamax_ragged_dot)
 
 
 # ----------------------------------------------------------------------------- attention

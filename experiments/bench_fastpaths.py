@@ -451,6 +451,10 @@ def markdown(results_dir: str) -> str:
   step = {x["variant"]: x for x in r["step"] if "tokens_per_s" in x}
   lines = [f"Fast paths ({r['device']}, jax {r['jax']}, tokamax {r.get('tokamax')}; median of {r['iters']}):", "",
            "| what | XLA | fast path | ratio |", "|---|---|---|---|"]
+  if "ragged_dot_weight_grad" not in r.get("resolved", {}):
+    lines[0] += (" the tokamax rows take tokamax's own weight gradient, whose results varied by 2-12% between"
+                 " runs on the H100 (experiments/NOTES.md, session 11); the library now computes it with"
+                 " `kernels.grouped_weight_grad` on NVIDIA GPUs, not yet timed.")
   for what, label in (("ragged_dot_gate_up", "ragged_dot 65536x1280 @ 16x1280x896"), ("moe_layer", "MoE layer, rmoe-paper shape")):
     for mode in ("fwd", "fwd_bwd"):
       a, b = moe.get((what, "xla", mode)), moe.get((what, "tokamax", mode))
@@ -491,6 +495,7 @@ def main():
       "jax": jax.__version__, "python": platform.python_version(),
       "tokamax": getattr(tk, "__version__", None) if tk is not None else None,
       "resolved": {"ragged_dot": kernels.resolve_ragged_dot(),
+                   "ragged_dot_weight_grad": kernels.RAGGED_DOT_WEIGHT_GRAD,
                    "attention_bf16_hd128": kernels.resolve_attention("auto", jnp.bfloat16, 128)},
       "iters": a.iters, "warmup": a.warmup, "quick": a.quick,
       "summary": {}, "moe": [], "loss": [], "attention": [], "step": [],

@@ -11,7 +11,9 @@ assignment turns that transpose into a bitcast by giving x_sorted a column-major
 dispatch gather writes with a stride and a copy back to row-major feeds the forward kernel.
 Variants (all the same math: dropless top-k, the routing weight scaling the hidden activation,
 float32 sum over the k in the combine):
-- base: the library's `expert_mlp`.
+- base: the library's `expert_mlp` (on NVIDIA GPUs its weight gradients by `kernels.grouped_weight_grad`).
+- base_again, tokamax_wgrad(_again): base once more, and with tokamax's own weight-gradient kernel
+  (`kernels.RAGGED_DOT_WEIGHT_GRAD = "tokamax"`) twice: two runs of one computation must agree.
 - swap: gate/up ragged dot with its own VJP whose weight gradient is ragged_contract(dgu, x_sorted)
   transposed ([E, 2H, D] -> [E, D, 2H], 37 MB): the kernel then transposes dgu, an elementwise
   output, and x_sorted has only row-major consumers.
@@ -63,11 +65,13 @@ from experiments import bench_fastpaths as bf  # noqa: E402
 from pallas_kernels import _compat  # noqa: E402
 
 VARIANTS = {   # name: (options, what it tests); options None = the library's expert_mlp
-    "base": (None, "library expert_mlp"),
+    "base": (None, "library expert_mlp (GPU: kernels.grouped_weight_grad for the weight gradients)"),
     "base_again": (None, "library expert_mlp, compiled and run again: is it deterministic?"),
+    "tokamax_wgrad": (dict(library_weight_grad="tokamax"), "library expert_mlp with tokamax's own weight gradient"),
+    "tokamax_wgrad_again": (dict(library_weight_grad="tokamax"), "the same, compiled and run again"),
     "swap": (dict(wgrad="swap"), "dW_gu = rcd(dgu, x_sorted)^T: transpose dgu, not x_sorted"),
     "tiled_dw": (dict(wgrad="tiled", down_wgrad="tiled"),
-                 "every dW by cuBLAS over group-padded 1024-row tiles (no tokamax weight-gradient kernel)"),
+                 "every dW by kernels.grouped_weight_grad through this script's own VJP"),
     "pallas_t": (dict(wgrad="pallas_t"), "x_sorted^T by a Pallas transpose (layout barrier)"),
     "pgather": (dict(take="pallas"), "dispatch rows by a Pallas gather (row-major, a custom call)"),
     "swap_pgather": (dict(wgrad="swap", take="pallas"), "swap with pgather's gathers"),
@@ -213,28 +217,6 @@ def pallas_gather(x_ND, idx_P):
           idx_P.astype(jnp.int32), x_ND)
 
 
-def tiled_weight_grad(x_PK, dy_PN, sizes_G, tile=1024):
-  """[G, K, N]: per group g, x[rows of g]^T @ dy[rows of g] by dense batched matmuls: each group's
-  rows padded with zeros to whole `tile`-row tiles, one [K, N] float32 product a tile, the tiles
-  of a group summed (they are contiguous)."""
-  (p, kd), nd, g = x_PK.shape, dy_PN.shape[1], sizes_G.shape[0]
-  n_tiles = p // tile + g                      # static bound: each group wastes < 1 tile
-  sizes = sizes_G.astype(jnp.int32)
-  start = jnp.cumsum(sizes) - sizes
-  padded = (sizes + tile - 1) // tile * tile
-  padded_end = jnp.cumsum(padded)
-  padded_start = padded_end - padded
-  r = jnp.arange(n_tiles * tile, dtype=jnp.int32)
-  group = jnp.minimum(jnp.searchsorted(padded_end, r, side="right"), g - 1)
-  within = r - padded_start[group]
-  valid = (within < sizes[group]) & (r < padded_end[-1])
-  src = jnp.where(valid, start[group] + within, 0)
-  pad = lambda a: jnp.where(valid[:, None], a[src], 0).reshape(n_tiles, tile, a.shape[1])
-  per_tile = jnp.einsum("trk,trn->tkn", pad(x_PK), pad(dy_PN), preferred_element_type=jnp.float32)
-  tile_group = jnp.searchsorted(padded_end, jnp.arange(n_tiles, dtype=jnp.int32) * tile, side="right")
-  return jax.ops.segment_sum(per_tile, tile_group, num_segments=g, indices_are_sorted=True)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def ragged_dot_wgrad(x_MK, w_GKN, sizes_G, impl, how):
   """kernels.ragged_dot with a VJP whose weight gradient avoids XLA's transpose of x:
@@ -252,7 +234,7 @@ def _rdw_bwd(impl, how, res, g_MN):
   # dx as tokamax's own VJP does it (TRANS_RHS is w.mT then the plain kernel); w is small.
   dx = kernels.ragged_dot(g_MN, jnp.swapaxes(w_GKN, 1, 2), sizes_G, impl=impl).astype(x_MK.dtype)
   if how == "tiled":
-    dw = tiled_weight_grad(x_MK, g_MN, sizes_G).astype(w_GKN.dtype)
+    dw = kernels.grouped_weight_grad(x_MK, g_MN, sizes_G).astype(w_GKN.dtype)
   elif how == "swap":
     dw = jnp.swapaxes(ragged_contract(g_MN, x_MK, sizes_G, impl, w_GKN.dtype), 1, 2)
   else:
@@ -309,6 +291,17 @@ def f32_reference(w_router, k, x, ws, cot):
     out = jax.jit(lambda x, ws: f(x, *ws))(x32, ws32)
     grads = jax.jit(lambda x, ws, cot: jax.vjp(f, x, *ws)[1](cot))(x32, ws32, cot32)
   return (jax.device_get(out),) + tuple(jax.device_get(grads))
+
+
+@contextlib.contextmanager
+def library_weight_grad(setting):
+  """kernels.RAGGED_DOT_WEIGHT_GRAD while a variant is traced."""
+  saved = kernels.RAGGED_DOT_WEIGHT_GRAD
+  kernels.RAGGED_DOT_WEIGHT_GRAD = setting
+  try:
+    yield
+  finally:
+    kernels.RAGGED_DOT_WEIGHT_GRAD = saved
 
 
 @contextlib.contextmanager
@@ -585,8 +578,10 @@ def main(argv=None):
         print(f"  {name}: {row['error']}", flush=True)
         continue
       try:
-        fn = moe_lib.expert_mlp if opts is None else make_expert_mlp(**opts)
-        with layer_with(fn):
+        library = opts is None or "library_weight_grad" in opts
+        fn = moe_lib.expert_mlp if library else make_expert_mlp(**opts)
+        weight_grad = (opts or {}).get("library_weight_grad", kernels.RAGGED_DOT_WEIGHT_GRAD)
+        with layer_with(fn), library_weight_grad(weight_grad):
           f = bf.moe_layer(w_router, k, impl)
           t0 = time.perf_counter()
           fwd_bwd = jax.jit(lambda x, ws, cot: jax.vjp(f, x, *ws)[1](cot)).lower(x, ws, cot).compile()

@@ -3,7 +3,8 @@
 Every (token, choice) pair is computed: pairs are sorted by expert and the expert matmuls are
 ragged dots over the expert groups (gate and up fused into one), so no capacity and no dropped
 tokens. The ragged dot is `efficient_lm.kernels.ragged_dot`: tokamax's Mosaic kernel on Hopper
-GPUs and TPUs, `jax.lax.ragged_dot` elsewhere.
+GPUs and TPUs (on GPUs with our own weight gradient, `kernels.grouped_weight_grad`),
+`jax.lax.ragged_dot` elsewhere.
 Routing: softmax over all experts in float32, top-k, weights renormalised over the k chosen.
 The layer returns routing statistics; the LM sums them over all MoE layers into the Mixtral
 load-balancing loss `E * sum_e f_e P_e` (`f_e`: fraction of tokens that chose e among their k

@@ -59,16 +59,56 @@ def test_xla_path_matches_dense_reference(dtype):
                    TOL[dtype])
 
 
+@pytest.mark.parametrize("skew", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_auto_on_a_hopper_goes_through_tokamax(monkeypatch, dtype):
-  """The tokamax branch (faked with XLA ops here) is used twice per layer and differentiates."""
-  calls = []
+def test_auto_on_a_hopper_goes_through_tokamax(monkeypatch, dtype, skew):
+  """The tokamax branch (faked with XLA ops here) is used for the forward and the input gradient
+  of both expert matmuls, the weight gradients come from `grouped_weight_grad`, and all of it
+  agrees with the XLA path (skew: two experts get no token)."""
+  calls, wgrads = [], []
   pretend(monkeypatch, "gpu", "NVIDIA H100 80GB HBM3", 9, fake_tokamax(calls))
-  x, idx, w, ws = _case(dtype, skew=False)
+  tiled = kernels.grouped_weight_grad
+  monkeypatch.setattr(kernels, "grouped_weight_grad", lambda *a, **kw: wgrads.append(1) or tiled(*a, **kw))
+  x, idx, w, ws = _case(dtype, skew)
   got = _value_and_grads("auto", x, idx, w, ws)
-  assert calls.count("ragged_dot") >= 2
+  assert calls.count("ragged_dot") >= 4 and len(wgrads) == 2
   pretend(monkeypatch, "cpu", "cpu", 0, None)
   _compare(got, _value_and_grads("xla", x, idx, w, ws), dtype)
+
+
+@pytest.mark.parametrize("backend, kind, setting, tiled", [
+    ("gpu", "NVIDIA H100 80GB HBM3", "tiled", True),
+    ("gpu", "NVIDIA H100 80GB HBM3", "tokamax", False),
+    ("tpu", "TPU v5 lite", "tiled", False),     # the race was seen in the Hopper kernel only
+])
+def test_which_weight_gradient_the_tokamax_path_takes(monkeypatch, backend, kind, setting, tiled):
+  pretend(monkeypatch, backend, kind, 9, fake_tokamax([]))
+  monkeypatch.setattr(kernels, "RAGGED_DOT_WEIGHT_GRAD", setting)
+  wgrads = []
+  real = kernels.grouped_weight_grad
+  monkeypatch.setattr(kernels, "grouped_weight_grad", lambda *a, **kw: wgrads.append(1) or real(*a, **kw))
+  x, idx, w, ws = _case(jnp.float32, skew=False)
+  _value_and_grads("auto", x, idx, w, ws)
+  assert (len(wgrads) == 2) == tiled
+  monkeypatch.setattr(kernels, "RAGGED_DOT_WEIGHT_GRAD", "racy")
+  with pytest.raises(ValueError, match="RAGGED_DOT_WEIGHT_GRAD"):
+    _value_and_grads("auto", x, idx, w, ws)
+
+
+@pytest.mark.parametrize("sizes, rows, tile", [
+    ([5, 0, 13, 8, 0, 6], 32, 8), ([8, 8, 8, 8], 32, 8), ([0, 0, 32, 0], 32, 8), ([1, 2, 3, 20], 40, 8),
+    ([300, 0, 17, 700], 1024, 128), ([0, 0, 0], 16, 8)])
+def test_grouped_weight_grad_matches_per_group_products(sizes, rows, tile):
+  """Per group, x[rows of g]^T dy[rows of g] on fresh random inputs, float64 reference: groups
+  that straddle tiles, empty groups, rows past the last group (ignored)."""
+  rng = np.random.default_rng(sum(sizes) + rows)
+  x, dy = rng.standard_normal((rows, 7)), rng.standard_normal((rows, 5))
+  got = kernels.grouped_weight_grad(jnp.asarray(x, jnp.float32), jnp.asarray(dy, jnp.float32),
+                                    jnp.asarray(sizes, jnp.int32), tile=tile)
+  start = np.concatenate([[0], np.cumsum(sizes)])
+  want = np.stack([x[start[g]:start[g + 1]].T @ dy[start[g]:start[g + 1]] for g in range(len(sizes))])
+  assert got.dtype == jnp.float32 and got.shape == want.shape
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max(initial=1.0))
 
 
 @pytest.mark.parametrize("skew", [False, True])
