@@ -165,8 +165,9 @@ def grouped_weight_grad(x_PK, dy_PN, group_sizes_G, *, tile: int = 1024):
   n_tiles = p // tile + g                    # a static bound: each group wastes less than a tile
   sizes = group_sizes_G.astype(jnp.int32)
   start = jnp.cumsum(sizes) - sizes
-  padded_end = jnp.cumsum((sizes + tile - 1) // tile * tile)
-  padded_start = padded_end - (sizes + tile - 1) // tile * tile
+  padded = (sizes + tile - 1) // tile * tile
+  padded_end = jnp.cumsum(padded)
+  padded_start = padded_end - padded
   row = jnp.arange(n_tiles * tile, dtype=jnp.int32)
   group = jnp.minimum(jnp.searchsorted(padded_end, row, side="right"), g - 1)
   within = row - padded_start[group]
@@ -178,28 +179,26 @@ def grouped_weight_grad(x_PK, dy_PN, group_sizes_G, *, tile: int = 1024):
   return jax.ops.segment_sum(per_tile, tile_group, num_segments=g, indices_are_sorted=True)
 
 
-def with_tiled_weight_grad(dot):
-  """`dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)`, a ragged dot, with a VJP whose
-  input gradient is `dot` itself on the transposed weights and whose weight gradient is
-  `grouped_weight_grad`."""
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-  def f(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type):
-    return dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)
-
-  def f_fwd(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type):
-    return f(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type), (lhs_MK, rhs_GKN, group_sizes_G)
-
-  def f_bwd(preferred_element_type, res, dout_MN):
-    lhs_MK, rhs_GKN, group_sizes_G = res
-    dlhs = dot(dout_MN.astype(rhs_GKN.dtype), jnp.swapaxes(rhs_GKN, 1, 2), group_sizes_G, lhs_MK.dtype)
-    drhs = grouped_weight_grad(lhs_MK, dout_MN, group_sizes_G).astype(rhs_GKN.dtype)
-    return dlhs.astype(lhs_MK.dtype), drhs, None
-
-  f.defvjp(f_fwd, f_bwd)
-  return f
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tokamax_ragged_dot_tiled_wgrad(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type):
+  """tokamax's ragged dot whose input gradient is tokamax's ragged dot on the transposed weights
+  and whose weight gradient is `grouped_weight_grad`."""
+  return _tokamax_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)
 
 
-_tokamax_ragged_dot_tiled_wgrad = with_tiled_weight_grad(_tokamax_ragged_dot)
+def _tiled_wgrad_fwd(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type):
+  out = _tokamax_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)
+  return out, (lhs_MK, rhs_GKN, group_sizes_G)
+
+
+def _tiled_wgrad_bwd(preferred_element_type, res, dout_MN):
+  lhs_MK, rhs_GKN, group_sizes_G = res
+  dlhs = _tokamax_ragged_dot(dout_MN.astype(rhs_GKN.dtype), jnp.swapaxes(rhs_GKN, 1, 2), group_sizes_G, lhs_MK.dtype)
+  drhs = grouped_weight_grad(lhs_MK, dout_MN, group_sizes_G).astype(rhs_GKN.dtype)
+  return dlhs.astype(lhs_MK.dtype), drhs, None
+
+
+_tokamax_ragged_dot_tiled_wgrad.defvjp(_tiled_wgrad_fwd, _tiled_wgrad_bwd)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -70,8 +70,6 @@ VARIANTS = {   # name: (options, what it tests); options None = the library's ex
     "tokamax_wgrad": (dict(library_weight_grad="tokamax"), "library expert_mlp with tokamax's own weight gradient"),
     "tokamax_wgrad_again": (dict(library_weight_grad="tokamax"), "the same, compiled and run again"),
     "swap": (dict(wgrad="swap"), "dW_gu = rcd(dgu, x_sorted)^T: transpose dgu, not x_sorted"),
-    "tiled_dw": (dict(wgrad="tiled", down_wgrad="tiled"),
-                 "every dW by kernels.grouped_weight_grad through this script's own VJP"),
     "pallas_t": (dict(wgrad="pallas_t"), "x_sorted^T by a Pallas transpose (layout barrier)"),
     "pgather": (dict(take="pallas"), "dispatch rows by a Pallas gather (row-major, a custom call)"),
     "swap_pgather": (dict(wgrad="swap", take="pallas"), "swap with pgather's gathers"),
@@ -233,9 +231,7 @@ def _rdw_bwd(impl, how, res, g_MN):
   x_MK, w_GKN, sizes_G = res
   # dx as tokamax's own VJP does it (TRANS_RHS is w.mT then the plain kernel); w is small.
   dx = kernels.ragged_dot(g_MN, jnp.swapaxes(w_GKN, 1, 2), sizes_G, impl=impl).astype(x_MK.dtype)
-  if how == "tiled":
-    dw = kernels.grouped_weight_grad(x_MK, g_MN, sizes_G).astype(w_GKN.dtype)
-  elif how == "swap":
+  if how == "swap":
     dw = jnp.swapaxes(ragged_contract(g_MN, x_MK, sizes_G, impl, w_GKN.dtype), 1, 2)
   else:
     # The kernel's own lhs.T meets this .T: XLA folds the pair, the kernel reads the Pallas output.
@@ -248,7 +244,7 @@ ragged_dot_wgrad.defvjp(_rdw_fwd, _rdw_bwd)
 
 # ----------------------------------------------------------------------------- variants
 
-def make_expert_mlp(take="index", barrier=False, gate_up="fused", wgrad="tokamax", down_wgrad="tokamax"):
+def make_expert_mlp(take="index", barrier=False, gate_up="fused", wgrad="library"):
   """An `expert_mlp` (same signature and math as the library's) with the given pieces swapped."""
   gather_pairs, combine_pairs, permute_rows = make_dispatch(
       _take_pib if take == "pib" else _take_index, barrier, pallas_gather if take == "pallas" else None)
@@ -263,7 +259,7 @@ def make_expert_mlp(take="index", barrier=False, gate_up="fused", wgrad="tokamax
     x_sorted = gather_pairs(x_ND, order, slot, k)
     w_sorted = permute_rows(weights_NK.reshape(-1, 1), order, slot)
     sizes = jnp.bincount(flat_expert, length=n_experts).astype(jnp.int32)
-    if wgrad == "tokamax":
+    if wgrad == "library":
       rd = lambda a, w: kernels.ragged_dot(a, w, sizes, impl=impl)
     else:
       rd = lambda a, w: ragged_dot_wgrad(a, w, sizes, impl, wgrad)
@@ -273,8 +269,7 @@ def make_expert_mlp(take="index", barrier=False, gate_up="fused", wgrad="tokamax
     else:
       gate, up = rd(x_sorted, w_gate_EDH), rd(x_sorted, w_up_EDH)
     h = (jax.nn.silu(gate) * up * w_sorted).astype(x_ND.dtype)
-    y_sorted = (kernels.ragged_dot(h, w_down_EHD, sizes, impl=impl) if down_wgrad == "tokamax"
-                else ragged_dot_wgrad(h, w_down_EHD, sizes, impl, down_wgrad))
+    y_sorted = kernels.ragged_dot(h, w_down_EHD, sizes, impl=impl)
     return combine_pairs(y_sorted, order, slot, k)
 
   return expert_mlp

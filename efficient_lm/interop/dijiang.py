@@ -26,7 +26,7 @@ from flax import nnx
 
 from efficient_lm import kernels
 from efficient_lm.configs import get_config
-from efficient_lm.layers.mixers.dijiang import DiJiang, group_norm
+from efficient_lm.layers.mixers.dijiang import GROUP_NORM_EPS, DiJiang, group_norm
 from efficient_lm.layers.norms import LayerNorm
 from efficient_lm.layers.rope import positions
 from efficient_lm.models import LM
@@ -114,7 +114,7 @@ def teacher_attention_io(teacher: LM, tokens_BT):
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size"))
 def _normed_heads(q, k, v, log_decay_H, *, impl, chunk_size):
   o, _ = gla(q, k, v, jnp.broadcast_to(log_decay_H, q.shape[:3]), scale=1.0, impl=impl, chunk_size=chunk_size)
-  return group_norm(o.reshape(-1, o.shape[2] * o.shape[3]), o.shape[3], 1.0, 0.0, 1e-5)
+  return group_norm(o.reshape(-1, o.shape[2] * o.shape[3]), o.shape[3], 1.0, 0.0, GROUP_NORM_EPS)
 
 
 def dijiang_normed_heads(mixer: DiJiang, features, log_decay_H):

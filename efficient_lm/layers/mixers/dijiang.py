@@ -53,6 +53,9 @@ def head_log_decays(n_heads: int):
   return jnp.asarray(np.log(gamma), jnp.float32)
 
 
+GROUP_NORM_EPS = 1e-5
+
+
 def group_norm(x_BTD, groups: int, scale, bias, eps: float):
   """GroupNorm per token over `groups` contiguous channel blocks, float32."""
   lead, d = x_BTD.shape[:-1], x_BTD.shape[-1]
@@ -98,7 +101,7 @@ class DiJiang(nnx.Module):
 
   def _out(self, o_BTHP, x_BTD):
     o = o_BTHP.reshape(*o_BTHP.shape[:-2], self.h * self.p)
-    o = group_norm(o, self.p, self.norm_scale[...], self.norm_bias[...], 1e-5)
+    o = group_norm(o, self.p, self.norm_scale[...], self.norm_bias[...], GROUP_NORM_EPS)
     return self.dense(jax.nn.silu(self.gate(x_BTD)) * o.astype(self.dtype))
 
   def _forward(self, x_BTD, seg_BT, pos_BT, want_state):

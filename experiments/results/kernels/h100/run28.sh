@@ -12,11 +12,11 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.trito
 mkdir -p $TRITON_CACHE_DIR $OUT/k $OUT/m
 if [ -f .triton_autotune.tgz ]; then tar -xzf .triton_autotune.tgz -C $TRITON_CACHE_DIR; fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv > $OUT/k/gpu.txt
-timeout $(lim 120) python3 experiments/moe_variants.py --out $OUT/m --variants base_again,tiled_dw,swap \
+timeout $(lim 120) python3 experiments/moe_variants.py --out $OUT/m --variants base_again,tokamax_wgrad,swap \
   --no-profile --budget-s 100 2>&1 | grep -v "Autotuning cache miss" > $OUT/m/log.txt
 timeout $(lim 165) python3 experiments/bench_kernels.py --check --check-shapes 2 --anchors 3,6 --iters 10 --out $OUT/k 2>&1 \
   | grep -v "Autotuning cache miss" > $OUT/k/log.txt
-echo "== $SECONDS s"; grep -E "^ +(base|swap|tiled)|failures" $OUT/m/log.txt | cut -c1-200
+echo "== $SECONDS s"; grep -E "^ +(base|swap|tokamax)|failures" $OUT/m/log.txt | cut -c1-200
 python3 -c "
 import json; d = json.load(open('$OUT/m/moe_variants.json'))
 for r in d['rows']: print(r['variant'], {k: round(v, 4) for k, v in r.get('rel_err', {}).items()}, {k: round(v, 4) for k, v in r.get('rel_err_vs_base', {}).items()})"
