@@ -2,8 +2,9 @@
 
 - `ragged_dot`: tokamax's `ragged_dot` where its Mosaic kernels run (Hopper-or-newer NVIDIA
   GPUs, TPUs) and tokamax imports; `jax.lax.ragged_dot` everywhere else. On NVIDIA GPUs the
-  weight gradient of the tokamax path is `grouped_weight_grad` (dense matmuls over group-padded
-  tiles), not tokamax's own kernel: see RAGGED_DOT_WEIGHT_GRAD.
+  weight gradient of the tokamax path is our own (a Pallas kernel, or dense matmuls over
+  group-padded tiles), not tokamax's: see RAGGED_DOT_WEIGHT_GRAD.
+- `gather_rows`: the MoE dispatch's row gathers, a Pallas kernel on NVIDIA GPUs (ROW_GATHER).
 - `dot_product_attention`: cuDNN flash attention through `jax.nn.dot_product_attention(...,
   implementation="cudnn")` on NVIDIA GPUs (bf16/fp16, head_dim <= 128 and a multiple of 8);
   tokamax's attention on TPU; XLA elsewhere. The window is `(w, 0)` with `is_causal=True` on
@@ -33,10 +34,17 @@ RAGGED_DOT_IMPLS = ("auto", "xla", "tokamax")
 # 1.4-7.6% from jax.lax.ragged_dot (session 2), while the forward and the input gradient agreed
 # exactly; in Mosaic GPU interpret mode on the CPU the same kernel is exact, so it is a GPU-only
 # race (unconfirmed guess: the masked operand it feeds wgmma from registers while the previous
-# wgmma is still in flight). "tiled" (default): `grouped_weight_grad`, dense matmuls, correct by
-# construction, its speed not yet measured; "tokamax": tokamax's own, for when that is fixed.
-RAGGED_DOT_WEIGHT_GRADS = ("tiled", "tokamax")
-RAGGED_DOT_WEIGHT_GRAD = "tiled"
+# wgmma is still in flight). "pallas" (default): `pallas_kernels.moe.triton.grouped_weight_grad`,
+# a Triton-backend kernel walking each group's rows; where that backend or the shape does not
+# serve, "tiled": `grouped_weight_grad`, dense matmuls over group-padded tiles; "tokamax":
+# tokamax's own, for when that is fixed.
+RAGGED_DOT_WEIGHT_GRADS = ("pallas", "tiled", "tokamax")
+RAGGED_DOT_WEIGHT_GRAD = "pallas"
+# The MoE dispatch's row gathers (`gather_rows`) on NVIDIA GPUs: "pallas" a Triton-backend kernel
+# (row-major output: XLA had given its own gather a column-major layout that cost ~0.8 ms of the
+# rmoe-paper layer's 5.1, run 27), "xla" x[idx].
+ROW_GATHERS = ("pallas", "xla")
+ROW_GATHER = "pallas"
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "tokamax")
 
 _overrides: dict[str, str] = {}
@@ -141,8 +149,8 @@ def ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, *, impl: str = "auto", preferred_
     _check("RAGGED_DOT_WEIGHT_GRAD", RAGGED_DOT_WEIGHT_GRAD, RAGGED_DOT_WEIGHT_GRADS)
     backend, kind, _ = _platform()
     try:
-      if RAGGED_DOT_WEIGHT_GRAD == "tiled" and _is_nvidia(backend, kind):
-        return _tokamax_ragged_dot_tiled_wgrad(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)
+      if RAGGED_DOT_WEIGHT_GRAD != "tokamax" and _is_nvidia(backend, kind):
+        return _tokamax_ragged_dot_own_wgrad(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)
       return _tokamax_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)
     except Exception as e:  # a trace-time refusal: fall back rather than fail the model
       if impl == "tokamax":
@@ -179,26 +187,62 @@ def grouped_weight_grad(x_PK, dy_PN, group_sizes_G, *, tile: int = 1024):
   return jax.ops.segment_sum(per_tile, tile_group, num_segments=g, indices_are_sorted=True)
 
 
+def _weight_grad(lhs_MK, dout_MN, group_sizes_G):
+  """The weight gradient RAGGED_DOT_WEIGHT_GRAD names ("pallas" or "tiled"), [G, K, N] float32."""
+  if RAGGED_DOT_WEIGHT_GRAD == "pallas" and _pallas_gpu_kernels() is not None \
+      and _pallas_gpu_kernels().grouped_weight_grad_supported(lhs_MK.shape[1], dout_MN.shape[1]):
+    return _pallas_gpu_kernels().grouped_weight_grad(lhs_MK, dout_MN.astype(lhs_MK.dtype), group_sizes_G,
+                                                     interpret=_interpret())
+  return grouped_weight_grad(lhs_MK, dout_MN, group_sizes_G)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tokamax_ragged_dot_tiled_wgrad(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type):
+def _tokamax_ragged_dot_own_wgrad(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type):
   """tokamax's ragged dot whose input gradient is tokamax's ragged dot on the transposed weights
-  and whose weight gradient is `grouped_weight_grad`."""
+  and whose weight gradient is ours (`_weight_grad`)."""
   return _tokamax_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)
 
 
-def _tiled_wgrad_fwd(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type):
+def _own_wgrad_fwd(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type):
   out = _tokamax_ragged_dot(lhs_MK, rhs_GKN, group_sizes_G, preferred_element_type)
   return out, (lhs_MK, rhs_GKN, group_sizes_G)
 
 
-def _tiled_wgrad_bwd(preferred_element_type, res, dout_MN):
+def _own_wgrad_bwd(preferred_element_type, res, dout_MN):
   lhs_MK, rhs_GKN, group_sizes_G = res
   dlhs = _tokamax_ragged_dot(dout_MN.astype(rhs_GKN.dtype), jnp.swapaxes(rhs_GKN, 1, 2), group_sizes_G, lhs_MK.dtype)
-  drhs = grouped_weight_grad(lhs_MK, dout_MN, group_sizes_G).astype(rhs_GKN.dtype)
+  drhs = _weight_grad(lhs_MK, dout_MN, group_sizes_G).astype(rhs_GKN.dtype)
   return dlhs.astype(lhs_MK.dtype), drhs, None
 
 
-_tokamax_ragged_dot_tiled_wgrad.defvjp(_tiled_wgrad_fwd, _tiled_wgrad_bwd)
+_tokamax_ragged_dot_own_wgrad.defvjp(_own_wgrad_fwd, _own_wgrad_bwd)
+
+
+# ----------------------------------------------------------------------------- row gathers
+
+def _pallas_gpu_kernels():
+  """pallas_kernels.moe.triton on NVIDIA GPUs whose jax has the Pallas Triton backend, else None."""
+  from pallas_kernels import _compat  # noqa: PLC0415  (the kernels package is imported on demand)
+  backend, kind, _ = _platform()
+  if not (_is_nvidia(backend, kind) and _compat.has_triton_backend()):
+    return None
+  from pallas_kernels.moe import triton  # noqa: PLC0415
+  return triton
+
+
+def _interpret() -> bool:
+  """The Pallas kernels run interpreted where the process has no GPU (tests that pretend one)."""
+  return jax.default_backend() != "gpu"
+
+
+def gather_rows(x_ND, idx_P):
+  """x[idx] for indices in [0, N): ROW_GATHER's kernel on NVIDIA GPUs where it tiles the shape,
+  else XLA's gather."""
+  _check("ROW_GATHER", ROW_GATHER, ROW_GATHERS)
+  kernels_ = _pallas_gpu_kernels() if ROW_GATHER == "pallas" else None
+  if kernels_ is not None and kernels_.gather_rows_supported(idx_P.shape[0], x_ND.shape[1]):
+    return kernels_.gather_rows(x_ND, idx_P, interpret=_interpret())
+  return x_ND[idx_P]
 
 
 # ----------------------------------------------------------------------------- attention

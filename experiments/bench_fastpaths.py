@@ -495,7 +495,7 @@ def main():
       "jax": jax.__version__, "python": platform.python_version(),
       "tokamax": getattr(tk, "__version__", None) if tk is not None else None,
       "resolved": {"ragged_dot": kernels.resolve_ragged_dot(),
-                   "ragged_dot_weight_grad": kernels.RAGGED_DOT_WEIGHT_GRAD,
+                   "ragged_dot_weight_grad": kernels.RAGGED_DOT_WEIGHT_GRAD, "row_gather": kernels.ROW_GATHER,
                    "attention_bf16_hd128": kernels.resolve_attention("auto", jnp.bfloat16, 128)},
       "iters": a.iters, "warmup": a.warmup, "quick": a.quick,
       "summary": {}, "moe": [], "loss": [], "attention": [], "step": [],

@@ -11,7 +11,10 @@ assignment turns that transpose into a bitcast by giving x_sorted a column-major
 dispatch gather writes with a stride and a copy back to row-major feeds the forward kernel.
 Variants (all the same math: dropless top-k, the routing weight scaling the hidden activation,
 float32 sum over the k in the combine):
-- base: the library's `expert_mlp` (on NVIDIA GPUs its weight gradients by `kernels.grouped_weight_grad`).
+- base: the library's `expert_mlp` (on NVIDIA GPUs its weight gradients and token-row gathers by
+  the Pallas kernels of `pallas_kernels.moe.triton`).
+- tiled_wgrad, xla_gather, session11: the library with `kernels.RAGGED_DOT_WEIGHT_GRAD = "tiled"`,
+  with `kernels.ROW_GATHER = "xla"`, with both (the library of session 11).
 - base_again, tokamax_wgrad(_again): base once more, and with tokamax's own weight-gradient kernel
   (`kernels.RAGGED_DOT_WEIGHT_GRAD = "tokamax"`) twice: two runs of one computation must agree.
 - swap: gate/up ragged dot with its own VJP whose weight gradient is ragged_contract(dgu, x_sorted)
@@ -20,9 +23,8 @@ float32 sum over the k in the combine):
 - pallas_t: gate/up ragged dot with its own VJP that hands the kernel x_sorted^T made by a Pallas
   (Triton) transpose kernel, a custom call XLA cannot propagate a layout through: tests the
   hypothesis directly.
-- pgather: the dispatch rows (x_sorted; the cotangent rows in the backward) by a Pallas (Triton)
-  gather kernel: row-major whatever their consumers, so XLA must make x_sorted^T by a real
-  transpose. Is the gather itself slow, or only its layout?
+- pgather: the dispatch rows (x_sorted; the cotangent rows in the backward) by the library's
+  Pallas (Triton) gather kernel in this variant's otherwise XLA dispatch.
 - swap_pgather: swap with pgather's gathers (no transpose of x_sorted anywhere).
 - barrier: the gathered rows (x_sorted; the cotangent rows in the backward) behind
   `jax.lax.optimization_barrier`: does that stop the layout reaching the gather?
@@ -63,12 +65,19 @@ from efficient_lm import kernels  # noqa: E402
 from efficient_lm.layers import moe as moe_lib  # noqa: E402
 from experiments import bench_fastpaths as bf  # noqa: E402
 from pallas_kernels import _compat  # noqa: E402
+from pallas_kernels.moe import triton as moe_triton  # noqa: E402
 
 VARIANTS = {   # name: (options, what it tests); options None = the library's expert_mlp
-    "base": (None, "library expert_mlp (GPU: kernels.grouped_weight_grad for the weight gradients)"),
+    "base": (None, "library expert_mlp (GPU: Pallas weight gradients and row gathers)"),
     "base_again": (None, "library expert_mlp, compiled and run again: is it deterministic?"),
-    "tokamax_wgrad": (dict(library_weight_grad="tokamax"), "library expert_mlp with tokamax's own weight gradient"),
-    "tokamax_wgrad_again": (dict(library_weight_grad="tokamax"), "the same, compiled and run again"),
+    "tiled_wgrad": (dict(library={"RAGGED_DOT_WEIGHT_GRAD": "tiled"}),
+                    "library expert_mlp, weight gradients by group-padded tiles (XLA)"),
+    "xla_gather": (dict(library={"ROW_GATHER": "xla"}), "library expert_mlp, XLA's row gathers"),
+    "session11": (dict(library={"RAGGED_DOT_WEIGHT_GRAD": "tiled", "ROW_GATHER": "xla"}),
+                  "library expert_mlp as of session 11: tiled weight gradients, XLA's row gathers"),
+    "tokamax_wgrad": (dict(library={"RAGGED_DOT_WEIGHT_GRAD": "tokamax"}),
+                      "library expert_mlp with tokamax's own weight gradient"),
+    "tokamax_wgrad_again": (dict(library={"RAGGED_DOT_WEIGHT_GRAD": "tokamax"}), "the same, compiled and run again"),
     "swap": (dict(wgrad="swap"), "dW_gu = rcd(dgu, x_sorted)^T: transpose dgu, not x_sorted"),
     "pallas_t": (dict(wgrad="pallas_t"), "x_sorted^T by a Pallas transpose (layout barrier)"),
     "pgather": (dict(take="pallas"), "dispatch rows by a Pallas gather (row-major, a custom call)"),
@@ -190,29 +199,12 @@ def pallas_transpose(x_MK):
       compiler_params=None if interpret else _compat.triton_params(4, 1), interpret=interpret)(x_MK)
 
 
-def _gather_kernel(idx_ref, x_ref, o_ref, *, rows, bd):
-  i, c = pl.program_id(0), pl.program_id(1)
-  r = pl.ds(pl.multiple_of(i * rows, rows), rows)
-  cols = pl.ds(pl.multiple_of(c * bd, bd), bd)
-  o_ref[r, cols] = x_ref[idx_ref[r], cols]
-
-
 def pallas_gather(x_ND, idx_P):
-  """x[idx] by a Pallas kernel: [rows, bd] output tiles, each a row gather of bd columns with
-  coalesced loads and stores; a custom call, so its output is row-major whatever its consumers."""
-  (p,), d = idx_P.shape, x_ND.shape[1]
-  rows = next((b for b in (32, 16, 8) if p % b == 0), None)
-  bd = next((b for b in (256, 128, 64, 32, 16) if d % b == 0), None)
-  interpret = jax.default_backend() != "gpu"
-  if rows is None or bd is None or (not interpret and not _compat.has_triton_backend()):
-    _warn(f"pallas_gather: {x_ND.shape}[{p}] not tileable or no Triton backend; XLA gather")
+  """x[idx] by the library's Pallas row gather (interpreted off the GPU), XLA's where it does not tile."""
+  if not moe_triton.gather_rows_supported(idx_P.shape[0], x_ND.shape[1]) or not _compat.has_triton_backend():
+    _warn(f"pallas_gather: {x_ND.shape}[{idx_P.shape[0]}] not tileable or no Triton backend; XLA gather")
     return x_ND[idx_P]
-  # No block specs: both refs are whole arrays, indexed in the kernel (as chunk_kernels_triton does).
-  return pl.pallas_call(
-      functools.partial(_gather_kernel, rows=rows, bd=bd), grid=(p // rows, d // bd),
-      out_shape=jax.ShapeDtypeStruct((p, d), x_ND.dtype),
-      compiler_params=None if interpret else _compat.triton_params(4, 1), interpret=interpret)(
-          idx_P.astype(jnp.int32), x_ND)
+  return moe_triton.gather_rows(x_ND, idx_P, interpret=jax.default_backend() != "gpu")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -289,14 +281,17 @@ def f32_reference(w_router, k, x, ws, cot):
 
 
 @contextlib.contextmanager
-def library_weight_grad(setting):
-  """kernels.RAGGED_DOT_WEIGHT_GRAD while a variant is traced."""
-  saved = kernels.RAGGED_DOT_WEIGHT_GRAD
-  kernels.RAGGED_DOT_WEIGHT_GRAD = setting
+def library_settings(settings):
+  """The `efficient_lm.kernels` module settings (RAGGED_DOT_WEIGHT_GRAD, ROW_GATHER) while a
+  variant is traced."""
+  saved = {name: getattr(kernels, name) for name in settings}
+  for name, value in settings.items():
+    setattr(kernels, name, value)
   try:
     yield
   finally:
-    kernels.RAGGED_DOT_WEIGHT_GRAD = saved
+    for name, value in saved.items():
+      setattr(kernels, name, value)
 
 
 @contextlib.contextmanager
@@ -573,10 +568,9 @@ def main(argv=None):
         print(f"  {name}: {row['error']}", flush=True)
         continue
       try:
-        library = opts is None or "library_weight_grad" in opts
+        library = opts is None or "library" in opts
         fn = moe_lib.expert_mlp if library else make_expert_mlp(**opts)
-        weight_grad = (opts or {}).get("library_weight_grad", kernels.RAGGED_DOT_WEIGHT_GRAD)
-        with layer_with(fn), library_weight_grad(weight_grad):
+        with layer_with(fn), library_settings((opts or {}).get("library", {})):
           f = bf.moe_layer(w_router, k, impl)
           t0 = time.perf_counter()
           fwd_bwd = jax.jit(lambda x, ws, cot: jax.vjp(f, x, *ws)[1](cot)).lower(x, ws, cot).compile()

@@ -3,8 +3,8 @@
 Every (token, choice) pair is computed: pairs are sorted by expert and the expert matmuls are
 ragged dots over the expert groups (gate and up fused into one), so no capacity and no dropped
 tokens. The ragged dot is `efficient_lm.kernels.ragged_dot`: tokamax's Mosaic kernel on Hopper
-GPUs and TPUs (on GPUs with our own weight gradient, `kernels.grouped_weight_grad`),
-`jax.lax.ragged_dot` elsewhere.
+GPUs and TPUs (on GPUs with our own weight gradient), `jax.lax.ragged_dot` elsewhere; the
+token rows are gathered by `kernels.gather_rows` (a Pallas kernel on NVIDIA GPUs).
 Routing: softmax over all experts in float32, top-k, weights renormalised over the k chosen.
 The layer returns routing statistics; the LM sums them over all MoE layers into the Mixtral
 load-balancing loss `E * sum_e f_e P_e` (`f_e`: fraction of tokens that chose e among their k
@@ -67,11 +67,11 @@ def _sum_pairs(y_PD, slot_P, k):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gather_pairs(x_ND, order_P, slot_P, k):
   """Token rows in expert order: row p is x[order[p] // k] (pair -> its token)."""
-  return x_ND[order_P // k]
+  return kernels.gather_rows(x_ND, order_P // k)
 
 
 def _gather_pairs_fwd(x_ND, order_P, slot_P, k):
-  return x_ND[order_P // k], (order_P, slot_P)
+  return kernels.gather_rows(x_ND, order_P // k), (order_P, slot_P)
 
 
 def _gather_pairs_bwd(k, res, g_PD):
@@ -94,7 +94,7 @@ def _combine_pairs_fwd(y_PD, order_P, slot_P, k):
 
 def _combine_pairs_bwd(k, res, g_ND):
   order_P, slot_P = res
-  return g_ND[order_P // k], None, None
+  return kernels.gather_rows(g_ND, order_P // k), None, None
 
 
 _combine_pairs.defvjp(_combine_pairs_fwd, _combine_pairs_bwd)
