@@ -175,6 +175,9 @@ def test_pallas_gather_rows_is_exact(p, d):
   np.testing.assert_array_equal(np.asarray(moe_triton.gather_rows(x, idx, interpret=True)), np.asarray(x[idx]))
 
 
+@pytest.mark.skipif(jax.__version_info__ >= (0, 11),
+                    reason="jax >= 0.11 exports for cuda only with an abstract GPU device; the Python 3.11 "
+                           "leg (jax 0.10) and the H100 runs of moe_variants.py cover it")
 def test_pallas_moe_kernels_lower_for_cuda():
   """Interpret mode does not run the Triton lowering; exporting for CUDA does (no GPU needed)."""
   spec = jax.ShapeDtypeStruct
