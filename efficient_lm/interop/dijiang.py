@@ -22,6 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from efficient_lm import kernels
@@ -135,34 +136,41 @@ def head_r2(x_ND, y_ND, n_heads: int):
   return explained.reshape(n_heads, -1).sum(1) / np.maximum(vy.reshape(n_heads, -1).sum(1), 1e-30)
 
 
-def _check_calibration(student, teacher, tokens_BT, grid, gate_preact):
+def _check_pair(student, teacher, tokens_BT, who: str):
+  """-> tokens_BT as int32 numpy, after checking that `student` is the DiJiang conversion of a
+  GPT-NeoX-style `teacher` of the same shape and the tokens are a [B, T] batch of its vocabulary."""
   for name, model in (("student", student), ("teacher", teacher)):
     if not isinstance(model, LM):
-      raise TypeError(f"calibrate_dijiang: {name} must be an LM, got {type(model).__name__}")
+      raise TypeError(f"{who}: {name} must be an LM, got {type(model).__name__}")
   if set(student.config.layer_kinds) != {"dijiang"}:
-    raise ValueError("calibrate_dijiang: student must be a DiJiang model (from convert_to_dijiang), got layer "
+    raise ValueError(f"{who}: student must be a DiJiang model (from convert_to_dijiang), got layer "
                      f"kinds {sorted(set(student.config.layer_kinds))}")
-  if not student.config.dijiang_learn_decay:
-    raise ValueError("calibrate_dijiang: student has fixed decays; convert with learn_decay=True")
-  _check_host(teacher.config, "calibrate_dijiang: teacher")
+  _check_host(teacher.config, f"{who}: teacher")
   s, t = student.config, teacher.config
   shape = lambda c: (c.n_layers, c.d_model, c.n_heads, c.attn_head_dim, c.vocab_size)
   if shape(s) != shape(t):
-    raise ValueError(f"calibrate_dijiang: student and teacher differ in (layers, d, heads, head dim, vocab): "
+    raise ValueError(f"{who}: student and teacher differ in (layers, d, heads, head dim, vocab): "
                      f"{shape(s)} vs {shape(t)}")
   tok = np.asarray(tokens_BT)
   if tok.ndim != 2 or tok.size == 0 or not np.issubdtype(tok.dtype, np.integer):
-    raise ValueError(f"calibrate_dijiang: tokens_BT must be a non-empty [B, T] integer array, got "
+    raise ValueError(f"{who}: tokens_BT must be a non-empty [B, T] integer array, got "
                      f"shape {tok.shape} dtype {tok.dtype}")
   if tok.min() < 0 or tok.max() >= t.vocab_size:
-    raise ValueError(f"calibrate_dijiang: tokens_BT has ids outside [0, {t.vocab_size})")
+    raise ValueError(f"{who}: tokens_BT has ids outside [0, {t.vocab_size})")
+  return tok.astype(np.int32)
+
+
+def _check_calibration(student, teacher, tokens_BT, grid, gate_preact):
+  tok = _check_pair(student, teacher, tokens_BT, "calibrate_dijiang")
+  if not student.config.dijiang_learn_decay:
+    raise ValueError("calibrate_dijiang: student has fixed decays; convert with learn_decay=True")
   g = np.asarray(grid, np.float64)
   if g.ndim != 1 or g.size == 0 or not np.all(np.isfinite(g) & (g > 1)):
     raise ValueError(f"calibrate_dijiang: grid must be a non-empty sequence of time constants n > 1 "
                      f"(gamma = 1 - 1/n), got {grid!r}")
   if not math.isfinite(gate_preact) or gate_preact == 0:
     raise ValueError(f"calibrate_dijiang: gate_preact must be finite and non-zero, got {gate_preact}")
-  return tok.astype(np.int32), g
+  return tok, g
 
 
 def calibrate_dijiang(student: LM, teacher: LM, tokens_BT, *, grid=DECAY_GRID,
@@ -218,3 +226,102 @@ def calibrate_dijiang(student: LM, teacher: LM, tokens_BT, *, grid=DECAY_GRID,
     rec["gate_constant"] = c
     info.append(rec)
   return info
+
+
+# ------------------------------------------------------------------ attention transfer
+
+# What `transfer_attention` may train, per DiJiang mixer (the DCT projection and quantiles are
+# fixed buffers): everything by default.
+MIXER_PARAMS = ("qkv", "decay_logit", "norm_scale", "norm_bias", "gate", "dense")
+
+
+def _teacher_targets_fn(teacher: LM):
+  """A jitted tokens_BT -> (h_LBTD, y_LBTD): per layer of `teacher`, its attention input and the
+  attention block's output `o_proj(o)` (what the student mixer replaces)."""
+  graphdef, state = nnx.split(teacher)
+
+  @jax.jit
+  def targets(state, tokens_BT):
+    model = nnx.merge(graphdef, state)
+    io = [(h, block.mixer.o_proj(o)) for block, (h, o) in zip(model.blocks, teacher_attention_io(model, tokens_BT))]
+    return tuple(jnp.stack(x) for x in zip(*io))
+
+  return lambda tokens_BT: targets(state, jnp.asarray(tokens_BT, jnp.int32))
+
+
+def _split_mixers(student: LM, train):
+  """Per layer (graphdef, trained params, everything else) of the student's mixers."""
+  which = nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(n) for n in train)))
+  return [nnx.split(block.mixer, which, ...) for block in student.blocks]
+
+
+def _layer_nmse_L(graphdefs, train_L, rest_L, h_LBTD, y_LBTD):
+  """Per layer: the mixer's mean squared error against the teacher's attention output, divided by
+  that output's variance (1 - R^2), so layers of different output scales weigh alike."""
+  b, t = h_LBTD.shape[1:3]
+  pos_BT = positions(None, b, t)
+  out = []
+  for l, graphdef in enumerate(graphdefs):
+    mixer = nnx.merge(graphdef, train_L[l], rest_L[l])
+    y = mixer(h_LBTD[l], None, pos_BT).astype(jnp.float32)
+    target = y_LBTD[l].astype(jnp.float32)
+    out.append(jnp.mean(jnp.square(y - target)) / jnp.maximum(jnp.var(target), 1e-12))
+  return jnp.stack(out)
+
+
+def attention_transfer_error(student: LM, teacher: LM, tokens_BT) -> list[float]:
+  """Per layer, on `tokens_BT`: the student mixer's normalised MSE (1 - R^2) against the teacher's
+  attention block output, each given the teacher's own layer input (what `transfer_attention`
+  minimises)."""
+  tokens = _check_pair(student, teacher, tokens_BT, "attention_transfer_error")
+  h, y = _teacher_targets_fn(teacher)(tokens)
+  graphdefs, params_L, rest_L = zip(*_split_mixers(student, MIXER_PARAMS))
+  return np.asarray(_layer_nmse_L(graphdefs, params_L, rest_L, h, y), np.float64).tolist()
+
+
+def _check_transfer(student, steps, lr, train):
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    raise ValueError(f"transfer_attention: steps must be a positive int, got {steps!r}")
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    raise ValueError(f"transfer_attention: lr must be a finite positive number, got {lr!r}")
+  names = [n for n in MIXER_PARAMS if n != "decay_logit" or student.config.dijiang_learn_decay]
+  if isinstance(train, str) or not train or not set(train) <= set(names):
+    raise ValueError(f"transfer_attention: train must be a non-empty subset of {names}, got {train!r}")
+
+
+def transfer_attention(student: LM, teacher: LM, next_tokens, steps: int, *, lr: float = 3e-3,
+                       train=MIXER_PARAMS) -> list[dict]:
+  """Attention transfer (as LoLCATs' first stage; ours for DiJiang): trains the `train` parameters
+  of every DiJiang mixer of `student`, in place, so that each reproduces its teacher layer's
+  attention block output given the teacher's own input to that layer. All layers learn in
+  parallel from one teacher forward per batch: loss = sum over layers of MSE / Var(target), Adam
+  at `lr` decayed by a cosine to 0 over `steps` batches, `next_tokens(step)` -> tokens [B, T]
+  (training data). One step costs about one forward + backward of the model: count it as a
+  fine-tuning step. -> per layer {"layer", "nmse_first", "nmse_last"}: the loss terms on the
+  first and the last batch, before their updates."""
+  tokens = _check_pair(student, teacher, next_tokens(0), "transfer_attention")
+  _check_transfer(student, steps, lr, train)
+  targets = _teacher_targets_fn(teacher)
+  graphdefs, params_L, rest_L = zip(*_split_mixers(student, train))
+  opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
+
+  def loss(params_L, rest_L, h_LBTD, y_LBTD):
+    nmse_L = _layer_nmse_L(graphdefs, params_L, rest_L, h_LBTD, y_LBTD)
+    return nmse_L.sum(), nmse_L
+
+  @jax.jit
+  def step(params_L, opt_state, rest_L, h_LBTD, y_LBTD):
+    (_, nmse_L), grads = jax.value_and_grad(loss, has_aux=True)(params_L, rest_L, h_LBTD, y_LBTD)
+    updates, opt_state = opt.update(grads, opt_state, params_L)
+    return optax.apply_updates(params_L, updates), opt_state, nmse_L
+
+  opt_state, first = opt.init(params_L), None
+  for s in range(steps):
+    if s:
+      tokens = _check_pair(student, teacher, next_tokens(s), "transfer_attention")
+    params_L, opt_state, nmse_L = step(params_L, opt_state, rest_L, *targets(tokens))
+    first = nmse_L if first is None else first
+  for block, params in zip(student.blocks, params_L):
+    nnx.update(block.mixer, params)
+  return [{"layer": l, "nmse_first": round(float(a), 4), "nmse_last": round(float(b), 4)}
+          for l, (a, b) in enumerate(zip(np.asarray(first), np.asarray(nmse_L)))]

@@ -1,6 +1,7 @@
 """calibrate_dijiang: the teacher's per-layer attention input/output, the per-head decay picked
 on a case with a known answer, the constant gate and moment-matched GroupNorm, nothing else
-touched, and its input checks."""
+touched, and its input checks. transfer_attention: its error measure, that it lowers that error
+on held-out batches, trains only what it is told to, and its input checks."""
 import math
 
 import jax
@@ -12,7 +13,13 @@ from flax import nnx
 import efficient_lm
 from efficient_lm import convert_to_dijiang
 from efficient_lm.interop import dijiang as dj_mod
-from efficient_lm.interop.dijiang import DECAY_GRID, calibrate_dijiang, teacher_attention_io
+from efficient_lm.interop.dijiang import (
+  DECAY_GRID,
+  attention_transfer_error,
+  calibrate_dijiang,
+  teacher_attention_io,
+  transfer_attention,
+)
 from efficient_lm.layers.mixers.dijiang import group_norm
 from efficient_lm.layers.rope import positions
 from pallas_kernels import gla
@@ -127,3 +134,70 @@ def test_rejects_bad_input():
       calibrate_dijiang(student, teacher, TOKS, grid=bad)
   with pytest.raises(ValueError, match="gate_preact"):
     calibrate_dijiang(student, teacher, TOKS, gate_preact=0.0)
+
+
+def random_tokens(seed, b=4, t=T):
+  return np.random.default_rng(seed).integers(0, 256, (b, t)).astype(np.int32)
+
+
+def calibrated(teacher):
+  student = convert_to_dijiang(teacher, seed=1, learn_decay=True)
+  calibrate_dijiang(student, teacher, TOKS)
+  return student
+
+
+def test_attention_transfer_error_is_the_normalised_mse_of_each_mixer():
+  teacher = host()
+  student = calibrated(teacher)
+  tokens = random_tokens(9)
+  pos = positions(None, 4, T)
+  want = []
+  for block, t_block, (h, o) in zip(student.blocks, teacher.blocks, teacher_attention_io(teacher, jnp.asarray(tokens))):
+    y_t = np.asarray(t_block.mixer.o_proj(o), np.float64)
+    want.append(np.mean((np.asarray(block.mixer(h, None, pos), np.float64) - y_t) ** 2) / y_t.var())
+  np.testing.assert_allclose(attention_transfer_error(student, teacher, tokens), want, rtol=1e-4)
+
+
+def test_transfer_lowers_the_heldout_error_of_every_layer():
+  teacher = host()
+  student = calibrated(teacher)
+  held = random_tokens(100)
+  before = np.asarray(attention_transfer_error(student, teacher, held))
+  info = transfer_attention(student, teacher, lambda s: random_tokens(s), 30)
+  after = np.asarray(attention_transfer_error(student, teacher, held))
+  assert [r["layer"] for r in info] == [0, 1]
+  assert all(r["nmse_last"] < r["nmse_first"] for r in info), info
+  assert np.all(after < before) and after.sum() < 0.8 * before.sum(), (before, after)
+
+
+def test_transfer_trains_only_the_named_parameters():
+  teacher = host()
+  student = calibrated(teacher)
+  before, teacher_before = flat_state(student), flat_state(teacher)
+  transfer_attention(student, teacher, lambda s: random_tokens(s), 3, train=("qkv", "gate"))
+  after = flat_state(student)
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  named = {k for k in before if "['mixer']" in k and ("['qkv']" in k or "['gate']" in k)}
+  assert changed == named and len(named) == 6, changed   # per layer qkv kernel and bias, gate kernel
+  assert all(np.array_equal(v, flat_state(teacher)[k]) for k, v in teacher_before.items())
+
+
+def test_transfer_rejects_bad_arguments():
+  teacher = host()
+  student = calibrated(teacher)
+  batch = lambda s: TOKS
+  for steps in (0, -1, 2.0, True):
+    with pytest.raises(ValueError, match="steps"):
+      transfer_attention(student, teacher, batch, steps)
+  for lr in (0.0, -1e-3, math.nan, math.inf):
+    with pytest.raises(ValueError, match="lr"):
+      transfer_attention(student, teacher, batch, 2, lr=lr)
+  for train in ((), "qkv", ("qkv", "lm_head"), ("dct",)):
+    with pytest.raises(ValueError, match="train"):
+      transfer_attention(student, teacher, batch, 2, train=train)
+  with pytest.raises(ValueError, match="train"):   # fixed decays are no parameter
+    transfer_attention(convert_to_dijiang(teacher), teacher, batch, 2, train=("decay_logit",))
+  with pytest.raises(ValueError, match="tokens_BT"):
+    transfer_attention(student, teacher, lambda s: TOKS[0], 2)
+  with pytest.raises(ValueError, match="student must be a DiJiang"):
+    transfer_attention(teacher, teacher, batch, 2)
