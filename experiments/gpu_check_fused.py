@@ -15,6 +15,9 @@
     and flash-linear-attention's kernel for each (when torch and fla import), in the same process.
 (c) with --sweep: the fused paths' fwd+bwd at each of --shapes for each set of kernel constants;
     with --stages: the fused delta rule's stages, each timed alone, for each set.
+(d) with --mosaic-fused: the fused Mosaic GPU GLA forward (chunk_kernels_mosaic_gpu, scalar decay)
+    against the fused Triton forward, kernel calls alone at --shapes (bf16): agreement of o, the
+    final state and the stored states, and the forward's time with and without stored states.
 Writes gpu_check_fused.json into --out (default $OUT, else experiments/results/kernels).
 `--params` overrides the kernels' constants ((num_warps, num_stages) per kernel, value-block
 widths), e.g. to tune them; `--skip-check` times only.
@@ -36,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
-from pallas_kernels.common import chunk_kernels_triton, state_pass_mosaic_gpu
+from pallas_kernels.common import chunk_kernels_mosaic_gpu, chunk_kernels_triton, state_pass_mosaic_gpu
 from pallas_kernels.ops.delta_rule.pallas import delta_rule_fused, delta_rule_state_pass
 from pallas_kernels.ops.gla.pallas import gla_fused, gla_state_pass
 
@@ -293,6 +296,34 @@ def time_fla(op, x, do, row):
     row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
 
 
+def mosaic_fused_forward(report, shapes, out):
+  """(d): `chunk_kernels_mosaic_gpu.forward` vs `chunk_kernels_triton.forward`, GLA scalar decay."""
+  rows = report.setdefault("mosaic_fused_forward", [])
+  for b, t, h, kd, vd in shapes:
+    x = inputs("gla_scalar", b, t, h, kd, vd, jnp.bfloat16, True)
+    s0 = x["s0"].reshape(b * h, kd, vd)
+    common = dict(scale=kd ** -0.5, chunk=CHUNK, interpret=SMOKE)
+    for store in (False, True):
+      paths = {"triton": lambda x, s0, store=store: chunk_kernels_triton.forward(
+                   x["q"], x["k"], x["v"], None, x["g"], s0, None, store_states=store, **common),
+               "mosaic_gpu": lambda x, s0, store=store: chunk_kernels_mosaic_gpu.forward(
+                   x["q"], x["k"], x["v"], x["g"], s0, store_states=store, **common)}
+      row = {"op": "gla_scalar", "shape": [b, t, h, kd, vd], "store_states": store}
+      try:
+        fns = {name: jax.jit(f).lower(x, s0).compile() for name, f in paths.items()}
+        ref, res = fns["triton"](x, s0), fns["mosaic_gpu"](x, s0)
+        row.update(o=rel(res[0], ref[0]), final_state=rel(res[1], ref[1]))
+        if store:   # the Triton path's third output is a tuple whose first entry is the states
+          row["states"] = rel(res[2], ref[2][0])
+        for name, fn in fns.items():
+          row[f"{name}_fwd_ms"] = median_ms(lambda: fn(x, s0), None, call_with_arg=False)
+      except Exception as e:  # keep going: a failing kernel must not hide the other rows
+        row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+    write_report(report, out)
+
+
 def sweep(report, param_sets, shapes, out, ops=("delta", "delta_gated", "gla_scalar", "gla")):
   """The fused path's fwd and fwd+bwd (the ops of `ops` that have fused kernels) at each shape for
   each set of kernel constants; the report is written after every row (a run cut off keeps them)."""
@@ -423,6 +454,8 @@ def main():
   ap.add_argument("--cases", default=None,
                   help="ops and paths to time, e.g. 'delta:fused,fla;gla_scalar:state_pass,fused' (default: all)")
   ap.add_argument("--shapes", default="8x2048x16x128", help="comma-separated BxTxHxD timing shapes")
+  ap.add_argument("--mosaic-fused", action="store_true",
+                  help="(d): the fused Mosaic GPU GLA forward (scalar decay) against the Triton one at --shapes")
   ap.add_argument("--check-impls", default="fused,mosaic_gpu",
                   help="the paths the agreement check runs (comma-separated: fused, mosaic_gpu)")
   ap.add_argument("--check-ops", default=",".join(CHECK_OPS),
@@ -448,6 +481,8 @@ def main():
     write_report(report, args.out)
   if not args.skip_bench:
     bench(report, cases, shapes, args.out)
+  if args.mosaic_fused:
+    mosaic_fused_forward(report, shapes, args.out)
   if args.sweep:
     sweep(report, json.loads(args.sweep), shapes, args.out, *([tuple(cases)] if args.cases else []))
   if args.stages:

@@ -22,6 +22,14 @@ timeout $(lim 100) python3 experiments/bench_fastpaths.py --out $OUT/f --only mo
 echo "== bench_fastpaths done at $SECONDS s"
 timeout $(lim 200) python3 experiments/bench_kernels.py --check --check-shapes 2,4,0 --anchors 3,6,0 --out $OUT/k 2>&1 \
   | grep -v "Autotuning cache miss" > $OUT/k/log.txt
+echo "== bench_kernels done at $SECONDS s"
+# 4. If time is left: the first fused Mosaic GPU kernel (issue 12, GLA scalar-decay forward) against
+#    the Triton one at 8x2048x16x128.
+if [ $((420 - SECONDS)) -gt 40 ]; then
+  mkdir -p $OUT/g
+  timeout $(lim 60) python3 experiments/gpu_check_fused.py --out $OUT/g --skip-check --skip-bench --mosaic-fused \
+    2>&1 | grep -v "Autotuning cache miss" > $OUT/g/log.txt
+fi
 echo "== all done at $SECONDS s"
 grep -E "^ +(base|session11|tiled|xla_|tokamax)|failures" $OUT/m/log.txt | cut -c1-220
 python3 -c "
@@ -29,3 +37,4 @@ import json; d = json.load(open('$OUT/m/moe_variants.json'))
 for r in d['rows']: print(r['variant'], r.get('fwd_bwd_ms'), {k: round(v, 4) for k, v in r.get('rel_err', {}).items()})"
 tail -n 12 $OUT/f/log.txt | cut -c1-300
 grep -E "^check|^\||FAIL|Error" $OUT/k/log.txt | cut -c1-250
+tail -n 5 $OUT/g/log.txt 2>/dev/null | cut -c1-400
