@@ -3,7 +3,7 @@
 # 1. The MoE layer with session 12's Pallas kernels (pallas_kernels/moe/triton.py: the grouped
 #    weight gradient walking each expert's rows, the token-row gather) against session 11's
 #    library (tiled weight gradient, XLA gathers), each piece alone, and tokamax's own weight
-#    gradient twice; every variant against a float32 jax.lax.ragged_dot reference.
+#    gradient; every variant against a float32 jax.lax.ragged_dot reference.
 # 2. bench_fastpaths moe: issue 11's numbers with the new defaults.
 # 3. Issue 3 on this device: bench_kernels --check at GLA 8x2048 (the 5x-chunk question), then the
 #    Rodimus shape (chunk, pallas, fla in one process).
