@@ -189,10 +189,9 @@ def grouped_weight_grad(x_PK, dy_PN, group_sizes_G, *, tile: int = 1024):
 
 def _weight_grad(lhs_MK, dout_MN, group_sizes_G):
   """The weight gradient RAGGED_DOT_WEIGHT_GRAD names ("pallas" or "tiled"), [G, K, N] float32."""
-  if RAGGED_DOT_WEIGHT_GRAD == "pallas" and _pallas_gpu_kernels() is not None \
-      and _pallas_gpu_kernels().grouped_weight_grad_supported(lhs_MK.shape[1], dout_MN.shape[1]):
-    return _pallas_gpu_kernels().grouped_weight_grad(lhs_MK, dout_MN.astype(lhs_MK.dtype), group_sizes_G,
-                                                     interpret=_interpret())
+  pallas = _pallas_gpu_kernels() if RAGGED_DOT_WEIGHT_GRAD == "pallas" else None
+  if pallas is not None and pallas.grouped_weight_grad_supported(lhs_MK.shape[1], dout_MN.shape[1]):
+    return pallas.grouped_weight_grad(lhs_MK, dout_MN.astype(lhs_MK.dtype), group_sizes_G, interpret=_interpret())
   return grouped_weight_grad(lhs_MK, dout_MN, group_sizes_G)
 
 
@@ -239,9 +238,9 @@ def gather_rows(x_ND, idx_P):
   """x[idx] for indices in [0, N): ROW_GATHER's kernel on NVIDIA GPUs where it tiles the shape,
   else XLA's gather."""
   _check("ROW_GATHER", ROW_GATHER, ROW_GATHERS)
-  kernels_ = _pallas_gpu_kernels() if ROW_GATHER == "pallas" else None
-  if kernels_ is not None and kernels_.gather_rows_supported(idx_P.shape[0], x_ND.shape[1]):
-    return kernels_.gather_rows(x_ND, idx_P, interpret=_interpret())
+  pallas = _pallas_gpu_kernels() if ROW_GATHER == "pallas" else None
+  if pallas is not None and pallas.gather_rows_supported(idx_P.shape[0], x_ND.shape[1]):
+    return pallas.gather_rows(x_ND, idx_P, interpret=_interpret())
   return x_ND[idx_P]
 
 

@@ -153,12 +153,17 @@ def _check_pair(student, teacher, tokens_BT, who: str):
   if shape(s) != shape(t):
     raise ValueError(f"{who}: student and teacher differ in (layers, d, heads, head dim, vocab): "
                      f"{shape(s)} vs {shape(t)}")
+  return _check_tokens(tokens_BT, t.vocab_size, who)
+
+
+def _check_tokens(tokens_BT, vocab_size: int, who: str):
+  """-> tokens_BT as int32 numpy, after checking it is a non-empty [B, T] batch of the vocabulary."""
   tok = np.asarray(tokens_BT)
   if tok.ndim != 2 or tok.size == 0 or not np.issubdtype(tok.dtype, np.integer):
     raise ValueError(f"{who}: tokens_BT must be a non-empty [B, T] integer array, got "
                      f"shape {tok.shape} dtype {tok.dtype}")
-  if tok.min() < 0 or tok.max() >= t.vocab_size:
-    raise ValueError(f"{who}: tokens_BT has ids outside [0, {t.vocab_size})")
+  if tok.min() < 0 or tok.max() >= vocab_size:
+    raise ValueError(f"{who}: tokens_BT has ids outside [0, {vocab_size})")
   return tok.astype(np.int32)
 
 
@@ -319,8 +324,8 @@ def transfer_attention(student: LM, teacher: LM, next_tokens, steps: int, *, lr:
 
   opt_state, first = opt.init(params_L), None
   for s in range(steps):
-    if s:
-      tokens = _check_pair(student, teacher, next_tokens(s), "transfer_attention")
+    if s:   # the models were checked with the first batch
+      tokens = _check_tokens(next_tokens(s), teacher.config.vocab_size, "transfer_attention")
     params_L, opt_state, nmse_L = step(params_L, opt_state, rest_L, *targets(tokens))
     first = nmse_L if first is None else first
   for block, params in zip(student.blocks, params_L):

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.state_pass_mosaic_gpu import (
-    BLOCK_V, SMEM_BUDGET, _call, _fetch_one, _matmul, _nbytes, _smem, _stage_out, _walk, plgpu, supports)
+    BLOCK_V, _call, _fetch_one, _matmul, _scratch, _stage_out, _walk, plgpu, supports)
 
 
 class _Geometry(NamedTuple):
@@ -138,21 +138,15 @@ def _forward_body(*refs, heads, scale, has_g, store_states):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _scratch(c, kd, mm, out_dtype, has_g):
-  """Shared memory: the per-chunk q, k, v (and two cumulative-decay) buffers, two slots when both fit
-  in SMEM_BUDGET; the state's 16-bit copy, the output tile, a float32 staging buffer for the
-  initial and final states (and d * V); one TMA barrier per input and slot, plus one for the
-  initial state."""
+def _scratch_types(c, kd, mm, out_dtype, has_g):
+  """Shared memory (`state_pass_mosaic_gpu._scratch`): per chunk the q, k, v (and two
+  cumulative-decay) buffers; the state's 16-bit copy, the output tile, a float32 staging buffer
+  for the initial and final states (and d * V); one more TMA barrier for the initial state."""
   per_chunk = [((c, kd), mm, True), ((c, kd), mm, True), ((c, BLOCK_V), mm, True)]
   per_chunk += [((c,), jnp.float32, False)] * 2 if has_g else []
   fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), out_dtype, True), ((kd, BLOCK_V), jnp.float32, False)]
   fixed += [((c, BLOCK_V), mm, True)] if has_g else []
-  per_slot = sum(_nbytes(shape, dtype) for shape, dtype, _ in per_chunk)
-  fixed_bytes = sum(_nbytes(shape, dtype) for shape, dtype, _ in fixed)
-  slots = 2 if 2 * per_slot + fixed_bytes <= SMEM_BUDGET else 1
-  smem = lambda shape, dtype, swizzled: _smem(shape, dtype) if swizzled else plgpu.SMEM(shape, dtype)
-  buffers = [smem((slots, *shape), dtype, swizzled) for shape, dtype, swizzled in per_chunk]
-  return buffers + [smem(*f) for f in fixed] + [plgpu.Barrier(num_barriers=slots * len(per_chunk) + 1)]
+  return _scratch(per_chunk, fixed)
 
 
 def _check(q, v, g, chunk):
@@ -187,6 +181,6 @@ def forward(q, k, v, g, s0, *, scale, chunk, store_states, interpret=False):
     out_type.append(jax.ShapeDtypeStruct((b * h, n, kd, vd), q.dtype))
   inputs = [q, k, v] + ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [s0]
   body = functools.partial(_forward_body, heads=h, scale=scale, has_g=has_g, store_states=store_states)
-  res = _call(body, tuple(out_type), _scratch(chunk, kd, q.dtype, v.dtype, has_g), (b * h, vd // BLOCK_V),
+  res = _call(body, tuple(out_type), _scratch_types(chunk, kd, q.dtype, v.dtype, has_g), (b * h, vd // BLOCK_V),
               interpret, *inputs)
   return res[0], res[1], res[2] if store_states else None

@@ -207,12 +207,14 @@ def _nbytes(shape, dtype):
 def _scratch(per_chunk, fixed, n_barriers_extra=1):
   """Shared memory: the per-chunk input buffers (two slots when both fit in SMEM_BUDGET, so the
   next chunk's copies overlap this chunk's work; else one), the fixed buffers, and the TMA
-  barriers (one per input and slot, plus `n_barriers_extra`)."""
-  per_slot = sum(_nbytes(shape, dtype) for shape, dtype in per_chunk)
+  barriers (one per input and slot, plus `n_barriers_extra`). Buffers are (shape, dtype,
+  swizzled): swizzled ones are laid out for wgmma (`_smem`), the others plain."""
+  per_slot = sum(_nbytes(shape, dtype) for shape, dtype, _ in per_chunk)
   fixed_bytes = sum(_nbytes(shape, dtype) for shape, dtype, _ in fixed)
   slots = 2 if 2 * per_slot + fixed_bytes <= SMEM_BUDGET else 1
-  buffers = [_smem((slots, *shape), dtype) for shape, dtype in per_chunk]
-  rest = [_smem(shape, dtype) if swizzled else plgpu.SMEM(shape, dtype) for shape, dtype, swizzled in fixed]
+  smem = lambda shape, dtype, swizzled: _smem(shape, dtype) if swizzled else plgpu.SMEM(shape, dtype)
+  buffers = [smem((slots, *shape), dtype, swizzled) for shape, dtype, swizzled in per_chunk]
+  rest = [smem(*buffer) for buffer in fixed]
   return buffers + rest + [plgpu.Barrier(num_barriers=slots * len(per_chunk) + n_barriers_extra)]
 
 
@@ -230,7 +232,8 @@ def state_pass_forward(terms, s0, out_dtype, *, interpret=False):
   mm = terms.qe_CK.dtype
   _check(mm, c, kd, vd)
   has_w = terms.w_CK is not None
-  per_chunk = [((c, kd), mm), ((c, c), mm), ((c, kd), mm), ((c, BLOCK_V), mm)] + ([((c, kd), mm)] if has_w else [])
+  per_chunk = [((c, kd), mm, True), ((c, c), mm, True), ((c, kd), mm, True), ((c, BLOCK_V), mm, True)]
+  per_chunk += [((c, kd), mm, True)] if has_w else []
   fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True), ((c, BLOCK_V), out_dtype, True),
            ((kd, BLOCK_V), jnp.float32, False)]
   inputs = [terms.qe_CK, terms.p_CC, terms.kd_CK, terms.decay_K, terms.u_CV]
@@ -249,11 +252,11 @@ def state_pass_backward(terms, do, ds_final, *, interpret=False):
   mm = terms.qe_CK.dtype
   _check(mm, c, kd, vd)
   has_w = terms.w_CK is not None
-  per_chunk = [((c, kd), mm), ((c, BLOCK_V), mm)]
+  per_chunk = [((c, kd), mm, True), ((c, BLOCK_V), mm, True)]
   fixed = [((kd, BLOCK_V), jnp.float32, False)]
   if has_w:
     inputs = [terms.qe_CK, terms.p_CC, terms.kd_CK, terms.decay_K, terms.w_CK, do, ds_final]
-    per_chunk += [((c, c), mm), ((c, kd), mm), ((c, kd), mm)]
+    per_chunk += [((c, c), mm, True), ((c, kd), mm, True), ((c, kd), mm, True)]
     fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True)] + fixed
   else:
     inputs = [terms.qe_CK, terms.decay_K, do, ds_final]
