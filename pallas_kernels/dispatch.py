@@ -46,8 +46,9 @@ def pallas_backend(dtype=None, kd: int | None = None, vd: int | None = None,
   interpret mode on CPU. dtype, kd, vd and chunk_size (of the op's inputs) decide whether the
   Mosaic GPU kernels can take the op.
 
-  On GPU, PALLAS_KERNELS_GPU=mosaic_gpu takes the Mosaic GPU state-pass kernels where they apply
-  (Hopper or newer, 16-bit inputs, C, K, V multiples of 64) and Triton elsewhere. The default is
+  On GPU, PALLAS_KERNELS_GPU=mosaic_gpu takes the Mosaic GPU kernels where they apply (Hopper or
+  newer, 16-bit inputs, C, K, V multiples of 64; the state-pass kernels, or the fused ones for
+  MOSAIC_GPU_FUSED) and Triton elsewhere. The default is
   Triton: on the H200 the fused Triton kernels ran the delta rule's fwd+bwd 2.5x faster than the
   Mosaic GPU state-pass path (3.9-4.1 vs 10.1 ms at 8x2048x16x128). A jax without the Triton
   backend (deprecated since 0.11) takes the Mosaic GPU kernels where they apply. On CPU,
@@ -113,10 +114,17 @@ def _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) -> str | None:
 FUSED_BY_DEFAULT = {"delta_rule": True, "gated_delta_rule": True, "gla": True, "gla_perdim": True}
 
 
+# The ops with fused kernels on the Mosaic GPU backend (`chunk_kernels_mosaic_gpu`): GLA with a
+# scalar decay or none, without segment ids (the caller checks those).
+MOSAIC_GPU_FUSED = ("gla",)
+
+
 def fused_kernels(backend: str, op: str) -> bool:
-  """Whether `op` (a FUSED_BY_DEFAULT key) runs the fused kernels on `backend`: only on the
-  Triton backend and its generic interpreter; PALLAS_KERNELS_FUSED is read at trace time."""
-  if backend not in ("triton", "interpret"):
+  """Whether `op` (a FUSED_BY_DEFAULT key) runs the fused kernels on `backend`: on the Triton
+  backend and its generic interpreter, and for MOSAIC_GPU_FUSED on the Mosaic GPU backend and its
+  interpret mode; PALLAS_KERNELS_FUSED is read at trace time."""
+  if backend not in ("triton", "interpret") and not (
+      backend in ("mosaic_gpu", "mosaic_gpu_interpret") and op in MOSAIC_GPU_FUSED):
     return False
   mode = os.environ.get("PALLAS_KERNELS_FUSED", "auto")
   if mode not in ("auto", "0", "1"):

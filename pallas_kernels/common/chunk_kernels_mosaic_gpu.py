@@ -1,6 +1,7 @@
-"""Pallas kernel (GPU, Mosaic GPU lowering: TMA and wgmma on Hopper) for the whole chunked GLA
-forward with a scalar per-token log decay or none: the first fused Mosaic GPU kernel (issue 12),
-with the contract of `chunk_kernels_triton.forward` for beta None and g [B, T, H] or None.
+"""Pallas kernels (GPU, Mosaic GPU lowering: TMA and wgmma on Hopper) for the whole chunked GLA
+forward and backward with a scalar per-token log decay or none (issue 12): `forward`, with the
+contract of `chunk_kernels_triton.forward` for beta None and g [B, T, H] or None, `backward`
+(`state_grads`, then `chunk_grads`) and `fused_gla`, the two under jax.custom_vjp.
 
 One warpgroup per (batch*head, 64-wide value block) walks the chunks. Per chunk, TMA copies the
 chunk's q, k, v tiles straight out of their [B, T, H, *] layout (and the chunk's cumulative log
@@ -15,6 +16,20 @@ Gamma_ij = exp(b_i - b_j) for j <= i, else 0 (all ones / the causal mask without
     O = scale e * (Q S) + P V                  (P V: wgmma with P as the register A operand)
     S' = lambda S + K^T (d * V)                (d * V rounded to 16 bits, as the Triton kernel does)
 
+The backward (hand-derived, checked against `jax.vjp` of the float32 scan), with H = dL/dS':
+
+  `state_grads`: one warpgroup per (batch*head, 64-wide value block) walks the chunks in reverse
+  with H in registers (float32), storing H of every chunk in 16 bits for `chunk_grads`:
+    dV = P^T dO + d * (K H)                    (P^T = scale (K Q^T) * Gamma^T, a register A operand)
+    dS = lambda H + scale (e * Q)^T dO         (the H of the chunk before; e * dO in 16 bits)
+  `chunk_grads`: one warpgroup per (batch*head, chunk, 64-wide key block), summing over value
+  blocks dP = dO V^T, dO S^T and V H^T (S: the state entering the chunk, `store_states`):
+    dQ = scale (dP * Gamma) K + scale e * (dO S^T)
+    dK = scale (dP * Gamma)^T Q + d * (V H^T)
+    db = rowsum(Dg) - colsum(Dg) + scale e * rowsum((dO S^T) * Q) - d * rowsum((V H^T) * K)
+         + [i = C] (sum_i d_i rowsum((V H^T) * K)_i + lambda <H, S>),   Dg = dP * P
+  and dg is the in-chunk reverse cumulative sum of db (XLA, with the key blocks' shares).
+
 wgmma needs C, K and V to be multiples of 64 and 16-bit operands (`state_pass_mosaic_gpu.supports`).
 """
 from __future__ import annotations
@@ -28,7 +43,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.state_pass_mosaic_gpu import (
-    BLOCK_V, _call, _fetch_one, _matmul, _scratch, _stage_out, _walk, plgpu, supports)
+    BLOCK_V, _call, _fetch_one, _matmul, _nbytes, _scratch, _stage_out, _walk, plgpu, supports)
+
+BLOCK_K = 64   # key columns per program of the chunk-parallel gradient kernel
+SMEM_LIMIT = 227 * 1024   # shared memory per block on the H100
 
 
 class _Geometry(NamedTuple):
@@ -40,17 +58,18 @@ class _Geometry(NamedTuple):
   lam: jax.Array | None = None
 
 
-def _causal_CC(c):
+def _causal_CC(c, transpose=False):
   rows = plgpu.broadcasted_iota(jnp.int32, (c, c), 0, layout=plgpu.Layout.WGMMA)
   cols = plgpu.broadcasted_iota(jnp.int32, (c, c), 1, layout=plgpu.Layout.WGMMA)
-  return rows >= cols
+  return rows <= cols if transpose else rows >= cols
 
 
-def _geometry(b_views, c):
+def _geometry(b_views, c, transpose=False):
   """The factors of a chunk from two shared-memory copies of its inclusive cumulative log decay
-  ([C] float32 each), or of an undecayed chunk (b_views None). Two copies: Mosaic GPU's layout
-  inference (jax 0.12) finds no solution when one buffer is loaded both as rows and as columns."""
-  causal_CC = _causal_CC(c)
+  ([C] float32 each), or of an undecayed chunk (b_views None); with `transpose`, gamma is Gamma^T
+  (the reverse pass's P^T). Two copies: Mosaic GPU's layout inference (jax 0.12) finds no
+  solution when one buffer is loaded both as rows and as columns."""
+  causal_CC = _causal_CC(c, transpose)
   if b_views is None:
     return _Geometry(jnp.where(causal_CC, 1.0, 0.0))
   row_C = plgpu.load(b_views[0], layout=plgpu.Layout.WGMMA.reduce(1))   # b_i, constant along rows
@@ -59,7 +78,7 @@ def _geometry(b_views, c):
   # Masking the exponent, not the product: exp(b_i - b_j) above the diagonal overflows under a
   # strong decay (b_i - b_j > 0 there), and inf * 0 is NaN.
   diff_CC = lax.broadcast_in_dim(row_C, (c, c), [0]) - lax.broadcast_in_dim(col_C, (c, c), [1])
-  gamma_CC = jnp.exp(jnp.where(causal_CC, diff_CC, -jnp.inf))
+  gamma_CC = jnp.exp(jnp.where(causal_CC, -diff_CC if transpose else diff_CC, -jnp.inf))
   return _Geometry(gamma_CC, jnp.exp(row_C), jnp.exp(last - row_C), jnp.exp(last))
 
 
@@ -146,17 +165,35 @@ def _scratch_types(c, kd, mm, out_dtype, has_g):
   per_chunk += [((c,), jnp.float32, False)] * 2 if has_g else []
   fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), out_dtype, True), ((kd, BLOCK_V), jnp.float32, False)]
   fixed += [((c, BLOCK_V), mm, True)] if has_g else []
-  return _scratch(per_chunk, fixed)
+  return _scratch_within("forward", per_chunk, fixed)
 
 
-def _check(q, v, g, chunk):
+def _named(body, **params):
+  """body with `params` bound, keeping its name: Mosaic GPU names the kernel after it (jaxprs,
+  profiles), else "anonymous"."""
+  return functools.update_wrapper(functools.partial(body, **params), body)
+
+
+def _scratch_within(what, per_chunk, fixed, n_barriers_extra=1):
+  """`state_pass_mosaic_gpu._scratch`, or a ValueError where even one buffer slot overflows shared
+  memory (large K with a large chunk), which the Mosaic GPU compiler would only report on the GPU."""
+  need = sum(_nbytes(shape, dtype) for shape, dtype, _ in per_chunk + fixed)
+  if need > SMEM_LIMIT:
+    raise ValueError(f"Mosaic GPU fused GLA {what}: {need // 1024} KiB of shared memory per block, over the "
+                     f"{SMEM_LIMIT // 1024} KiB of the H100; a smaller chunk_size fits")
+  return _scratch(per_chunk, fixed, n_barriers_extra)
+
+
+def _check(q, v, g, chunk, what="forward"):
   why = supports(q.dtype, chunk, q.shape[-1], v.shape[-1])
   if why is None and q.shape[1] % chunk:
     why = f"T must be a multiple of the chunk (callers pad), got T={q.shape[1]}, chunk {chunk}"
   if why is None and g is not None and g.ndim != 3:
     why = f"only a scalar [B, T, H] decay or none, got g of shape {g.shape}"
+  if why is None and v.dtype != q.dtype:
+    why = f"q and v (or do) must share one dtype, got {q.dtype} and {v.dtype}"
   if why:
-    raise ValueError(f"Mosaic GPU fused GLA forward: {why}")
+    raise ValueError(f"Mosaic GPU fused GLA {what}: {why}")
 
 
 def chunk_cumsum_BHNC(g, chunk):
@@ -180,7 +217,240 @@ def forward(q, k, v, g, s0, *, scale, chunk, store_states, interpret=False):
   if store_states:
     out_type.append(jax.ShapeDtypeStruct((b * h, n, kd, vd), q.dtype))
   inputs = [q, k, v] + ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [s0]
-  body = functools.partial(_forward_body, heads=h, scale=scale, has_g=has_g, store_states=store_states)
+  body = _named(_forward_body, heads=h, scale=scale, has_g=has_g, store_states=store_states)
   res = _call(body, tuple(out_type), _scratch_types(chunk, kd, q.dtype, v.dtype, has_g), (b * h, vd // BLOCK_V),
               interpret, *inputs)
   return res[0], res[1], res[2] if store_states else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+
+def _value_grad(q_CK, k_CK, do_CV, h_KV, geo, scale):
+  """dV = P^T dO + d * (K H) of one chunk (float32) from shared-memory tiles; h_KV is H's 16-bit
+  copy and geo.gamma is Gamma^T."""
+  c = q_CK.shape[0]
+  kh_CV = _matmul((c, do_CV.shape[1]), (k_CK, h_KV))
+  pt_CC = (scale * _matmul((c, c), (k_CK, q_CK.transpose((1, 0)))) * geo.gamma).astype(q_CK.dtype)
+  return _accumulate(kh_CV if geo.d is None else _rows(geo.d, kh_CV), (pt_CC, do_CV))
+
+
+def _entering_state_grad(h_KV, q_CK, do_CV, edo_CV, geo, scale):
+  """dS = lambda H + scale (e * Q)^T dO; edo_CV: shared memory for e * dO in 16 bits (as the
+  Triton kernel rounds it; None without a decay). The scale comes after the wgmma so that one
+  float32 [K, BV] accumulator holds both terms (K 256: 128 registers a thread)."""
+  x_CV = do_CV
+  if geo.e is not None:
+    edo_CV[...] = _rows(geo.e, plgpu.load(do_CV, layout=plgpu.Layout.WGMMA).astype(jnp.float32)).astype(edo_CV.dtype)
+    plgpu.commit_smem()
+    x_CV = edo_CV
+  lam = 1.0 if geo.lam is None else geo.lam
+  return scale * _accumulate((lam / scale) * h_KV, (q_CK.transpose((1, 0)), x_CV))
+
+
+def _state_grad_body(*refs, heads, scale, has_g):
+  it = iter(refs)
+  q, k, do = next(it), next(it), next(it)
+  cum_g = next(it) if has_g else None
+  ds_final, dv, ds_out, ds0 = next(it), next(it), next(it), next(it)
+  q_buf, k_buf, do_buf = next(it), next(it), next(it)
+  b_bufs = [next(it), next(it)] if has_g else []
+  h_s, dv_s, f32_s = next(it), next(it), next(it)
+  edo_s = next(it) if has_g else None
+  bars = next(it)
+  bh = lax.axis_index("bh")
+  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
+  cols = pl.ds(lax.axis_index("v") * BLOCK_V, BLOCK_V)
+  c = q_buf.shape[1]
+  tok = lambda n: pl.ds(n * c, c)
+  sources = [lambda n: q.at[bi, tok(n), hi], lambda n: k.at[bi, tok(n), hi], lambda n: do.at[bi, tok(n), hi, cols]]
+  if has_g:
+    sources += [lambda n: cum_g.at[bh, n]] * 2
+  _fetch_one(ds_final.at[bh, :, cols], f32_s, bars.at[bars.shape[0] - 1])
+  h_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
+
+  def body(n, views, h):
+    q_v, k_v, do_v = views[:3]
+    geo = _geometry(views[3:] if has_g else None, c, transpose=True)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last chunk's stores out of h_s and dv_s
+    h_s[...] = h.astype(h_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(h_s, ds_out.at[bh, n, :, cols])
+    dv_s[...] = _value_grad(q_v, k_v, do_v, h_s, geo, scale).astype(dv_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dv_s, dv.at[bi, tok(n), hi, cols])
+    return _entering_state_grad(h, q_v, do_v, edo_s, geo, scale)
+
+  h = _walk(q.shape[1] // c, sources, [q_buf, k_buf, do_buf, *b_bufs], bars, body, h_init, reverse=True)
+  _stage_out(h, f32_s, ds0.at[bh, :, cols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _chunk_grad_body(*refs, heads, scale, has_g):
+  it = iter(refs)
+  q, k, v, do = next(it), next(it), next(it), next(it)
+  cum_g = next(it) if has_g else None
+  s_in, ds_out, dq, dk = next(it), next(it), next(it), next(it)
+  db_rows, db_cols = (next(it), next(it)) if has_g else (None, None)
+  do_buf, v_buf, s_buf, h_buf = next(it), next(it), next(it), next(it)
+  q_s, k_s = next(it), next(it)
+  b_bufs = [next(it), next(it)] if has_g else []
+  dpg_s, dq_s, dk_s = next(it), next(it), next(it)
+  rows_s, cols_s = (next(it), next(it)) if has_g else (None, None)
+  bars = next(it)
+  bh, n = lax.axis_index("bh"), lax.axis_index("n")
+  kb = lax.axis_index("kb")
+  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
+  kcols = pl.ds(kb * BLOCK_K, BLOCK_K)
+  c = q_s.shape[0]
+  tok = pl.ds(n * c, c)
+  vcols = lambda j: pl.ds(j * BLOCK_V, BLOCK_V)
+  # The chunk's key block and decay, once: their copies run beside the walk over value blocks.
+  once = [(q.at[bi, tok, hi, kcols], q_s), (k.at[bi, tok, hi, kcols], k_s)]
+  once += [(cum_g.at[bh, n], buf) for buf in b_bufs]
+  first_once = bars.shape[0] - len(once)
+  for i, (src, dst) in enumerate(once):
+    plgpu.copy_gmem_to_smem(src, dst, bars.at[first_once + i])
+  sources = [lambda j: do.at[bi, tok, hi, vcols(j)], lambda j: v.at[bi, tok, hi, vcols(j)],
+             lambda j: s_in.at[bh, n, kcols, vcols(j)], lambda j: ds_out.at[bh, n, kcols, vcols(j)]]
+  # WGMMA-layout zeros: wgmma accumulators take no other layout, and a bare constant has none yet.
+  zeros = lambda *shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+  sums = (zeros(c, c), zeros(c, BLOCK_K), zeros(c, BLOCK_K)) + ((zeros(BLOCK_K, BLOCK_V),) if has_g else ())
+
+  def body(j, views, sums):
+    """Sums over the value blocks: dP = dO V^T, dO S^T, V H^T and (for lambda's gradient) H * S."""
+    do_v, v_v, s_v, h_v = views
+    dp_CC, dos_CK, vh_CK = sums[:3]
+    dp_CC = _accumulate(dp_CC, (do_v, v_v.transpose((1, 0))))
+    dos_CK = _accumulate(dos_CK, (do_v, s_v.transpose((1, 0))))
+    vh_CK = _accumulate(vh_CK, (v_v, h_v.transpose((1, 0))))
+    if not has_g:
+      return dp_CC, dos_CK, vh_CK
+    load = lambda ref: plgpu.load(ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+    return dp_CC, dos_CK, vh_CK, sums[3] + load(h_v) * load(s_v)
+
+  sums = _walk(v.shape[-1] // BLOCK_V, sources, [do_buf, v_buf, s_buf, h_buf], bars, body, sums, reverse=False)
+  dp_CC, dos_CK, vh_CK = sums[:3]
+  for i in range(len(once)):
+    plgpu.barrier_wait(bars.at[first_once + i])
+  geo = _geometry(b_bufs or None, c)
+  dpg_s[...] = (scale * dp_CC * geo.gamma).astype(dpg_s.dtype)
+  plgpu.commit_smem()
+  dq_state_CK = scale * dos_CK if geo.e is None else _rows(scale * geo.e, dos_CK)
+  dk_state_CK = vh_CK if geo.d is None else _rows(geo.d, vh_CK)
+  dq_s[...] = _accumulate(dq_state_CK, (dpg_s, k_s)).astype(dq_s.dtype)
+  dk_s[...] = _accumulate(dk_state_CK, (dpg_s.transpose((1, 0)), q_s)).astype(dk_s.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(dq_s, dq.at[bi, tok, hi, kcols])
+  plgpu.copy_smem_to_gmem(dk_s, dk.at[bi, tok, hi, kcols])
+  if has_g:
+    # This key block's share of every log-decay gradient term (each is a sum over key columns);
+    # the column sums come back apart, in their own layout.
+    load = lambda ref: plgpu.load(ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+    p_CC = scale * _matmul((c, c), (q_s, k_s.transpose((1, 0)))) * geo.gamma
+    dgam_CC = dp_CC * p_CC
+    kdk_C = jnp.sum(dk_state_CK * load(k_s), axis=1)
+    rows_C = jnp.sum(dq_state_CK * load(q_s), axis=1) - kdk_C + jnp.sum(dgam_CC, axis=1)
+    # <H, S> in two reductions: jax 0.12's layout inference finds no solution for one [K, V] -> scalar.
+    last = jnp.sum(kdk_C) + geo.lam * jnp.sum(jnp.sum(sums[3], axis=1))
+    last_C = plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=plgpu.Layout.WGMMA.reduce(1)) == c - 1
+    rows_s[...] = rows_C + jnp.where(last_C, last, 0.0)
+    cols_s[...] = jnp.sum(dgam_CC, axis=0)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(rows_s, db_rows.at[kb, bh, n])
+    plgpu.copy_smem_to_gmem(cols_s, db_cols.at[kb, bh, n])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def state_grads(q, k, g, do, ds_final, *, scale, chunk, interpret=False):
+  """The reverse pass: dv [B, T, H, V] in do's dtype, H = dL/dS of the state leaving every chunk
+  [B*H, N, K, V] in q's dtype and the initial-state gradient [B*H, K, V] float32. q, k
+  [B, T, H, K], do [B, T, H, V] in q's 16-bit dtype, T a multiple of `chunk`; g [B, T, H] float32
+  log decay or None; ds_final [B*H, K, V] float32."""
+  _check(q, do, g, chunk, "backward")
+  b, t, h, kd = q.shape
+  vd = do.shape[-1]
+  has_g = g is not None
+  mm = q.dtype
+  per_chunk = [((chunk, kd), mm, True), ((chunk, kd), mm, True), ((chunk, BLOCK_V), mm, True)]
+  per_chunk += [((chunk,), jnp.float32, False)] * 2 if has_g else []
+  fixed = [((kd, BLOCK_V), mm, True), ((chunk, BLOCK_V), do.dtype, True), ((kd, BLOCK_V), jnp.float32, False)]
+  fixed += [((chunk, BLOCK_V), mm, True)] if has_g else []
+  out_type = (jax.ShapeDtypeStruct(do.shape, do.dtype), jax.ShapeDtypeStruct((b * h, t // chunk, kd, vd), mm),
+              jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32))
+  inputs = [q, k, do] + ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [ds_final]
+  body = _named(_state_grad_body, heads=h, scale=scale, has_g=has_g)
+  return _call(body, out_type, _scratch_within("backward", per_chunk, fixed), (b * h, vd // BLOCK_V), interpret,
+               *inputs)
+
+
+def chunk_grads(q, k, v, g, do, states, ds_out, *, scale, chunk, interpret=False):
+  """dq, dk [B, T, H, K] in q's dtype and dg [B, T, H] float32 (None without a decay), every chunk
+  in parallel (one warpgroup per (batch*head, chunk, 64-wide key block), walking the value blocks)
+  from the state entering it (`forward`'s `store_states`) and H of `state_grads`, both
+  [B*H, N, K, V] in q's dtype. dg is the in-chunk reverse cumulative sum of db, whose key blocks'
+  shares XLA adds."""
+  _check(q, v, g, chunk, "backward")
+  b, t, h, kd = q.shape
+  n = t // chunk
+  has_g = g is not None
+  mm = q.dtype
+  per_chunk = [((chunk, BLOCK_V), mm, True), ((chunk, BLOCK_V), mm, True), ((BLOCK_K, BLOCK_V), mm, True),
+               ((BLOCK_K, BLOCK_V), mm, True)]
+  fixed = [((chunk, BLOCK_K), mm, True), ((chunk, BLOCK_K), mm, True)]
+  fixed += [((chunk,), jnp.float32, False)] * 2 if has_g else []
+  fixed += [((chunk, chunk), mm, True), ((chunk, BLOCK_K), mm, True), ((chunk, BLOCK_K), mm, True)]
+  fixed += [((chunk,), jnp.float32, False)] * 2 if has_g else []
+  out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, q.dtype)]
+  out_type += [jax.ShapeDtypeStruct((kd // BLOCK_K, b * h, n, chunk), jnp.float32)] * 2 if has_g else []
+  inputs = [q, k, v, do] + ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [states, ds_out]
+  body = _named(_chunk_grad_body, heads=h, scale=scale, has_g=has_g)
+  res = plgpu.kernel(
+      body, out_type=tuple(out_type), scratch_types=_scratch_within("backward", per_chunk, fixed, 4 if has_g else 2),
+      grid=(b * h, n, kd // BLOCK_K), grid_names=("bh", "n", "kb"),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(*inputs)
+  if not has_g:
+    return res[0], res[1], None
+  db_BHNC = jnp.sum(res[2] - res[3], axis=0)
+  dg_BHNC = jnp.flip(jnp.cumsum(jnp.flip(db_BHNC, -1), axis=-1), -1)
+  return res[0], res[1], dg_BHNC.reshape(b, h, t).transpose(0, 2, 1)
+
+
+def backward(q, k, v, g, states, do, ds_final, *, scale, chunk, interpret=False):
+  """(dq, dk, dv in the inputs' dtype, dg [B, T, H] float32 or None, ds0 [B*H, K, V] float32).
+  states: what `forward(store_states=True)` returned; the other arguments as `forward`'s, do
+  [B, T, H, V] in v's dtype, ds_final [B*H, K, V] float32."""
+  dv, ds_out, ds0 = state_grads(q, k, g, do, ds_final, scale=scale, chunk=chunk, interpret=interpret)
+  dq, dk, dg = chunk_grads(q, k, v, g, do, states, ds_out, scale=scale, chunk=chunk, interpret=interpret)
+  return dq, dk, dv, dg, ds0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def fused_gla(scale, chunk, interpret, q, k, v, g, s0):
+  """(O [B, T, H, V], final state [B, H, K, V] float32) with `forward`'s contract (s0 [B, H, K, V]
+  float32), differentiable through `backward`."""
+  b, _, h, _ = q.shape
+  o, s_final, _ = forward(q, k, v, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
+                          store_states=False, interpret=interpret)
+  return o, s_final.reshape(s0.shape)
+
+
+def _fused_gla_fwd(scale, chunk, interpret, q, k, v, g, s0):
+  b, _, h, _ = q.shape
+  o, s_final, states = forward(q, k, v, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
+                               store_states=True, interpret=interpret)
+  return (o, s_final.reshape(s0.shape)), (q, k, v, g, states)
+
+
+def _fused_gla_bwd(scale, chunk, interpret, residuals, cotangents):
+  q, k, v, g, states = residuals
+  do, ds_final = cotangents
+  b, _, h, _ = q.shape
+  dq, dk, dv, dg, ds0 = backward(q, k, v, g, states, do.astype(v.dtype), ds_final.reshape(b * h, *ds_final.shape[2:]),
+                                 scale=scale, chunk=chunk, interpret=interpret)
+  return dq, dk, dv, dg, ds0.reshape(ds_final.shape)
+
+
+fused_gla.defvjp(_fused_gla_fwd, _fused_gla_bwd)

@@ -1,7 +1,8 @@
-"""The fused Mosaic GPU GLA forward (`chunk_kernels_mosaic_gpu.forward`, scalar or no decay)
-against the float32 scan under Mosaic GPU interpret mode: outputs, final state and the stored
-states entering every chunk; its lowering to the Mosaic GPU custom call for CUDA. jax >= 0.11 (the
-Python 3.12 CI leg): older jax has no Mosaic GPU interpret mode."""
+"""The fused Mosaic GPU GLA kernels (`chunk_kernels_mosaic_gpu`, scalar or no decay) against the
+float32 scan under Mosaic GPU interpret mode: the forward's outputs, final state and stored states
+entering every chunk; forward and every gradient of `gla(impl="pallas")`, which takes them under
+PALLAS_KERNELS_INTERPRET=mosaic_gpu; their lowering to the Mosaic GPU custom call for CUDA.
+jax >= 0.11 (the Python 3.12 CI leg): older jax has no Mosaic GPU interpret mode."""
 from __future__ import annotations
 
 import zlib
@@ -11,11 +12,12 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
+import pallas_kernels as pk
 from pallas_kernels.common import chunk_kernels_mosaic_gpu, state_pass_mosaic_gpu
 from pallas_kernels.ops.gla.scan import gla_scan
 from tests.conftest import assert_rel_close
 from tests.kernels.recurrence_cases import make_inputs
-from tests.kernels.test_chunk_agreement import TOL
+from tests.kernels.test_chunk_agreement import TOL, check_against_reference
 
 pytestmark = pytest.mark.skipif(
     state_pass_mosaic_gpu.supports(jnp.bfloat16, 64, 64, 64) is not None,
@@ -114,3 +116,112 @@ def test_fused_forward_lowers_for_cuda(kd, vd, gated, store_states):
 
   exported = export.export(jax.jit(f), platforms=["cuda"])(*args)
   assert exported.mlir_module().count("mosaic_gpu_v2") == 1
+
+
+@pytest.mark.parametrize("t, kd, vd", [(128, 64, 64), (150, 64, 128), (100, 128, 64)],
+                         ids=["T128-K64-V64", "T150-K64-V128", "T100-K128-V64"])
+@pytest.mark.parametrize("variant", ["gla_scalar", "gla_nodecay"])
+def test_fused_gradients_match_scan(variant, t, kd, vd):
+  """`gla(impl="pallas")` on the Mosaic GPU kernels: output, final state and dq, dk, dv, dg, ds0
+  against the float32 scan, with a nonzero initial state; T 150 and 100 pad the last chunk, V 128
+  has two value blocks, K 128 two key blocks (whose shares of dg add up)."""
+  seed = zlib.crc32(f"fused-grad-{variant}-{t}-{kd}-{vd}".encode())
+  inputs = make_inputs(seed, variant, b=1, t=t, h=2, kd=kd, vd=vd, dtype=jnp.bfloat16)
+  check_against_reference(variant, inputs, BF16, (CHUNK,), seed, impl="pallas:mosaic_gpu")
+
+
+def test_fused_gradients_weak_decay():
+  """g around -0.02 a token: lambda and d stay near one, so the state and its gradient carry
+  across chunks (at g around -1, lambda = exp(b_C) is about e^-50 and every cross-chunk term of
+  the gradients, lambda <H, S> in dg included, vanishes below the tolerance)."""
+  inputs = make_inputs(11, "gla_scalar", b=1, t=150, h=2, kd=128, vd=64, dtype=jnp.bfloat16, gate_scale=0.02)
+  check_against_reference("gla_scalar", inputs, BF16, (CHUNK,), 11, impl="pallas:mosaic_gpu")
+
+
+def test_fused_gradients_strong_decay():
+  """g around -10 a token: Gamma^T of the reverse pass masked in the exponent as the forward's."""
+  inputs = make_inputs(9, "gla_scalar", b=1, t=2 * CHUNK, h=1, kd=64, vd=64, dtype=jnp.bfloat16, gate_scale=10.0)
+  check_against_reference("gla_scalar", inputs, BF16, (CHUNK,), 9, impl="pallas:mosaic_gpu")
+
+
+def _kernel_names(fn, *args):
+  """Names of the Pallas kernels in fn's jaxpr (plgpu.kernel traces to mpmd_map on jax 0.12)."""
+  names = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "mpmd_map":
+        names.append(eqn.params["name"])
+      elif eqn.primitive.name == "pallas_call":
+        names.append(eqn.params["jaxpr"].debug_info.func_name)
+      else:
+        for p in eqn.params.values():
+          inner = getattr(p, "jaxpr", p)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return names
+
+
+def test_pallas_gla_routes_scalar_decay_to_the_fused_kernels(monkeypatch):
+  """Scalar or no decay without segment ids: the fused kernels, forward and backward; segment ids,
+  a per-dimension decay or PALLAS_KERNELS_FUSED=0 keep the state-pass kernels."""
+  monkeypatch.setenv("PALLAS_KERNELS_INTERPRET", "mosaic_gpu")
+  monkeypatch.delenv("PALLAS_KERNELS_FUSED", raising=False)
+  x = make_inputs(3, "gla_scalar", b=1, t=CHUNK, h=1, kd=64, vd=64, dtype=jnp.bfloat16)
+  per_dim = make_inputs(3, "gla_perdim", b=1, t=CHUNK, h=1, kd=64, vd=64, dtype=jnp.bfloat16)["g"]
+  seg = jnp.zeros((1, CHUNK), jnp.int32)
+
+  def names(g, segment_ids=None):
+    loss = lambda q: pk.gla(q, x["k"], x["v"], g, segment_ids=segment_ids, impl="pallas")[0].astype(jnp.float32).sum()
+    return _kernel_names(jax.grad(loss), x["q"])
+
+  fused = ["_forward_body", "_state_grad_body", "_chunk_grad_body"]
+  assert names(x["g"]) == fused
+  assert names(None) == fused
+  assert names(x["g"], seg) != fused and "_state_grad_body" not in names(x["g"], seg)
+  assert "_state_grad_body" not in names(per_dim)
+  monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
+  assert "_state_grad_body" not in names(x["g"])
+
+
+def test_fused_backward_refusals():
+  spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+
+  def backward(kd, chunk, g_shape=(1, 256, 1), dt=jnp.bfloat16):
+    args = (spec(1, 256, 1, kd, dt=dt), spec(1, 256, 1, kd, dt=dt), spec(1, 256, 1, 64, dt=dt),
+            spec(*g_shape, dt=jnp.float32), spec(1, 256 // chunk, kd, 64), spec(1, 256, 1, 64, dt=dt),
+            spec(1, kd, 64, dt=jnp.float32))
+    f = lambda *a: chunk_kernels_mosaic_gpu.backward(*a, scale=0.1, chunk=chunk, interpret=True)
+    return jax.eval_shape(f, *args)
+
+  assert backward(64, 64)[3].shape == (1, 256, 1)
+  with pytest.raises(ValueError, match="backward: only a scalar"):
+    backward(64, 64, g_shape=(1, 256, 1, 64))
+  with pytest.raises(ValueError, match="backward: wgmma takes float32 only as TF32"):
+    backward(64, 64, dt=jnp.float32)
+  with pytest.raises(ValueError, match="backward: chunk_size must be a multiple of 64"):
+    backward(64, 32)
+  with pytest.raises(ValueError, match="backward: .* KiB of shared memory per block"):
+    backward(256, 128)
+
+
+@pytest.mark.parametrize("kd, vd, gated", [(64, 128, True), (128, 64, False), (256, 64, True)],
+                         ids=["K64-V128-g", "K128-V64-nodecay", "K256-V64-g"])
+def test_fused_backward_lowers_for_cuda(kd, vd, gated):
+  """The forward and both backward kernels through the Mosaic GPU lowering (layout inference
+  included), as `test_fused_forward_lowers_for_cuda`."""
+  import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401, PLC0415
+
+  b, t, h = 2, 4 * CHUNK, 2
+  spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+  g = spec(b, t, h, dt=jnp.float32) if gated else None
+
+  def loss(q, k, v, g, s0):
+    o, s = chunk_kernels_mosaic_gpu.fused_gla(kd ** -0.5, CHUNK, False, q, k, v, g, s0)
+    return o.astype(jnp.float32).sum() + s.sum()
+
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4) if gated else (0, 1, 2, 4))
+  exported = export.export(jax.jit(grad), platforms=["cuda"])(
+      spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), g, spec(b, h, kd, vd, dt=jnp.float32))
+  assert exported.mlir_module().count("mosaic_gpu_v2") == 3

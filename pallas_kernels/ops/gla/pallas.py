@@ -1,13 +1,16 @@
 """GLA as Pallas kernels.
 
 On GPU (and the generic interpreter) GLA can run every stage as a kernel (`pallas_chunked.make_fused_op`)
-when `dispatch.fused_kernels` picks it. Otherwise, and always on TPU, the passes over chunks are
-kernels over XLA-built terms (`pallas_chunked.make_pallas_op`).
+when `dispatch.fused_kernels` picks it; on the Mosaic GPU backend (and its interpret mode) so can
+GLA with a scalar decay or none and no segment ids (`chunk_kernels_mosaic_gpu.fused_gla`).
+Otherwise, and always on TPU, the passes over chunks are kernels over XLA-built terms
+(`pallas_chunked.make_pallas_op`).
 """
 from __future__ import annotations
 
 import functools
 
+from pallas_kernels.common import chunk_kernels_mosaic_gpu
 from pallas_kernels.common.chunking import run_chunked
 from pallas_kernels.common.pallas_chunked import make_fused_op, make_pallas_op, run_padded
 from pallas_kernels.dispatch import check_pallas_shapes, fused_kernels, pallas_backend
@@ -15,6 +18,7 @@ from pallas_kernels.ops.gla.chunk import gla_chunk_terms, gla_gates
 
 _gla_pallas = make_pallas_op(gla_chunk_terms)
 _gla_fused = make_fused_op()
+_MOSAIC_GPU = ("mosaic_gpu", "mosaic_gpu_interpret")
 
 
 def _fused_op_name(g):
@@ -27,6 +31,12 @@ def gla_fused(q, k, v, g, *, scale, s0, segment_ids, chunk_size, interpret):
                     s0=s0, segment_ids=segment_ids, chunk_size=chunk_size)
 
 
+def gla_fused_mosaic_gpu(q, k, v, g, *, scale, s0, chunk_size, interpret):
+  """The fused Mosaic GPU kernels on [B, T, H, *] inputs; g None or [B, T, H]."""
+  op = lambda q, k, v, g, s0, seg: chunk_kernels_mosaic_gpu.fused_gla(scale, chunk_size, interpret, q, k, v, g, s0)
+  return run_padded(op, q, k, v, (g,), s0=s0, segment_ids=None, chunk_size=chunk_size)
+
+
 def gla_state_pass(q, k, v, g, *, scale, s0, segment_ids, chunk_size, backend):
   """The state-pass kernels over XLA-built chunk terms, on a fixed backend."""
   return run_chunked(functools.partial(_gla_pallas, scale, backend), q, k, v, gla_gates(g, q),
@@ -37,7 +47,11 @@ def gla_pallas(q, k, v, g, *, scale, s0, segment_ids, chunk_size):
   backend = pallas_backend(q.dtype, q.shape[-1], v.shape[-1], chunk_size)
   check_pallas_shapes(backend, q.shape[-1], v.shape[-1], chunk_size)
   if fused_kernels(backend, _fused_op_name(g)):
-    return gla_fused(q, k, v, g, scale=scale, s0=s0, segment_ids=segment_ids, chunk_size=chunk_size,
-                     interpret=backend == "interpret")
+    if backend not in _MOSAIC_GPU:
+      return gla_fused(q, k, v, g, scale=scale, s0=s0, segment_ids=segment_ids, chunk_size=chunk_size,
+                       interpret=backend == "interpret")
+    if segment_ids is None:
+      return gla_fused_mosaic_gpu(q, k, v, g, scale=scale, s0=s0, chunk_size=chunk_size,
+                                  interpret=backend == "mosaic_gpu_interpret")
   return gla_state_pass(q, k, v, g, scale=scale, s0=s0, segment_ids=segment_ids, chunk_size=chunk_size,
                         backend=backend)
