@@ -267,6 +267,29 @@ def summary(report):
   return "\n".join(lines)
 
 
+NAME, FILE = "kernels", "bench_kernels.json"   # experiments/report.py: the README block
+
+
+def markdown(results_dir: str) -> str:
+  """The README block from `results_dir/bench_kernels.json`: the targets' table and the agreement."""
+  with open(os.path.join(results_dir, FILE)) as f:
+    report = json.load(f)
+  lines = [f"`bench_kernels.py` ({report['device']}, jax {report['jax']}, fla {report.get('fla', '-')}; bf16, "
+           f"chunk {report['chunk_size']}, median of {report['iters']}; every form in one process), fwd+bwd:", "",
+           summary(report), ""]
+  checks = report.get("agreement", [])
+  for dtype in sorted({r["dtype"] for r in checks}):
+    rows = [r for r in checks if r["dtype"] == dtype]
+    worst = max((v for r in rows for k, v in r.items() if k == "o" or (k.startswith("d") and k != "dtype")),
+                default=None)
+    lines.append(f"Pallas vs the float32 scan on this GPU ({dtype}, {len(rows)} shapes, output and every gradient): "
+                 f"{sum(r['pass'] for r in rows)}/{len(rows)} pass, worst relative error "
+                 f"{'-' if worst is None else format(worst, '.1e')}.")
+  if report.get("note"):
+    lines += ["", report["note"]]
+  return "\n".join(lines + [""])
+
+
 def plot(report, path):
   try:
     import matplotlib

@@ -221,6 +221,8 @@ def markdown(results_dir: str) -> str:
                  f"{'met' if s['target_met'] else 'missed'} (gap {s['gap_after']:+.4f}). "
                  f"Learning rates tried for both fine-tuning and scratch: {cfg.get('lrs')}.")
     lines.append("")
+  if meta.get("note"):   # where the run came from, and what it replaced
+    lines += [meta["note"], ""]
   return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ MODULES = (  # (module, title), in experiments.md order
     ("experiments.shakespeare", "Experiment 2: character-level Tiny Shakespeare"),
     ("experiments.wikitext2", "Experiment 3: WikiText-2"),
     ("experiments.gpu_check_fused", "Experiment 4: recurrence kernels"),
+    ("experiments.bench_kernels", "Experiment 4: recurrence kernels on the H100"),
     ("experiments.bench_fastpaths", "Fast paths: MoE, loss, attention"),
     ("experiments.inference", "Experiment 5: inference"),
     ("experiments.dijiang_conversion", "Experiment 6: DiJiang conversion"),
