@@ -4,6 +4,7 @@
     python experiments/dijiang_conversion.py --full     # the longer teacher (the reference budget)
     python experiments/dijiang_conversion.py --quick    # CPU-sized, seconds
     python experiments/dijiang_conversion.py --plot-only [--out DIR]
+    python experiments/dijiang_conversion.py --transfer-steps 20 --objective kl --seed 1 --out DIR   # a variant
 
 1. Teacher: a GPT-NeoX-style softmax transformer (LayerNorm, parallel residual, biased
    attention, GELU MLP 4d, partial RoPE 25%) on character Tiny Shakespeare (first 90% train,
@@ -25,6 +26,18 @@
    the same DiJiang architecture from scratch for the same steps; each at 3 learning rates
    (3e-4, 1e-3, 3e-3; warmup 10%), the best validation loss of each reported (the same
    selection for both).
+   Variants of the fine-tune (defaults: the above, `--objective ce --transfer-steps 0`), both from
+   the CPU study's second part (cpu_study/README.md: 10 transfer + 40 distillation steps of 50
+   beat cross-entropy by 0.03-0.04 nats, distillation alone by 0.025-0.035; less than the
+   baseline's seed spread there, 0.056, so neither is the default):
+   `--transfer-steps S` spends the first S steps of the budget on
+   `efficient_lm.interop.transfer_attention` (every mixer trained to reproduce its teacher layer's
+   attention output; lr 3e-3, batches of their own stream), once, before every lr's fine-tune of
+   the remaining steps (S + the rest = the budget; the scratch model still trains the whole
+   budget). `--objective kl` fine-tunes on KL(teacher || model) of the next-token distributions
+   (`efficient_lm.interop.make_distill_step`; the teacher's forward each step is not charged,
+   about a third more compute a step) instead of cross-entropy on the data; validation stays
+   cross-entropy. One seed a process: run seeds as separate processes with their own `--out`.
 Validation loss: mean cross-entropy (nats/char) over every non-overlapping 256-character window
 of the validation split. Target reported against: converted within 0.1 nats of the teacher.
 
@@ -35,7 +48,10 @@ Time on one H100 (estimate, not measured yet): minimum version about 3-4 minutes
 2000 steps ~1-1.5 min, 6 short runs of 100 steps, 2 compilations of ~20-40 s each);
 `--full` about 6-8 minutes. `--quick`: about 20 s on 2 CPU cores. Measured: the minimum version
 without calibration took 125 s wall on the H100; calibration itself took 4-6 s on 2 CPU cores at
-the CPU study's scale (4 layers, 16 x 128 tokens, 14 decays a layer; one compilation).
+the CPU study's scale (4 layers, 16 x 128 tokens, 14 decays a layer; one compilation); the
+calibrated default took 177 s beside two MQAR processes on the H100 (session 13). A variant
+compiles its own fine-tune step, and the transfer step or the teacher's logits: add about 30-60 s
+(estimate), plus a third more compute a fine-tune step with `--objective kl`.
 """
 from __future__ import annotations
 
@@ -55,6 +71,8 @@ from experiments.common import (  # noqa: E402
 NAME = "dijiang"
 FILE = "dijiang.json"
 TARGET_GAP = 0.1
+OBJECTIVES = ("ce", "kl")
+TRANSFER_LR = 3e-3   # the CPU study's best by held-out NMSE (cpu_study/transfer_lr_sweep.json)
 
 VERSIONS = {
     # CPU-sized: seconds; the numbers mean nothing, the pipeline is what is checked.
@@ -79,6 +97,38 @@ def teacher_config(v: dict, vocab_size: int, dtype: str):
                     n_heads=v["n_heads"], dtype=dtype, param_dtype="float32", dropout=v["dropout"])
 
 
+def check_variant(ft_steps: int, transfer_steps: int, objective: str):
+  """Raises ValueError unless the variant fits the fine-tune budget: the transfer steps count
+  inside it and at least one fine-tuning step must remain."""
+  if objective not in OBJECTIVES:
+    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+  if isinstance(transfer_steps, bool) or not isinstance(transfer_steps, int) or transfer_steps < 0:
+    raise ValueError(f"transfer steps must be an int >= 0, got {transfer_steps!r}")
+  if transfer_steps >= ft_steps:
+    raise ValueError(f"transfer steps ({transfer_steps}) must be fewer than the fine-tune budget ({ft_steps} "
+                     "steps): they count inside it, and at least one fine-tuning step must remain")
+
+
+def variant(cfg: dict) -> str:
+  """How the converted model was tuned, in the table's words ("fine-tuned": the default)."""
+  transfer, objective = cfg.get("transfer_steps", 0), cfg.get("objective", "ce")
+  tuned = "fine-tuned" if objective == "ce" else "KL-distilled from the teacher"
+  return (f"{transfer} attention-transfer steps + " if transfer else "") + tuned
+
+
+class DistillTrainer(lmrun.Trainer):
+  """`lmrun.Trainer` whose train step is `make_distill_step` (batches carry the teacher's logits,
+  `with_teacher_logits`); evaluation stays cross-entropy on the data, as for every other run."""
+
+  def __init__(self, model, ocfg, steps: int, *, seed: int = 0):
+    import jax
+
+    from efficient_lm.interop import make_distill_step
+    super().__init__(model, ocfg, steps, seed=seed)
+    self._step = jax.jit(make_distill_step(self.graphdef, self.opt, self.schedule, dropout=self.cfg.uses_dropout,
+                                           dropout_seed=seed), donate_argnums=(0,))
+
+
 def best(runs: list[dict]) -> dict | None:
   done = [r for r in runs if r.get("val_loss") is not None]
   return min(done, key=lambda r: r["val_loss"]) if done else None
@@ -98,19 +148,23 @@ def summarize(res: dict) -> dict:
     s["gap_before"] = before - t
   if ft is not None and sc is not None:
     s["converted_minus_scratch"] = ft["val_loss"] - sc["val_loss"]
+  if res.get("transfer"):
+    s["converted_after_transfer"] = res["transfer"]["val_loss"]
   return s
 
 
 def run(version: str, out: str, seed: int = 0, learn_decay: bool = False, teacher_steps: int | None = None,
-        ft_steps: int | None = None, calibrate: bool = True, log=print) -> dict:
+        ft_steps: int | None = None, calibrate: bool = True, transfer_steps: int = 0, objective: str = "ce",
+        log=print) -> dict:
   from efficient_lm import convert_to_dijiang, create_model
-  from efficient_lm.interop.dijiang import calibrate_dijiang
+  from efficient_lm.interop import calibrate_dijiang, transfer_attention, with_teacher_logits
   from efficient_lm.training.optim import OptimConfig
 
   started = time.time()
   learn_decay = learn_decay or calibrate   # calibration sets per-head decays: they must be parameters
   v = dict(VERSIONS[version])
   v.update({k: x for k, x in (("teacher_steps", teacher_steps), ("ft_steps", ft_steps)) if x})
+  check_variant(v["ft_steps"], transfer_steps, objective)   # before the teacher's minutes are spent
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, FILE)
   data = lmrun.load_chars(limit_chars=v["limit_chars"])
@@ -123,13 +177,16 @@ def run(version: str, out: str, seed: int = 0, learn_decay: bool = False, teache
                                         "train_chars": int(data.train.size), "val_chars": int(data.val.size),
                                         "val_windows": len(val) * v["batch_size"], "seed": seed,
                                         "learn_decay": learn_decay, "calibrate": calibrate,
-                                        "init": "calibrated" if calibrate else "default"},
+                                        "init": "calibrated" if calibrate else "default",
+                                        "transfer_steps": transfer_steps, "objective": objective,
+                                        "transfer_lr": TRANSFER_LR if transfer_steps else None},
          "teacher": {}, "converted_before": {}, "finetune": [], "scratch": []}
 
   def save(stage):
     res["summary"] = summarize(res)
     res["meta"] = run_meta(seed=seed, started=started, version=version, stage=stage,
-                           tokens=sum(r.get("tokens", 0) for r in [res["teacher"]] + res["finetune"] + res["scratch"]))
+                           tokens=sum(r.get("tokens", 0) for r in [res["teacher"], res.get("transfer", {})]
+                                      + res["finetune"] + res["scratch"]))
     write_json(path, res)
 
   # 1. the teacher
@@ -162,20 +219,48 @@ def run(version: str, out: str, seed: int = 0, learn_decay: bool = False, teache
   log(f"converted, before fine-tuning: val {res['converted_before']['val_loss']:.4f}")
   save("converted")
 
-  # 3. fine-tune vs scratch, same steps, same lr grid; interleaved so a cut-off run has both
-  eval_every = max(ft_steps // 4, 1)
+  # 3a. attention transfer: the first steps of the budget, done once for every lr's fine-tune
+  if transfer_steps:
+    t0 = time.time()
+    tbatches = lmrun.random_batches(data.train, bs, t, seed + 200)   # own stream: the fine-tune's stays the default's
+    layers = transfer_attention(converted, teacher, lambda s: tbatches(s)["inputs"], transfer_steps, lr=TRANSFER_LR)
+    res["transfer"] = {"steps": transfer_steps, "lr": TRANSFER_LR, "seed": seed + 200,
+                       "val_loss": ftrain.evaluate(lmrun.Trainer.split(converted)[1], val)["loss"],
+                       "layers": layers, "tokens": transfer_steps * bs * t, "wall_s": round(time.time() - t0, 2)}
+    log(f"after {transfer_steps} attention-transfer steps: val {res['transfer']['val_loss']:.4f}")
+    save("transfer")
+
+  # 3b. fine-tune (the rest of the budget) vs scratch (all of it), same lr grid; interleaved so a
+  # cut-off run has both. The default variant reuses the scratch runs' compiled step.
+  tune_steps = ft_steps - transfer_steps
+  tune = ftrain
+  if (objective, transfer_steps) != ("ce", 0):
+    tocfg = OptimConfig(lr=1.0, warmup_steps=max(tune_steps // 10, 1), b2=0.99, weight_decay=0.1)
+    tune = (DistillTrainer if objective == "kl" else lmrun.Trainer)(converted, tocfg, tune_steps, seed=seed)
+  add_logits = with_teacher_logits(teacher) if objective == "kl" else None
+
+  def tune_batches():   # the default's data order; for kl each batch also carries the teacher's logits
+    b = lmrun.random_batches(data.train, bs, t, seed + 100)
+    return b if add_logits is None else lambda s: add_logits(b(s))
+
   for lr in v["lrs"]:
     for kind in ("finetune", "scratch"):
       model = converted if kind == "finetune" else create_model(converted.config, seed=seed + 1)
-      log(f"{kind}: lr {lr:g}, {ft_steps} steps")
+      trainer, batches = (tune, tune_batches()) if kind == "finetune" else (
+          ftrain, lmrun.random_batches(data.train, bs, t, seed + 100))
+      log(f"{kind}: lr {lr:g}, {trainer.steps} steps" + (f" ({variant(res['config'])})" if kind == "finetune" else ""))
       try:
         _, params, rest = lmrun.Trainer.split(model)
-        rec, _ = ftrain.fit(lr, lmrun.random_batches(data.train, bs, t, seed + 100), val, params=params,
-                            rest=rest, eval_every=eval_every, log=log)
+        rec, _ = trainer.fit(lr, batches, val, params=params, rest=rest, eval_every=max(trainer.steps // 4, 1),
+                             log=log)
         rec = lmrun.val_record(rec, lr=lr, seed=seed + 100, batch_size=bs, seq_len=t)
         log(f"  done: val {rec['val_loss']:.4f}")
-        if kind == "finetune":
-          rec["val_curve"].insert(0, [0, res["converted_before"]["val_loss"]])
+        if kind == "finetune":   # curves in steps of the budget: the transfer's come first
+          for curve in ("val_curve", "train_curve"):
+            rec[curve] = [[s + transfer_steps, x] for s, x in rec[curve]]
+          rec["val_curve"][:0] = [[0, res["converted_before"]["val_loss"]]] + (
+              [[transfer_steps, res["transfer"]["val_loss"]]] if transfer_steps else [])
+          rec.update(transfer_steps=transfer_steps, objective=objective)
       except Exception as e:  # keep the other runs
         rec = {"lr": lr, "val_loss": None, "error": f"{type(e).__name__}: {e}"[:500]}
         log(f"  failed: {rec['error']}")
@@ -197,7 +282,7 @@ def markdown(results_dir: str) -> str:
   meta, cfg, s = res.get("meta", {}), res.get("config", {}), summarize(res)
   f = lambda x: "-" if x is None else f"{x:.4f}"
   gap = lambda x: "-" if x is None or s.get("teacher") is None else f"{x - s['teacher']:+.4f}"
-  tsteps, fsteps = cfg.get("teacher_steps"), cfg.get("ft_steps")
+  tsteps, fsteps, transfer = cfg.get("teacher_steps"), cfg.get("ft_steps"), cfg.get("transfer_steps", 0)
   lines = [
       f"DiJiang conversion ({res.get('version')} version; {meta.get('hardware', '?')}, {meta.get('date', '?')}; "
       f"char Tiny Shakespeare, teacher d {cfg.get('d_model')} x {cfg.get('n_layers')} layers, "
@@ -210,8 +295,11 @@ def markdown(results_dir: str) -> str:
       f"| softmax teacher (GPT-NeoX style) | {tsteps} | {f(s.get('teacher'))} | |",
       f"| converted to DiJiang, no fine-tuning | {tsteps} + 0 | {f(s.get('converted_before'))} | "
       f"{gap(s.get('converted_before'))} |",
-      f"| converted + fine-tuned (best lr {s.get('converted_after_lr') or '-'}) | {tsteps} + {fsteps} | "
-      f"{f(s.get('converted_after'))} | {gap(s.get('converted_after'))} |",
+      *([f"| converted + {transfer} attention-transfer steps, no fine-tuning | {tsteps} + {transfer} | "
+         f"{f(s.get('converted_after_transfer'))} | {gap(s.get('converted_after_transfer'))} |"] if transfer else []),
+      f"| converted + {variant(cfg)} (best lr {s.get('converted_after_lr') or '-'}) | {tsteps} + "
+      + (f"{transfer} + {fsteps - transfer}" if transfer else f"{fsteps}")
+      + f" | {f(s.get('converted_after'))} | {gap(s.get('converted_after'))} |",
       f"| DiJiang from scratch (best lr {s.get('scratch_lr') or '-'}) | {fsteps} | {f(s.get('scratch'))} | "
       f"{gap(s.get('scratch'))} |",
       "",
@@ -238,7 +326,7 @@ def plot(out: str) -> str | None:
     for r in res.get(kind, []):
       if r.get("val_curve"):
         x, y = zip(*r["val_curve"])
-        label = f"{'converted + fine-tune' if kind == 'finetune' else 'DiJiang scratch'}, lr {r['lr']:g}"
+        label = f"{'converted + ' + variant(res['config']) if kind == 'finetune' else 'DiJiang scratch'}, lr {r['lr']:g}"
         ax.plot(x, y, style, ms=3, label=label, alpha=1.0 if r is best(res[kind]) else 0.35)
   if s.get("teacher") is not None:
     ax.axhline(s["teacher"], color="k", lw=1, label=f"teacher {s['teacher']:.3f}")
@@ -263,13 +351,22 @@ def main(argv=None):
                   help="calibrate_dijiang's init from one teacher batch (default on; implies --learn-decay)")
   ap.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: the version's)")
   ap.add_argument("--ft-steps", type=int, default=None, help="fine-tune / scratch steps (default: the version's)")
+  ap.add_argument("--transfer-steps", type=int, default=0,
+                  help="attention-transfer steps before fine-tuning, counted inside the --ft-steps budget (default 0)")
+  ap.add_argument("--objective", choices=OBJECTIVES, default="ce",
+                  help="fine-tuning loss: ce (cross-entropy on the data, default) or kl (KL to the teacher's logits)")
   args = ap.parse_args(argv)
+  version = version_of(args)
+  try:   # a bad variant fails here, before anything is written
+    check_variant(args.ft_steps or VERSIONS[version]["ft_steps"], args.transfer_steps, args.objective)
+  except ValueError as e:
+    ap.error(str(e))
   out = args.out or results_dir(NAME)
   os.makedirs(out, exist_ok=True)
   if not args.plot_only:
-    version = version_of(args)
     run(version, out, seed=args.seed, learn_decay=args.learn_decay, teacher_steps=args.teacher_steps,
-        ft_steps=args.ft_steps, calibrate=args.calibrate)
+        ft_steps=args.ft_steps, calibrate=args.calibrate, transfer_steps=args.transfer_steps,
+        objective=args.objective)
   plot(out)
   print(markdown(out))
 

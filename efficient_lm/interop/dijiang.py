@@ -14,7 +14,8 @@ teacher's attention output, a constant gate and a moment-matched GroupNorm. In a
 (experiments/results/dijiang/cpu_study) it took the gap after 5% of the teacher's steps from
 +0.73 to +0.36-0.40 nats. `transfer_attention` (ours, after LoLCATs) then trains the mixers to
 reproduce the teacher's attention outputs layer by layer; in the same study 10 of the 50 steps
-spent on it gained 0.01 nats, 25 lost 0.08 (cpu_study/README.md), so the script does not use it.
+spent on it gained 0.01 nats, 25 lost 0.08 (cpu_study/README.md), so the script uses it only
+when asked (`experiments/dijiang_conversion.py --transfer-steps`).
 """
 from __future__ import annotations
 

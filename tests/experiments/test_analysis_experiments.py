@@ -203,6 +203,56 @@ def test_dijiang_quick(quick_dirs, tmp_path_factory):
   assert "quick version" in md and "converted + fine-tuned" in md and "Target" in md
 
 
+def test_dijiang_quick_transfer_and_kl_variant(tmp_path):
+  require_shared_data("tinyshakespeare.txt")
+  out = str(tmp_path)
+  dijiang_conversion.main(["--quick", "--out", out, "--transfer-steps", "2", "--objective", "kl"])
+  res = read_json(os.path.join(out, "dijiang.json"))
+  v = dijiang_conversion.VERSIONS["quick"]
+  assert res["meta"]["stage"] == "done"
+  cfg = res["config"]
+  assert (cfg["transfer_steps"], cfg["objective"], cfg["transfer_lr"]) == (2, "kl", dijiang_conversion.TRANSFER_LR)
+  assert res["transfer"]["steps"] == 2 and len(res["transfer"]["layers"]) == v["n_layers"]
+  for r in res["finetune"]:   # the transfer steps come out of the fine-tune budget; the scratch keeps all of it
+    assert (r["steps"], r["transfer_steps"], r["objective"]) == (v["ft_steps"] - 2, 2, "kl")
+    assert r["val_curve"][:2] == [[0, res["converted_before"]["val_loss"]], [2, res["transfer"]["val_loss"]]]
+    assert r["val_curve"][-1][0] == v["ft_steps"]
+  assert all(r["steps"] == v["ft_steps"] for r in res["scratch"])
+  losses = [res["teacher"]["val_loss"], res["converted_before"]["val_loss"], res["transfer"]["val_loss"]]
+  losses += [x for r in res["finetune"] + res["scratch"] for _, x in r["val_curve"] + r["train_curve"]]
+  assert all(math.isfinite(x) for x in losses)
+  md = dijiang_conversion.markdown(out)
+  assert f"| converted + 2 attention-transfer steps, no fine-tuning | {v['teacher_steps']} + 2 |" in md
+  assert "| converted + 2 attention-transfer steps + KL-distilled from the teacher (best lr" in md
+  assert f"| {v['teacher_steps']} + 2 + {v['ft_steps'] - 2} |" in md
+
+
+def test_dijiang_variant_arguments_are_checked_before_any_run(tmp_path, capsys):
+  out = tmp_path / "never"
+  for argv, words in ((["--transfer-steps", "8"], "fewer than the fine-tune budget (8 steps)"),
+                      (["--transfer-steps", "3", "--ft-steps", "3"], "fewer than the fine-tune budget (3 steps)"),
+                      (["--transfer-steps", "-1"], "transfer steps must be an int >= 0"),
+                      (["--objective", "mse"], "invalid choice: 'mse'")):
+    with pytest.raises(SystemExit) as e:
+      dijiang_conversion.main(["--quick", "--out", str(out), *argv])
+    assert e.value.code == 2 and words in capsys.readouterr().err, argv
+  assert not out.exists()   # nothing written, no teacher trained
+  with pytest.raises(ValueError, match="objective must be one of"):
+    dijiang_conversion.run("quick", str(out), objective="KL")
+  dijiang_conversion.check_variant(8, 7, "kl")   # the largest transfer that leaves one fine-tuning step
+
+
+def test_dijiang_distillation_kl_hand_checked():
+  from efficient_lm.interop import kl_to_teacher
+  t = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]]]))
+  s = jnp.log(jnp.array([[[0.25, 0.5, 0.25], [1 / 3, 1 / 3, 1 / 3]]]))
+  # KL(t || s) = 0.5 ln 2 + 0.25 ln 0.5 on the first token, 0 on the second; the mask weighs tokens
+  expected = 0.25 * math.log(2)
+  assert float(kl_to_teacher(s, t, jnp.ones((1, 2)))) == pytest.approx(expected, rel=1e-5)
+  assert float(kl_to_teacher(s.astype(jnp.bfloat16), t, jnp.array([[0.0, 1.0]]))) == pytest.approx(0.0, abs=1e-6)
+  assert float(kl_to_teacher(t + 3.0, t, jnp.ones((1, 2)))) == pytest.approx(0.0, abs=1e-6)   # shift-invariant
+
+
 def test_moe_routing_quick(quick_dirs, tmp_path_factory):
   require_shared_data("tinyshakespeare.txt")
   out = _quick(moe_routing, quick_dirs, tmp_path_factory, "moe")
