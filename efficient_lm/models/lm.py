@@ -43,6 +43,7 @@ from efficient_lm.layers.mlp import GeluMLP, SwiGLU
 from efficient_lm.layers.moe import MoE, load_balancing_loss
 from efficient_lm.layers.norms import make_norm
 from efficient_lm.layers.rope import positions
+from pallas_kernels.common.chunking import segment_runs
 from efficient_lm.layers.router import RouterCell
 
 
@@ -214,6 +215,8 @@ class LM(nnx.Module):
 
   def _trunk(self, tokens_BT, segment_ids, dropout_key=None):
     b, t = tokens_BT.shape
+    # Every layer's masks compare ids; renumbered by run, an id that comes back is a new document.
+    segment_ids = None if segment_ids is None else segment_runs(segment_ids)
     x = self.embed(tokens_BT).astype(self.config.stream_dtype)
     rate = self.config.dropout
     if dropout_key is not None and rate > 0.0:   # nanoGPT: after the embedding, then each branch output

@@ -64,6 +64,14 @@ def continues_BT(segment_ids_BT, b: int, t: int):
   return jnp.concatenate([jnp.ones((b, 1), bool), same], axis=1).astype(jnp.float32)
 
 
+def segment_runs(segment_ids_BT):
+  """The ids renumbered by run (0, 1, 2, ... at every change), so that masks may compare ids: an
+  id that comes back after another one ([5, 7, 5]) starts a new segment, as the scan has it."""
+  changed_BT = jnp.concatenate([jnp.zeros_like(segment_ids_BT[:, :1], bool),
+                                segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  return jnp.cumsum(changed_BT, axis=1, dtype=jnp.int32)
+
+
 def chunk_masks(seg_C, seg_prev):
   """Masks of one chunk, built from ids so no -inf ever enters a cumsum.
 

@@ -169,3 +169,20 @@ def test_package_imports_without_the_triton_backend():
           "print(float(o.sum()))\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("variant", ["gla_scalar", "gated_delta"])
+@pytest.mark.parametrize("impl", ["chunk", "pallas:generic:fused", "pallas:generic:state_pass"])
+def test_an_id_that_comes_back_starts_a_new_segment(variant, impl):
+  """Ids [5, 5, 7, 7, 5, 5] inside one chunk are three segments: the state restarts at every
+  change (as the scan does), so the second run of 5s must not see the first."""
+  inputs = make_inputs(11, variant, b=2, t=40, gate_scale=0.05)
+  # Row 0: 5, 7, 5 inside the first 16-token chunk; row 1: the second chunk opens with 1s then 3s
+  # again, the id its incoming state (from the first chunk's 3s) carried.
+  seg = np.array([[5] * 4 + [7] * 4 + [5] * 18 + [9] * 14, [3] * 16 + [1] * 3 + [3] * 21], np.int32)
+  seg = jnp.asarray(seg)
+  from tests.kernels.recurrence_cases import run
+  ref_o, ref_s = run(variant, "scan", inputs, segment_ids=seg)
+  o, s = run(variant, impl, inputs, chunk_size=16, segment_ids=seg)
+  assert_rel_close("o", ref_o, o, 1e-4)
+  assert_rel_close("final state", ref_s, s, 1e-4)

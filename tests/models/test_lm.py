@@ -124,3 +124,15 @@ def test_segments_isolate_packed_documents(cm):
   assert_rel_close("document 2", ref[0, :T - 8], out[0, 8:], 1e-5)
   # Without segment ids document 2 sees document 1.
   assert np.abs(np.asarray(ref[1, 8:] - ref[0, :T - 8])).max() > 1e-4
+
+
+def test_an_id_that_comes_back_is_a_new_document(cm):
+  """Ids 4, 9, 4 are three documents (the state and the attention restart at every change), the
+  same as ids 0, 1, 2: an attention mask that compared ids would let the third see the first."""
+  x = tokens(np.random.randint(1 << 30), (2, T))
+  runs = [6, 5, T - 11]
+  seg_repeat = jnp.asarray([[4] * runs[0] + [9] * runs[1] + [4] * runs[2]] * 2)
+  seg_runs = jnp.asarray([[0] * runs[0] + [1] * runs[1] + [2] * runs[2]] * 2)
+  out = cm.forward(cm.params, cm.rest, x, seg_repeat)
+  ref = cm.forward(cm.params, cm.rest, x, seg_runs)
+  assert_rel_close("logits", ref, out, 1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels import _checks
+from pallas_kernels.common.chunking import segment_runs
 from pallas_kernels.ops.delta_rule.chunk import delta_rule_chunk
 from pallas_kernels.ops.delta_rule.pallas import delta_rule_pallas
 from pallas_kernels.ops.delta_rule.scan import delta_rule_scan
@@ -31,6 +32,7 @@ def delta_rule(q, k, v, beta, *, g=None, scale=None, initial_state=None, return_
   _checks.check_head_scalar("g", g, (b, t, h), optional=True)
   _checks.check_state("initial_state", initial_state, b, h, kd, vd, optional=True)
   _checks.check_segment_ids(segment_ids, b, t)
+  segment_ids = None if segment_ids is None else segment_runs(segment_ids)
   _checks.check_chunk_size(chunk_size, 1)
   scale = _checks.resolve_scale(scale, kd)
   form = _FORMS[resolve_impl(impl, tuple(_FORMS), op="delta_rule" if g is None else "gated_delta_rule",

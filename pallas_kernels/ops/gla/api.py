@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels import _checks
+from pallas_kernels.common.chunking import segment_runs
 from pallas_kernels.dispatch import resolve_impl
 from pallas_kernels.ops.gla.chunk import SUB_CHUNK, gla_chunk
 from pallas_kernels.ops.gla.pallas import gla_pallas
@@ -32,6 +33,7 @@ def gla(q, k, v, g=None, *, scale=None, initial_state=None, return_final_state=F
   _checks.check_gla_gate(g, (b, t, h), kd)
   _checks.check_state("initial_state", initial_state, b, h, kd, vd, optional=True)
   _checks.check_segment_ids(segment_ids, b, t)
+  segment_ids = None if segment_ids is None else segment_runs(segment_ids)
   _checks.check_chunk_size(chunk_size, SUB_CHUNK)
   scale = _checks.resolve_scale(scale, kd)
   form = resolve_impl(impl, tuple(_FORMS), op="gla_perdim" if g is not None and g.ndim == 4 else "gla",
