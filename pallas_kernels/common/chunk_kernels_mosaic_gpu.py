@@ -30,6 +30,12 @@ The backward (hand-derived, checked against `jax.vjp` of the float32 scan), with
          + [i = C] (sum_i d_i rowsum((V H^T) * K)_i + lambda <H, S>),   Dg = dP * P
   and dg is the in-chunk reverse cumulative sum of db (XLA, with the key blocks' shares).
 
+Segment ids (packed sequences) enter through the factors only, as in `chunk_kernels_triton`: with
+r_i the number of segment starts from the chunk's first token up to token i (`chunk_segments_BNC`;
+r = 0: the segment of the state entering the chunk), Gamma is kept where r_i = r_j, e where r_i = 0,
+d where r_i = r_C and lambda if r_C = 0 (`chunking.chunk_masks`'s masks); every formula above, the
+db terms included, then holds as written (a zeroed factor's terms contribute nothing).
+
 wgmma needs C, K and V to be multiples of 64 and 16-bit operands (`state_pass_mosaic_gpu.supports`).
 """
 from __future__ import annotations
@@ -64,22 +70,43 @@ def _causal_CC(c, transpose=False):
   return rows <= cols if transpose else rows >= cols
 
 
-def _geometry(b_views, c, transpose=False):
+def _rows_cols(views, c):
+  """A chunk's [C] float32 vector from its two shared-memory copies: as rows (x_i, constant along
+  each row of a [C, C] array), as columns (x_j) and its last entry. Two copies: Mosaic GPU's
+  layout inference (jax 0.12) finds no solution when one buffer is loaded both as rows and as
+  columns."""
+  row_C = plgpu.load(views[0], layout=plgpu.Layout.WGMMA.reduce(1))
+  col_C = plgpu.load(views[1], layout=plgpu.Layout.WGMMA.reduce(0))
+  return row_C, col_C, views[0][c - 1]
+
+
+def _geometry(b_views, c, transpose=False, seg_views=None):
   """The factors of a chunk from two shared-memory copies of its inclusive cumulative log decay
   ([C] float32 each), or of an undecayed chunk (b_views None); with `transpose`, gamma is Gamma^T
-  (the reverse pass's P^T). Two copies: Mosaic GPU's layout inference (jax 0.12) finds no
-  solution when one buffer is loaded both as rows and as columns."""
+  (the reverse pass's P^T). seg_views: two copies of the chunk's segment-start counts
+  (`chunk_segments_BNC`), or None without segment ids."""
   causal_CC = _causal_CC(c, transpose)
+  if seg_views is not None:
+    seg_row_C, seg_col_C, seg_last = _rows_cols(seg_views, c)
+    same_CC = lax.broadcast_in_dim(seg_row_C, (c, c), [0]) == lax.broadcast_in_dim(seg_col_C, (c, c), [1])
+    causal_CC = causal_CC & same_CC   # symmetric: Gamma^T's support too
   if b_views is None:
-    return _Geometry(jnp.where(causal_CC, 1.0, 0.0))
-  row_C = plgpu.load(b_views[0], layout=plgpu.Layout.WGMMA.reduce(1))   # b_i, constant along rows
-  col_C = plgpu.load(b_views[1], layout=plgpu.Layout.WGMMA.reduce(0))   # b_j, constant along columns
-  last = b_views[0][c - 1]
-  # Masking the exponent, not the product: exp(b_i - b_j) above the diagonal overflows under a
-  # strong decay (b_i - b_j > 0 there), and inf * 0 is NaN.
-  diff_CC = lax.broadcast_in_dim(row_C, (c, c), [0]) - lax.broadcast_in_dim(col_C, (c, c), [1])
-  gamma_CC = jnp.exp(jnp.where(causal_CC, -diff_CC if transpose else diff_CC, -jnp.inf))
-  return _Geometry(gamma_CC, jnp.exp(row_C), jnp.exp(last - row_C), jnp.exp(last))
+    gamma_CC = jnp.where(causal_CC, 1.0, 0.0)
+    if seg_views is None:
+      return _Geometry(gamma_CC)
+    e_C = d_C = lam = 1.0   # without a decay the factors are the masks themselves
+  else:
+    row_C, col_C, last = _rows_cols(b_views, c)
+    # Masking the exponent, not the product: exp(b_i - b_j) above the diagonal overflows under a
+    # strong decay (b_i - b_j > 0 there), and inf * 0 is NaN.
+    diff_CC = lax.broadcast_in_dim(row_C, (c, c), [0]) - lax.broadcast_in_dim(col_C, (c, c), [1])
+    gamma_CC = jnp.exp(jnp.where(causal_CC, -diff_CC if transpose else diff_CC, -jnp.inf))
+    e_C, d_C, lam = jnp.exp(row_C), jnp.exp(last - row_C), jnp.exp(last)
+    if seg_views is None:
+      return _Geometry(gamma_CC, e_C, d_C, lam)
+  # Selected, not multiplied, as `chunking.masked_exp`: exactly zero whatever the decay.
+  return _Geometry(gamma_CC, jnp.where(seg_row_C == 0, e_C, 0.0), jnp.where(seg_row_C == seg_last, d_C, 0.0),
+                   jnp.where(seg_last == 0, lam, 0.0))
 
 
 def _rows(vec_C, x_CV):
@@ -107,7 +134,8 @@ def _chunk_output(q_CK, k_CK, v_CV, s_KV, geo, scale):
 
 
 def _next_state(s_KV, k_CK, v_CV, dv_CV, geo):
-  """lambda S + K^T (d * V); dv_CV: shared memory for d * V in 16 bits (None without a decay)."""
+  """lambda S + K^T (d * V); dv_CV: shared memory for d * V in 16 bits (None without a decay or
+  segment ids)."""
   x_CV = v_CV
   if geo.d is not None:
     dv_CV[...] = _rows(geo.d, plgpu.load(v_CV, layout=plgpu.Layout.WGMMA).astype(jnp.float32)).astype(dv_CV.dtype)
@@ -117,16 +145,18 @@ def _next_state(s_KV, k_CK, v_CV, dv_CV, geo):
   return _accumulate(decayed_KV, (k_CK.transpose((1, 0)), x_CV))
 
 
-def _forward_body(*refs, heads, scale, has_g, store_states):
+def _forward_body(*refs, heads, scale, has_g, store_states, has_seg=False):
   it = iter(refs)
   q, k, v = next(it), next(it), next(it)
   cum_g = next(it) if has_g else None
+  seg = next(it) if has_seg else None
   s0, o, s_final = next(it), next(it), next(it)
   states = next(it) if store_states else None
   q_buf, k_buf, v_buf = next(it), next(it), next(it)
   b_bufs = [next(it), next(it)] if has_g else []
+  seg_bufs = [next(it), next(it)] if has_seg else []
   s_s, o_s, f32_s = next(it), next(it), next(it)
-  dv_s = next(it) if has_g else None
+  dv_s = next(it) if has_g or has_seg else None
   bars = next(it)
   bh = lax.axis_index("bh")
   bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
@@ -136,12 +166,14 @@ def _forward_body(*refs, heads, scale, has_g, store_states):
   sources = [lambda n: q.at[bi, tok(n), hi], lambda n: k.at[bi, tok(n), hi], lambda n: v.at[bi, tok(n), hi, cols]]
   if has_g:
     sources += [lambda n: cum_g.at[bh, n]] * 2
+  if has_seg:
+    sources += [lambda n: seg.at[bi, n]] * 2
   _fetch_one(s0.at[bh, :, cols], f32_s, bars.at[bars.shape[0] - 1])
   s_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
 
   def body(n, views, s):
     q_v, k_v, v_v = views[:3]
-    geo = _geometry(views[3:] if has_g else None, c)
+    geo = _factors(views[3:], c, has_g, has_seg)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last chunk's stores out of s_s and o_s
     s_s[...] = s.astype(s_s.dtype)
     plgpu.commit_smem()
@@ -152,19 +184,26 @@ def _forward_body(*refs, heads, scale, has_g, store_states):
     plgpu.copy_smem_to_gmem(o_s, o.at[bi, tok(n), hi, cols])
     return _next_state(s, k_v, v_v, dv_s, geo)
 
-  s = _walk(q.shape[1] // c, sources, [q_buf, k_buf, v_buf, *b_bufs], bars, body, s_init, reverse=False)
+  s = _walk(q.shape[1] // c, sources, [q_buf, k_buf, v_buf, *b_bufs, *seg_bufs], bars, body, s_init, reverse=False)
   _stage_out(s, f32_s, s_final.at[bh, :, cols])
   plgpu.wait_smem_to_gmem(0)
 
 
-def _scratch_types(c, kd, mm, out_dtype, has_g):
+def _factors(views, c, has_g, has_seg, transpose=False):
+  """`_geometry` from a chunk's views after its tiles: the two cumulative-decay copies (has_g),
+  then the two segment-count copies (has_seg)."""
+  return _geometry(views[:2] if has_g else None, c, transpose, views[2 * has_g:] if has_seg else None)
+
+
+def _scratch_types(c, kd, mm, out_dtype, has_g, has_seg=False):
   """Shared memory (`state_pass_mosaic_gpu._scratch`): per chunk the q, k, v (and two
-  cumulative-decay) buffers; the state's 16-bit copy, the output tile, a float32 staging buffer
-  for the initial and final states (and d * V); one more TMA barrier for the initial state."""
+  cumulative-decay, two segment-count) buffers; the state's 16-bit copy, the output tile, a
+  float32 staging buffer for the initial and final states (and d * V); one more TMA barrier for
+  the initial state."""
   per_chunk = [((c, kd), mm, True), ((c, kd), mm, True), ((c, BLOCK_V), mm, True)]
-  per_chunk += [((c,), jnp.float32, False)] * 2 if has_g else []
+  per_chunk += [((c,), jnp.float32, False)] * 2 * (has_g + has_seg)
   fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), out_dtype, True), ((kd, BLOCK_V), jnp.float32, False)]
-  fixed += [((c, BLOCK_V), mm, True)] if has_g else []
+  fixed += [((c, BLOCK_V), mm, True)] if has_g or has_seg else []
   return _scratch_within("forward", per_chunk, fixed)
 
 
@@ -184,10 +223,12 @@ def _scratch_within(what, per_chunk, fixed, n_barriers_extra=1):
   return _scratch(per_chunk, fixed, n_barriers_extra)
 
 
-def _check(q, v, g, chunk, what="forward"):
+def _check(q, v, g, chunk, what="forward", seg=None):
   why = supports(q.dtype, chunk, q.shape[-1], v.shape[-1])
   if why is None and q.shape[1] % chunk:
     why = f"T must be a multiple of the chunk (callers pad), got T={q.shape[1]}, chunk {chunk}"
+  if why is None and seg is not None and seg.shape != q.shape[:2]:
+    why = f"segment ids must be [B, T] = {q.shape[:2]}, got {seg.shape}"
   if why is None and g is not None and g.ndim != 3:
     why = f"only a scalar [B, T, H] decay or none, got g of shape {g.shape}"
   if why is None and v.dtype != q.dtype:
@@ -203,23 +244,41 @@ def chunk_cumsum_BHNC(g, chunk):
   return jnp.cumsum(g_BHNC, axis=-1).reshape(b * h, t // chunk, chunk)
 
 
-def forward(q, k, v, g, s0, *, scale, chunk, store_states, interpret=False):
+def chunk_segments_BNC(seg, chunk):
+  """[B, T] integer segment ids -> float32 [B, N, C]: per token the number of segment starts (a
+  token whose id differs from the token before's; never token 0) from its chunk's first token up
+  to it. 0 marks the segment of the state entering the chunk (the first chunk's state feeds the
+  first segment), equal counts one segment: `chunking.chunk_masks`'s masks for contiguous ids (and
+  a restart wherever the id changes, as the scan, should an id recur). Counts up to C, exact in
+  float32: the kernels copy and load them as the cumulative decay."""
+  b, t = seg.shape
+  starts = jnp.concatenate([jnp.zeros((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  return jnp.cumsum(starts.astype(jnp.float32).reshape(b, t // chunk, chunk), axis=-1)
+
+
+def _per_chunk(g, seg, chunk):
+  """The kernels' per-chunk inputs: the cumulative decay and the segment counts, where present."""
+  return ([chunk_cumsum_BHNC(g, chunk)] if g is not None else []) + (
+      [chunk_segments_BNC(seg, chunk)] if seg is not None else [])
+
+
+def forward(q, k, v, g, s0, *, scale, chunk, store_states, interpret=False, seg=None):
   """O [B, T, H, V] in v's dtype, the final state [B*H, K, V] float32 and, if `store_states`, the
   state entering every chunk [B*H, N, K, V] in q's dtype (else None). q, k [B, T, H, K] and v
   [B, T, H, V] 16-bit with T a multiple of `chunk`; g [B, T, H] float32 log decay or None;
-  s0 [B*H, K, V] float32."""
-  _check(q, v, g, chunk)
+  s0 [B*H, K, V] float32; seg [B, T] integer segment ids or None."""
+  _check(q, v, g, chunk, seg=seg)
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n = t // chunk
-  has_g = g is not None
+  has_g, has_seg = g is not None, seg is not None
   out_type = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)]
   if store_states:
     out_type.append(jax.ShapeDtypeStruct((b * h, n, kd, vd), q.dtype))
-  inputs = [q, k, v] + ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [s0]
-  body = _named(_forward_body, heads=h, scale=scale, has_g=has_g, store_states=store_states)
-  res = _call(body, tuple(out_type), _scratch_types(chunk, kd, q.dtype, v.dtype, has_g), (b * h, vd // BLOCK_V),
-              interpret, *inputs)
+  inputs = [q, k, v] + _per_chunk(g, seg, chunk) + [s0]
+  body = _named(_forward_body, heads=h, scale=scale, has_g=has_g, store_states=store_states, has_seg=has_seg)
+  res = _call(body, tuple(out_type), _scratch_types(chunk, kd, q.dtype, v.dtype, has_g, has_seg),
+              (b * h, vd // BLOCK_V), interpret, *inputs)
   return res[0], res[1], res[2] if store_states else None
 
 
@@ -238,7 +297,7 @@ def _value_grad(q_CK, k_CK, do_CV, h_KV, geo, scale):
 
 def _entering_state_grad(h_KV, q_CK, do_CV, edo_CV, geo, scale):
   """dS = lambda H + scale (e * Q)^T dO; edo_CV: shared memory for e * dO in 16 bits (as the
-  Triton kernel rounds it; None without a decay). The scale comes after the wgmma so that one
+  Triton kernel rounds it; None without a decay or segment ids). The scale comes after the wgmma so that one
   float32 [K, BV] accumulator holds both terms (K 256: 128 registers a thread)."""
   x_CV = do_CV
   if geo.e is not None:
@@ -249,15 +308,17 @@ def _entering_state_grad(h_KV, q_CK, do_CV, edo_CV, geo, scale):
   return scale * _accumulate((lam / scale) * h_KV, (q_CK.transpose((1, 0)), x_CV))
 
 
-def _state_grad_body(*refs, heads, scale, has_g):
+def _state_grad_body(*refs, heads, scale, has_g, has_seg=False):
   it = iter(refs)
   q, k, do = next(it), next(it), next(it)
   cum_g = next(it) if has_g else None
+  seg = next(it) if has_seg else None
   ds_final, dv, ds_out, ds0 = next(it), next(it), next(it), next(it)
   q_buf, k_buf, do_buf = next(it), next(it), next(it)
   b_bufs = [next(it), next(it)] if has_g else []
+  seg_bufs = [next(it), next(it)] if has_seg else []
   h_s, dv_s, f32_s = next(it), next(it), next(it)
-  edo_s = next(it) if has_g else None
+  edo_s = next(it) if has_g or has_seg else None
   bars = next(it)
   bh = lax.axis_index("bh")
   bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
@@ -267,12 +328,14 @@ def _state_grad_body(*refs, heads, scale, has_g):
   sources = [lambda n: q.at[bi, tok(n), hi], lambda n: k.at[bi, tok(n), hi], lambda n: do.at[bi, tok(n), hi, cols]]
   if has_g:
     sources += [lambda n: cum_g.at[bh, n]] * 2
+  if has_seg:
+    sources += [lambda n: seg.at[bi, n]] * 2
   _fetch_one(ds_final.at[bh, :, cols], f32_s, bars.at[bars.shape[0] - 1])
   h_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
 
   def body(n, views, h):
     q_v, k_v, do_v = views[:3]
-    geo = _geometry(views[3:] if has_g else None, c, transpose=True)
+    geo = _factors(views[3:], c, has_g, has_seg, transpose=True)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last chunk's stores out of h_s and dv_s
     h_s[...] = h.astype(h_s.dtype)
     plgpu.commit_smem()
@@ -282,20 +345,22 @@ def _state_grad_body(*refs, heads, scale, has_g):
     plgpu.copy_smem_to_gmem(dv_s, dv.at[bi, tok(n), hi, cols])
     return _entering_state_grad(h, q_v, do_v, edo_s, geo, scale)
 
-  h = _walk(q.shape[1] // c, sources, [q_buf, k_buf, do_buf, *b_bufs], bars, body, h_init, reverse=True)
+  h = _walk(q.shape[1] // c, sources, [q_buf, k_buf, do_buf, *b_bufs, *seg_bufs], bars, body, h_init, reverse=True)
   _stage_out(h, f32_s, ds0.at[bh, :, cols])
   plgpu.wait_smem_to_gmem(0)
 
 
-def _chunk_grad_body(*refs, heads, scale, has_g):
+def _chunk_grad_body(*refs, heads, scale, has_g, has_seg=False):
   it = iter(refs)
   q, k, v, do = next(it), next(it), next(it), next(it)
   cum_g = next(it) if has_g else None
+  seg = next(it) if has_seg else None
   s_in, ds_out, dq, dk = next(it), next(it), next(it), next(it)
   db_rows, db_cols = (next(it), next(it)) if has_g else (None, None)
   do_buf, v_buf, s_buf, h_buf = next(it), next(it), next(it), next(it)
   q_s, k_s = next(it), next(it)
   b_bufs = [next(it), next(it)] if has_g else []
+  seg_bufs = [next(it), next(it)] if has_seg else []
   dpg_s, dq_s, dk_s = next(it), next(it), next(it)
   rows_s, cols_s = (next(it), next(it)) if has_g else (None, None)
   bars = next(it)
@@ -306,9 +371,10 @@ def _chunk_grad_body(*refs, heads, scale, has_g):
   c = q_s.shape[0]
   tok = pl.ds(n * c, c)
   vcols = lambda j: pl.ds(j * BLOCK_V, BLOCK_V)
-  # The chunk's key block and decay, once: their copies run beside the walk over value blocks.
+  # The chunk's key block, decay and segment counts, once: their copies run beside the walk over
+  # value blocks.
   once = [(q.at[bi, tok, hi, kcols], q_s), (k.at[bi, tok, hi, kcols], k_s)]
-  once += [(cum_g.at[bh, n], buf) for buf in b_bufs]
+  once += [(cum_g.at[bh, n], buf) for buf in b_bufs] + [(seg.at[bi, n], buf) for buf in seg_bufs]
   first_once = bars.shape[0] - len(once)
   for i, (src, dst) in enumerate(once):
     plgpu.copy_gmem_to_smem(src, dst, bars.at[first_once + i])
@@ -334,7 +400,7 @@ def _chunk_grad_body(*refs, heads, scale, has_g):
   dp_CC, dos_CK, vh_CK = sums[:3]
   for i in range(len(once)):
     plgpu.barrier_wait(bars.at[first_once + i])
-  geo = _geometry(b_bufs or None, c)
+  geo = _factors(b_bufs + seg_bufs, c, has_g, has_seg)
   dpg_s[...] = (scale * dp_CC * geo.gamma).astype(dpg_s.dtype)
   plgpu.commit_smem()
   dq_state_CK = scale * dos_CK if geo.e is None else _rows(scale * geo.e, dos_CK)
@@ -363,51 +429,52 @@ def _chunk_grad_body(*refs, heads, scale, has_g):
   plgpu.wait_smem_to_gmem(0)
 
 
-def state_grads(q, k, g, do, ds_final, *, scale, chunk, interpret=False):
+def state_grads(q, k, g, do, ds_final, *, scale, chunk, interpret=False, seg=None):
   """The reverse pass: dv [B, T, H, V] in do's dtype, H = dL/dS of the state leaving every chunk
   [B*H, N, K, V] in q's dtype and the initial-state gradient [B*H, K, V] float32. q, k
   [B, T, H, K], do [B, T, H, V] in q's 16-bit dtype, T a multiple of `chunk`; g [B, T, H] float32
-  log decay or None; ds_final [B*H, K, V] float32."""
-  _check(q, do, g, chunk, "backward")
+  log decay or None; ds_final [B*H, K, V] float32; seg [B, T] integer segment ids or None."""
+  _check(q, do, g, chunk, "backward", seg)
   b, t, h, kd = q.shape
   vd = do.shape[-1]
-  has_g = g is not None
+  has_g, has_seg = g is not None, seg is not None
   mm = q.dtype
   per_chunk = [((chunk, kd), mm, True), ((chunk, kd), mm, True), ((chunk, BLOCK_V), mm, True)]
-  per_chunk += [((chunk,), jnp.float32, False)] * 2 if has_g else []
+  per_chunk += [((chunk,), jnp.float32, False)] * 2 * (has_g + has_seg)
   fixed = [((kd, BLOCK_V), mm, True), ((chunk, BLOCK_V), do.dtype, True), ((kd, BLOCK_V), jnp.float32, False)]
-  fixed += [((chunk, BLOCK_V), mm, True)] if has_g else []
+  fixed += [((chunk, BLOCK_V), mm, True)] if has_g or has_seg else []
   out_type = (jax.ShapeDtypeStruct(do.shape, do.dtype), jax.ShapeDtypeStruct((b * h, t // chunk, kd, vd), mm),
               jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32))
-  inputs = [q, k, do] + ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [ds_final]
-  body = _named(_state_grad_body, heads=h, scale=scale, has_g=has_g)
+  inputs = [q, k, do] + _per_chunk(g, seg, chunk) + [ds_final]
+  body = _named(_state_grad_body, heads=h, scale=scale, has_g=has_g, has_seg=has_seg)
   return _call(body, out_type, _scratch_within("backward", per_chunk, fixed), (b * h, vd // BLOCK_V), interpret,
                *inputs)
 
 
-def chunk_grads(q, k, v, g, do, states, ds_out, *, scale, chunk, interpret=False):
+def chunk_grads(q, k, v, g, do, states, ds_out, *, scale, chunk, interpret=False, seg=None):
   """dq, dk [B, T, H, K] in q's dtype and dg [B, T, H] float32 (None without a decay), every chunk
   in parallel (one warpgroup per (batch*head, chunk, 64-wide key block), walking the value blocks)
   from the state entering it (`forward`'s `store_states`) and H of `state_grads`, both
   [B*H, N, K, V] in q's dtype. dg is the in-chunk reverse cumulative sum of db, whose key blocks'
-  shares XLA adds."""
-  _check(q, v, g, chunk, "backward")
+  shares XLA adds. seg: [B, T] integer segment ids or None."""
+  _check(q, v, g, chunk, "backward", seg)
   b, t, h, kd = q.shape
   n = t // chunk
-  has_g = g is not None
+  has_g, has_seg = g is not None, seg is not None
   mm = q.dtype
   per_chunk = [((chunk, BLOCK_V), mm, True), ((chunk, BLOCK_V), mm, True), ((BLOCK_K, BLOCK_V), mm, True),
                ((BLOCK_K, BLOCK_V), mm, True)]
   fixed = [((chunk, BLOCK_K), mm, True), ((chunk, BLOCK_K), mm, True)]
-  fixed += [((chunk,), jnp.float32, False)] * 2 if has_g else []
+  fixed += [((chunk,), jnp.float32, False)] * 2 * (has_g + has_seg)
   fixed += [((chunk, chunk), mm, True), ((chunk, BLOCK_K), mm, True), ((chunk, BLOCK_K), mm, True)]
   fixed += [((chunk,), jnp.float32, False)] * 2 if has_g else []
   out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, q.dtype)]
   out_type += [jax.ShapeDtypeStruct((kd // BLOCK_K, b * h, n, chunk), jnp.float32)] * 2 if has_g else []
-  inputs = [q, k, v, do] + ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [states, ds_out]
-  body = _named(_chunk_grad_body, heads=h, scale=scale, has_g=has_g)
+  inputs = [q, k, v, do] + _per_chunk(g, seg, chunk) + [states, ds_out]
+  body = _named(_chunk_grad_body, heads=h, scale=scale, has_g=has_g, has_seg=has_seg)
+  n_once = 2 + 2 * (has_g + has_seg)   # one barrier per copy made once: q, k, the decay's, the counts'
   res = plgpu.kernel(
-      body, out_type=tuple(out_type), scratch_types=_scratch_within("backward", per_chunk, fixed, 4 if has_g else 2),
+      body, out_type=tuple(out_type), scratch_types=_scratch_within("backward", per_chunk, fixed, n_once),
       grid=(b * h, n, kd // BLOCK_K), grid_names=("bh", "n", "kb"),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*inputs)
@@ -418,39 +485,39 @@ def chunk_grads(q, k, v, g, do, states, ds_out, *, scale, chunk, interpret=False
   return res[0], res[1], dg_BHNC.reshape(b, h, t).transpose(0, 2, 1)
 
 
-def backward(q, k, v, g, states, do, ds_final, *, scale, chunk, interpret=False):
+def backward(q, k, v, g, states, do, ds_final, *, scale, chunk, interpret=False, seg=None):
   """(dq, dk, dv in the inputs' dtype, dg [B, T, H] float32 or None, ds0 [B*H, K, V] float32).
   states: what `forward(store_states=True)` returned; the other arguments as `forward`'s, do
   [B, T, H, V] in v's dtype, ds_final [B*H, K, V] float32."""
-  dv, ds_out, ds0 = state_grads(q, k, g, do, ds_final, scale=scale, chunk=chunk, interpret=interpret)
-  dq, dk, dg = chunk_grads(q, k, v, g, do, states, ds_out, scale=scale, chunk=chunk, interpret=interpret)
+  dv, ds_out, ds0 = state_grads(q, k, g, do, ds_final, scale=scale, chunk=chunk, interpret=interpret, seg=seg)
+  dq, dk, dg = chunk_grads(q, k, v, g, do, states, ds_out, scale=scale, chunk=chunk, interpret=interpret, seg=seg)
   return dq, dk, dv, dg, ds0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def fused_gla(scale, chunk, interpret, q, k, v, g, s0):
+def fused_gla(scale, chunk, interpret, q, k, v, g, s0, seg=None):
   """(O [B, T, H, V], final state [B, H, K, V] float32) with `forward`'s contract (s0 [B, H, K, V]
-  float32), differentiable through `backward`."""
+  float32, seg [B, T] integer segment ids or None), differentiable through `backward`."""
   b, _, h, _ = q.shape
   o, s_final, _ = forward(q, k, v, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
-                          store_states=False, interpret=interpret)
+                          store_states=False, interpret=interpret, seg=seg)
   return o, s_final.reshape(s0.shape)
 
 
-def _fused_gla_fwd(scale, chunk, interpret, q, k, v, g, s0):
+def _fused_gla_fwd(scale, chunk, interpret, q, k, v, g, s0, seg=None):
   b, _, h, _ = q.shape
   o, s_final, states = forward(q, k, v, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
-                               store_states=True, interpret=interpret)
-  return (o, s_final.reshape(s0.shape)), (q, k, v, g, states)
+                               store_states=True, interpret=interpret, seg=seg)
+  return (o, s_final.reshape(s0.shape)), (q, k, v, g, seg, states)
 
 
 def _fused_gla_bwd(scale, chunk, interpret, residuals, cotangents):
-  q, k, v, g, states = residuals
+  q, k, v, g, seg, states = residuals
   do, ds_final = cotangents
   b, _, h, _ = q.shape
   dq, dk, dv, dg, ds0 = backward(q, k, v, g, states, do.astype(v.dtype), ds_final.reshape(b * h, *ds_final.shape[2:]),
-                                 scale=scale, chunk=chunk, interpret=interpret)
-  return dq, dk, dv, dg, ds0.reshape(ds_final.shape)
+                                 scale=scale, chunk=chunk, interpret=interpret, seg=seg)
+  return dq, dk, dv, dg, ds0.reshape(ds_final.shape), None   # None: integer ids have no cotangent
 
 
 fused_gla.defvjp(_fused_gla_fwd, _fused_gla_bwd)

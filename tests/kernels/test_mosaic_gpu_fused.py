@@ -164,8 +164,8 @@ def _kernel_names(fn, *args):
 
 
 def test_pallas_gla_routes_scalar_decay_to_the_fused_kernels(monkeypatch):
-  """Scalar or no decay without segment ids: the fused kernels, forward and backward; segment ids,
-  a per-dimension decay or PALLAS_KERNELS_FUSED=0 keep the state-pass kernels."""
+  """Scalar or no decay, with or without segment ids: the fused kernels, forward and backward; a
+  per-dimension decay or PALLAS_KERNELS_FUSED=0 keep the state-pass kernels."""
   monkeypatch.setenv("PALLAS_KERNELS_INTERPRET", "mosaic_gpu")
   monkeypatch.delenv("PALLAS_KERNELS_FUSED", raising=False)
   x = make_inputs(3, "gla_scalar", b=1, t=CHUNK, h=1, kd=64, vd=64, dtype=jnp.bfloat16)
@@ -179,7 +179,8 @@ def test_pallas_gla_routes_scalar_decay_to_the_fused_kernels(monkeypatch):
   fused = ["_forward_body", "_state_grad_body", "_chunk_grad_body"]
   assert names(x["g"]) == fused
   assert names(None) == fused
-  assert names(x["g"], seg) != fused and "_state_grad_body" not in names(x["g"], seg)
+  assert names(x["g"], seg) == fused
+  assert names(None, seg) == fused
   assert "_state_grad_body" not in names(per_dim)
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
   assert "_state_grad_body" not in names(x["g"])
@@ -225,3 +226,86 @@ def test_fused_backward_lowers_for_cuda(kd, vd, gated):
   exported = export.export(jax.jit(grad), platforms=["cuda"])(
       spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), g, spec(b, h, kd, vd, dt=jnp.float32))
   assert exported.mlir_module().count("mosaic_gpu_v2") == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Segment ids (packed sequences)
+
+
+def _segments(t, starts_per_row):
+  """[B, T] int32 ids that change at each row's `starts`."""
+  return jnp.stack([jnp.cumsum(jnp.zeros(t, jnp.int32).at[jnp.asarray(starts)].set(1)) for starts in starts_per_row])
+
+
+# Row 0: a boundary inside chunk 0, one exactly at chunk 1's first token (its entering state feeds
+# none of it) and two inside chunk 1 (a middle segment touching neither end); chunk 2 carries the
+# state of chunk 1's last segment. Row 1: chunk 0's last token starts a segment (d of one token),
+# which chunk 1 continues, and chunk 2's last token starts one.
+SEG_STARTS = ([20, 64, 90, 110], [63, 130, 191])
+
+
+@pytest.mark.parametrize("kd, vd, store_states", [(64, 128, True), (128, 64, False)],
+                         ids=["K64-V128-states", "K128-V64-no-states"])
+@pytest.mark.parametrize("variant", ["gla_scalar", "gla_nodecay"])
+def test_fused_forward_segments_match_scan(variant, kd, vd, store_states):
+  """`forward` with segment ids: O and the final state against the float32 scan with the same ids
+  (weak decay: a strong one would hide what crosses the chunks), a nonzero initial state."""
+  t = 3 * CHUNK
+  x = make_inputs(zlib.crc32(f"fused-seg-{variant}-{kd}".encode()), variant, b=2, t=t, h=2, kd=kd, vd=vd,
+                  dtype=jnp.bfloat16, gate_scale=0.02)
+  seg = _segments(t, SEG_STARTS)
+  f32 = {name: a.astype(jnp.float32) for name, a in x.items()}
+  ref_o, ref_s = gla_scan(f32["q"], f32["k"], f32["v"], f32.get("g"), scale=kd ** -0.5, s0=f32["s0"],
+                          segment_ids=seg)
+  o, s, _ = chunk_kernels_mosaic_gpu.forward(
+      x["q"], x["k"], x["v"], x.get("g"), _flat_heads(x["s0"]), scale=kd ** -0.5, chunk=CHUNK,
+      store_states=store_states, interpret=True, seg=seg)
+  assert_rel_close("o", ref_o, o, BF16)
+  assert_rel_close("final state", _flat_heads(ref_s), s, BF16)
+
+
+@pytest.mark.parametrize("t, kd, vd, gate_scale", [(150, 64, 128, 1.0), (150, 128, 64, 0.02), (192, 64, 64, 0.02)],
+                         ids=["T150-K64-V128", "T150-K128-V64-weak", "T192-K64-V64-weak"])
+@pytest.mark.parametrize("variant", ["gla_scalar", "gla_nodecay"])
+def test_fused_gradients_segments_match_scan(variant, t, kd, vd, gate_scale):
+  """`gla(impl="pallas", segment_ids=...)` on the Mosaic GPU kernels: output, final state and dq,
+  dk, dv, dg, ds0 against the float32 scan with the same ids; T 150 pads the last chunk (its ids
+  repeat the last one), the weak decay (g around -0.02) keeps the state and its gradient across
+  chunks (lambda <H, S> in dg included), K 128 has two key blocks."""
+  seed = zlib.crc32(f"fused-seg-grad-{variant}-{t}-{kd}-{gate_scale}".encode())
+  inputs = make_inputs(seed, variant, b=2, t=t, h=2, kd=kd, vd=vd, dtype=jnp.bfloat16, gate_scale=gate_scale)
+  seg = _segments(t, [[s for s in starts if s < t] for starts in SEG_STARTS])
+  check_against_reference(variant, inputs, BF16, (CHUNK,), seed, segment_ids=seg, impl="pallas:mosaic_gpu")
+
+
+def test_fused_segment_counts():
+  """`chunk_segments_BNC`: 0 while the segment of the state entering the chunk goes on (the first
+  chunk's first token never starts one), one more at each id change, a chunk's first token
+  included; a recurring id starts a segment again, as the scan restarts."""
+  seg = jnp.asarray([[7, 7, 8, 8, 8, 3, 3, 7]])
+  counts = chunk_kernels_mosaic_gpu.chunk_segments_BNC(seg, 4)
+  assert counts.dtype == jnp.float32
+  assert counts.tolist() == [[[0, 0, 1, 1], [0, 1, 1, 2]]]
+
+
+@pytest.mark.parametrize("kd, vd, gated", [(64, 128, True), (128, 64, False), (256, 64, True)],
+                         ids=["K64-V128-g", "K128-V64-nodecay", "K256-V64-g"])
+def test_fused_segments_lower_for_cuda(kd, vd, gated):
+  """The forward and both backward kernels with segment ids through the Mosaic GPU lowering, as
+  `test_fused_backward_lowers_for_cuda`."""
+  import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401, PLC0415
+
+  b, t, h = 2, 4 * CHUNK, 2
+  spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+  g = spec(b, t, h, dt=jnp.float32) if gated else None
+
+  def loss(q, k, v, g, s0, seg):
+    o, s = chunk_kernels_mosaic_gpu.fused_gla(kd ** -0.5, CHUNK, False, q, k, v, g, s0, seg)
+    return o.astype(jnp.float32).sum() + s.sum()
+
+  args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), g, spec(b, h, kd, vd, dt=jnp.float32),
+          spec(b, t, dt=jnp.int32))
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4) if gated else (0, 1, 2, 4))
+  assert export.export(jax.jit(grad), platforms=["cuda"])(*args).mlir_module().count("mosaic_gpu_v2") == 3
+  # The forward alone: no stored states.
+  assert export.export(jax.jit(loss), platforms=["cuda"])(*args).mlir_module().count("mosaic_gpu_v2") == 1

@@ -2,7 +2,7 @@
 
 On GPU (and the generic interpreter) GLA can run every stage as a kernel (`pallas_chunked.make_fused_op`)
 when `dispatch.fused_kernels` picks it; on the Mosaic GPU backend (and its interpret mode) so can
-GLA with a scalar decay or none and no segment ids (`chunk_kernels_mosaic_gpu.fused_gla`).
+GLA with a scalar decay or none, segment ids or not (`chunk_kernels_mosaic_gpu.fused_gla`).
 Otherwise, and always on TPU, the passes over chunks are kernels over XLA-built terms
 (`pallas_chunked.make_pallas_op`).
 """
@@ -31,10 +31,11 @@ def gla_fused(q, k, v, g, *, scale, s0, segment_ids, chunk_size, interpret):
                     s0=s0, segment_ids=segment_ids, chunk_size=chunk_size)
 
 
-def gla_fused_mosaic_gpu(q, k, v, g, *, scale, s0, chunk_size, interpret):
-  """The fused Mosaic GPU kernels on [B, T, H, *] inputs; g None or [B, T, H]."""
-  op = lambda q, k, v, g, s0, seg: chunk_kernels_mosaic_gpu.fused_gla(scale, chunk_size, interpret, q, k, v, g, s0)
-  return run_padded(op, q, k, v, (g,), s0=s0, segment_ids=None, chunk_size=chunk_size)
+def gla_fused_mosaic_gpu(q, k, v, g, *, scale, s0, chunk_size, interpret, segment_ids=None):
+  """The fused Mosaic GPU kernels on [B, T, H, *] inputs; g None or [B, T, H]; segment_ids [B, T] or None."""
+  op = lambda q, k, v, g, s0, seg: chunk_kernels_mosaic_gpu.fused_gla(scale, chunk_size, interpret, q, k, v, g, s0,
+                                                                      seg)
+  return run_padded(op, q, k, v, (g,), s0=s0, segment_ids=segment_ids, chunk_size=chunk_size)
 
 
 def gla_state_pass(q, k, v, g, *, scale, s0, segment_ids, chunk_size, backend):
@@ -47,11 +48,10 @@ def gla_pallas(q, k, v, g, *, scale, s0, segment_ids, chunk_size):
   backend = pallas_backend(q.dtype, q.shape[-1], v.shape[-1], chunk_size)
   check_pallas_shapes(backend, q.shape[-1], v.shape[-1], chunk_size)
   if fused_kernels(backend, _fused_op_name(g)):
-    if backend not in _MOSAIC_GPU:
-      return gla_fused(q, k, v, g, scale=scale, s0=s0, segment_ids=segment_ids, chunk_size=chunk_size,
-                       interpret=backend == "interpret")
-    if segment_ids is None:
+    if backend in _MOSAIC_GPU:
       return gla_fused_mosaic_gpu(q, k, v, g, scale=scale, s0=s0, chunk_size=chunk_size,
-                                  interpret=backend == "mosaic_gpu_interpret")
+                                  interpret=backend == "mosaic_gpu_interpret", segment_ids=segment_ids)
+    return gla_fused(q, k, v, g, scale=scale, s0=s0, segment_ids=segment_ids, chunk_size=chunk_size,
+                     interpret=backend == "interpret")
   return gla_state_pass(q, k, v, g, scale=scale, s0=s0, segment_ids=segment_ids, chunk_size=chunk_size,
                         backend=backend)
