@@ -2,8 +2,9 @@
 
     python experiments/mosaic_check.py --out DIR [--shape 8x2048x16x128] [--check-shape 1x1024x4x128]
 
-1. Scalar-decay and undecayed GLA through `pk.gla(impl="pallas")`, Triton (default) and
-   PALLAS_KERNELS_GPU=mosaic_gpu (the fused Mosaic GPU forward and backward): output and gradients
+1. Scalar-decay and undecayed GLA through `pk.gla(impl="pallas")` under PALLAS_KERNELS_GPU=triton
+   (Triton alone), =auto (the default: the Mosaic GPU forward, the Triton backward) and =mosaic_gpu
+   (the fused Mosaic GPU forward and backward): output and gradients
    against the float32 scan at the check shape, then fwd and fwd+bwd median ms at the timing shape,
    beside flash-linear-attention's `chunk_simple_gla` when it imports.
 2. The fused Mosaic GPU delta-rule forward (`delta_kernels_mosaic_gpu.forward`, gated and not)
@@ -52,7 +53,7 @@ def gla_rows(report, check_shape, shape, out):
     x32 = {n: a.astype(jnp.float32) for n, a in x.items()}
     g_ref = _loss_grads(_gla("scan", with_decay), do)(x32)
     o_ref = _gla("scan", with_decay)(x32)[0]
-    for backend in ("triton", "mosaic_gpu"):
+    for backend in ("triton", "auto", "mosaic_gpu"):
       row = {"op": name, "backend": backend, "check_shape": list(check_shape)}
       try:
         row["o"] = rel(jax.jit(_gla(backend, with_decay))(x)[0], o_ref)
@@ -66,7 +67,7 @@ def gla_rows(report, check_shape, shape, out):
     b, t, h, d = shape
     x = inputs("gla_scalar", b, t, h, d, d, jnp.bfloat16, None)
     do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.float32)
-    for backend in ("triton", "mosaic_gpu"):
+    for backend in ("triton", "auto", "mosaic_gpu"):
       row = {"op": name, "backend": backend, "shape": list(shape)}
       try:
         fwd = jax.jit(lambda x, f=_gla(backend, with_decay): f(x)[0]).lower(x).compile()

@@ -46,10 +46,12 @@ def pallas_backend(dtype=None, kd: int | None = None, vd: int | None = None,
   interpret mode on CPU. dtype, kd, vd and chunk_size (of the op's inputs) decide whether the
   Mosaic GPU kernels can take the op.
 
-  On GPU, PALLAS_KERNELS_GPU=mosaic_gpu takes the Mosaic GPU kernels where they apply (Hopper or
+  On GPU, PALLAS_KERNELS_GPU=auto (the default) takes Triton, whose kernels may hand a direction
+  of an op to a Mosaic GPU kernel measured faster (`mosaic_gpu_directions`); =triton takes Triton
+  alone; =mosaic_gpu takes the Mosaic GPU kernels where they apply (Hopper or
   newer, 16-bit inputs, C, K, V multiples of 64; the state-pass kernels, or the fused ones for
-  MOSAIC_GPU_FUSED) and Triton elsewhere. The default is
-  Triton: on the H200 the fused Triton kernels ran the delta rule's fwd+bwd 2.5x faster than the
+  MOSAIC_GPU_FUSED) and Triton elsewhere. Triton is the default backend: on the H200 the fused
+  Triton kernels ran the delta rule's fwd+bwd 2.5x faster than the
   Mosaic GPU state-pass path (3.9-4.1 vs 10.1 ms at 8x2048x16x128). A jax without the Triton
   backend (deprecated since 0.11) takes the Mosaic GPU kernels where they apply. On CPU,
   PALLAS_KERNELS_INTERPRET=tpu runs the TPU kernels under TPU interpret semantics and
@@ -78,10 +80,8 @@ def pallas_backend(dtype=None, kd: int | None = None, vd: int | None = None,
 def _gpu_backend(dtype, kd, vd, chunk_size) -> tuple[str | None, str | None]:
   """(backend, None), or (None, why not) when this jax has no Triton backend and the Mosaic GPU
   kernels cannot take the op."""
-  choice = os.environ.get("PALLAS_KERNELS_GPU", "triton")
-  if choice not in ("triton", "mosaic_gpu"):
-    raise ValueError(f"PALLAS_KERNELS_GPU: expected 'triton' or 'mosaic_gpu', got {choice!r}")
-  if choice == "triton" and _compat.has_triton_backend():
+  choice = _gpu_choice()
+  if choice in ("auto", "triton") and _compat.has_triton_backend():
     return "triton", None
   why = _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) if _hopper() else "the Mosaic GPU kernels need sm90+"
   if why is None:
@@ -89,6 +89,35 @@ def _gpu_backend(dtype, kd, vd, chunk_size) -> tuple[str | None, str | None]:
   if _compat.has_triton_backend():
     return "triton", None
   return None, f"this jax has no Pallas Triton backend and {why}"
+
+
+def _gpu_choice() -> str:
+  choice = os.environ.get("PALLAS_KERNELS_GPU", "auto")
+  if choice not in ("auto", "triton", "mosaic_gpu"):
+    raise ValueError(f"PALLAS_KERNELS_GPU: expected 'auto', 'triton' or 'mosaic_gpu', got {choice!r}")
+  return choice
+
+
+# Per op, the directions in which a Mosaic GPU kernel beat the Triton one on Hopper, measured in one
+# process (bf16, 8x2048x16x128, H100 runs 32 and 33, experiments/NOTES.md session 13): GLA's
+# training forward (scalar or no decay, the states stored for the backward) 0.32 / 0.36 ms against
+# the Triton forward's 0.50 / 0.56, and the inference forward 0.27 / 0.31 against 0.30 / 0.35. Under
+# PALLAS_KERNELS_GPU=auto (the default) these directions run the Mosaic GPU kernel and the rest
+# Triton's; the backward stays Triton's until the Mosaic GPU one has been timed.
+MOSAIC_GPU_FASTER = {"gla": ("forward",)}
+
+
+def mosaic_gpu_directions(op: str, backend: str, dtype, kd: int, vd: int, chunk_size: int) -> tuple[str, ...]:
+  """The directions of `op` (a FUSED_BY_DEFAULT key) that take the Mosaic GPU kernel while
+  `backend` is Triton's: MOSAIC_GPU_FASTER's, on sm90+ under PALLAS_KERNELS_GPU=auto, where the
+  Mosaic GPU kernels take the inputs; none elsewhere."""
+  directions = MOSAIC_GPU_FASTER.get(op, ())
+  if backend != "triton" or not directions or _gpu_choice() != "auto" or not _hopper():
+    return ()
+  from pallas_kernels.common import chunk_kernels_mosaic_gpu  # noqa: PLC0415 (jax.experimental.pallas.mosaic_gpu is heavy)
+  fits = _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) is None and \
+      chunk_kernels_mosaic_gpu.forward_unsupported(chunk_size, kd) is None
+  return directions if fits else ()
 
 
 def _hopper() -> bool:

@@ -223,6 +223,16 @@ def _scratch_within(what, per_chunk, fixed, n_barriers_extra=1):
   return _scratch(per_chunk, fixed, n_barriers_extra)
 
 
+def forward_unsupported(chunk, kd, dtype=jnp.bfloat16):
+  """Why `forward` (with a decay and segment ids, its largest shared memory) cannot take a chunk
+  and key size, or None; `supports` covers the rest."""
+  try:
+    _scratch_types(chunk, kd, dtype, dtype, has_g=True, has_seg=True)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
 def _check(q, v, g, chunk, what="forward", seg=None):
   why = supports(q.dtype, chunk, q.shape[-1], v.shape[-1])
   if why is None and q.shape[1] % chunk:

@@ -186,3 +186,34 @@ def test_an_id_that_comes_back_starts_a_new_segment(variant, impl):
   o, s = run(variant, impl, inputs, chunk_size=16, segment_ids=seg)
   assert_rel_close("o", ref_o, o, 1e-4)
   assert_rel_close("final state", ref_s, s, 1e-4)
+
+
+def test_mosaic_gpu_takes_the_directions_it_was_measured_faster_in(monkeypatch):
+  """GLA's forward (scalar or no decay) goes to the Mosaic GPU kernel on Hopper under
+  PALLAS_KERNELS_GPU=auto, nothing else does, and =triton keeps every direction on Triton."""
+  from pallas_kernels import dispatch
+
+  monkeypatch.setattr(dispatch, "_hopper", lambda: True)
+  monkeypatch.delenv("PALLAS_KERNELS_GPU", raising=False)
+  dirs = lambda op="gla", backend="triton", dtype=jnp.bfloat16, kd=128, vd=128, chunk=64: \
+      dispatch.mosaic_gpu_directions(op, backend, dtype, kd, vd, chunk)
+  from pallas_kernels.common import state_pass_mosaic_gpu
+  if state_pass_mosaic_gpu.supports(jnp.bfloat16, 64, 128, 128) is not None:
+    assert dirs() == ()                                           # a jax without the Mosaic GPU kernels
+    return
+  assert dirs() == ("forward",)
+  assert dirs(kd=64, vd=2048) == ("forward",)                   # the Rodimus shape, scalar decay
+  assert dirs(op="gla_perdim") == ()
+  assert dirs(op="delta_rule") == ()
+  assert dirs(backend="interpret") == ()
+  assert dirs(dtype=jnp.float32) == ()                            # wgmma wants 16-bit operands
+  assert dirs(kd=96) == ()
+  assert dirs(kd=256, chunk=128) == ()                            # over the shared memory
+  monkeypatch.setenv("PALLAS_KERNELS_GPU", "triton")
+  assert dirs() == ()
+  monkeypatch.setenv("PALLAS_KERNELS_GPU", "auto")
+  monkeypatch.setattr(dispatch, "_hopper", lambda: False)
+  assert dirs() == ()
+  monkeypatch.setenv("PALLAS_KERNELS_GPU", "mosaic")
+  with pytest.raises(ValueError, match="PALLAS_KERNELS_GPU: expected 'auto', 'triton' or 'mosaic_gpu'"):
+    dirs()
