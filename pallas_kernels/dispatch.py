@@ -143,9 +143,10 @@ def _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) -> str | None:
 FUSED_BY_DEFAULT = {"delta_rule": True, "gated_delta_rule": True, "gla": True, "gla_perdim": True}
 
 
-# The ops with fused kernels on the Mosaic GPU backend (`chunk_kernels_mosaic_gpu`): GLA with a
-# scalar decay or none, without segment ids (the caller checks those).
-MOSAIC_GPU_FUSED = ("gla",)
+# The ops with fused kernels on the Mosaic GPU backend (`chunk_kernels_mosaic_gpu`: GLA with a
+# scalar decay or none; `delta_kernels_mosaic_gpu`: the delta rule, gated by a scalar decay or
+# not, without segment ids; the callers check those).
+MOSAIC_GPU_FUSED = ("gla", "delta_rule", "gated_delta_rule")
 
 
 def fused_kernels(backend: str, op: str) -> bool:

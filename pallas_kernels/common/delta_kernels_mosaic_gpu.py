@@ -1,6 +1,7 @@
-"""Pallas kernel (GPU, Mosaic GPU lowering: TMA and wgmma on Hopper) for the whole chunked
-delta-rule forward, ungated or with a scalar per-token log decay (issue 12), with the contract of
-`chunk_kernels_triton.forward` for beta [B, T, H] and g [B, T, H] or None.
+"""Pallas kernels (GPU, Mosaic GPU lowering: TMA and wgmma on Hopper) for the whole chunked delta
+rule, ungated or with a scalar per-token log decay (issue 12): `forward`, with the contract of
+`chunk_kernels_triton.forward` for beta [B, T, H] and g [B, T, H] or None, `backward`
+(`state_grads`, then `chunk_grads`) and `fused_delta_rule`, the two under jax.custom_vjp.
 
 The structure of `chunk_kernels_mosaic_gpu` (the fused GLA forward): one warpgroup per
 (batch*head, 64-wide value block) walks the chunks; TMA copies each chunk's q, k, v tiles, its
@@ -40,14 +41,39 @@ in interpret mode: 6.1e-3). The other products have 16-bit inputs for operands, 
 kernel's: K K^T, Q K^T, K S, Q S (S rounded to 16 bits), P X, K^T (d * X) (P, X, d * X rounded
 to 16 bits, as the Triton forward rounds them).
 
+The backward (hand-derived as `chunk_kernels_triton`'s; checked first in a jnp prototype against
+`jax.vjp` of the float32 scan, to its 1e-7 in float64, correlated keys included), with H = dL/dS':
+
+  `forward(store_states=True)` keeps the state entering every chunk and X as hi + lo, all in q's
+  dtype (`Residuals`): X costs 2 V values a token, as many as the states' K V / C at K = V = 128,
+  C = 64, where recomputing it in `chunk_grads` would cost a solve per chunk and key block. The lo part
+  is for dA = -R X^T only: there dbeta's terms rowsum(R * (V - e * (K S))) and
+  rowsum(dA * (K K^T) * Gamma) cancel down to rowsum(R * X) / beta, and X in 16 bits alone took
+  dbeta to 7.9e-3 of the scan's with correlated keys in the prototype (hi + lo: 4.0e-3).
+  `state_grads`: one warpgroup per (batch*head, 64-wide value block) walks the chunks in reverse
+  with H in registers (float32), solving T^T = (I + A^T)^-1 by the same doubling (A^T is strictly
+  upper: the 2 x 2 block inverse holds as well), storing H of every chunk and R in 16 bits:
+    dX = P^T dO + d * (K H),   R = T^T dX (split operands, as X's product),   dV = beta * R
+    dS = lambda H + scale (e * Q)^T dO - K^T (beta e * R)     (W^T dX = K^T diag(beta e) T^T dX)
+  `chunk_grads`: one warpgroup per (batch*head, chunk, 64-wide key block), summing over value
+  blocks dP = dO X^T, R X^T, dO S^T, X H^T, R S^T, R * V (and H * S); no solve, R holds T's part:
+    dA = -R X^T on A's support,  R_K = T^T dW = -R S^T,  G = beta_i Gamma_ij dA_ij
+    dQ = scale (dP * Gamma) K + scale e * (dO S^T)
+    dK = scale (dP * Gamma)^T Q + d * (X H^T) + beta e * R_K + G K + G^T K
+    dbeta = rowsum(R * V) + e * rowsum(R_K * K) + rowsum(dA * (K K^T) * Gamma)
+    db = rowsum(Dg) - colsum(Dg) + scale e * rowsum((dO S^T) * Q) - d * rowsum((X H^T) * K)
+         + beta e * rowsum(R_K * K) + [i = C] (sum_i d_i rowsum((X H^T) * K)_i + lambda <H, S>),
+         Dg = dP * P + dA * A
+  and dg is the in-chunk reverse cumulative sum of db (XLA, with the key blocks' shares of db and
+  dbeta).
+
 wgmma needs C, K and V to be multiples of 64 and 16-bit operands (`state_pass_mosaic_gpu.supports`).
-Differences from `chunk_kernels_triton.forward`: no segment ids, and with `store_states` only the
-states entering the chunks come back (no W, X or T for a backward: there is no Mosaic GPU
-delta-rule backward yet); the states are in q's dtype, as there.
+Differences from `chunk_kernels_triton`: no segment ids; the stored states and X are in q's dtype.
 """
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,11 +81,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.chunk_kernels_mosaic_gpu import (
-    _accumulate, _chunk_output, _geometry, _rows, chunk_cumsum_BHNC)
+    BLOCK_K, _accumulate, _chunk_output, _geometry, _rows, _value_grad, chunk_cumsum_BHNC)
 from pallas_kernels.common.state_pass_mosaic_gpu import (
     BLOCK_V, _call, _fetch_one, _matmul, _nbytes, _scratch, _stage_out, _walk, plgpu, supports)
 
 SMEM_LIMIT = 227 * 1024   # shared memory per block on the H100
+REDUCTION_SCRATCH = 128 * 4 * 4   # Mosaic GPU's default reduction_scratch_bytes (jax 0.12)
 
 
 def _split(x):
@@ -85,13 +112,15 @@ def _iota_CC(c):
   return rows, plgpu.broadcasted_iota(jnp.int32, (c, c), 1, layout=plgpu.Layout.WGMMA)
 
 
-def _unit_lower_inverse(a_CC, hi_s, lo_s):
-  """(I + A)^-1 for a strictly lower triangular float32 A, by recursive doubling (module
-  docstring); hi_s, lo_s: [C, C] bf16 shared memory for the split B operands."""
+def _unit_triangular_inverse(a_CC, hi_s, lo_s):
+  """(I + A)^-1 for a strictly lower or strictly upper triangular float32 A, by recursive
+  doubling (module docstring; T_2s = T_s - T_s (L_s T_s) is the 2 x 2 block inverse of either
+  kind, L_s then holding the lower-left or the upper-right blocks); hi_s, lo_s: [C, C] bf16 shared
+  memory for the split B operands."""
   c = a_CC.shape[0]
   rows, cols = _iota_CC(c)
   # (i ^ j) >> log2(s) == 1: i and j agree above bit log2(s) and differ in it, i.e. (i, j) lies in
-  # an off-diagonal s x s block of a diagonal 2s x 2s block (the lower-left one, A being lower).
+  # an off-diagonal s x s block of a diagonal 2s x 2s block (the one on A's side of the diagonal).
   xor_CC = rows ^ cols
   t_CC = jnp.where(rows == cols, 1.0, 0.0) - jnp.where(xor_CC == 1, a_CC, 0.0)   # T_2: T_1 = I
   level = 1
@@ -115,8 +144,15 @@ def _solve(k_CK, beta_views, geo, hi_s, lo_s):
   kk_CC = _matmul((c, c), (k_CK, k_CK.transpose((1, 0))))
   rows, cols = _iota_CC(c)
   a_CC = jnp.where(rows > cols, _rows(beta_row_C, kk_CC * geo.gamma), 0.0)
-  t_CC = _unit_lower_inverse(a_CC, hi_s, lo_s)
+  t_CC = _unit_triangular_inverse(a_CC, hi_s, lo_s)
   return t_CC * lax.broadcast_in_dim(beta_col_C, (c, c), [1])
+
+
+def _split_columns(cc_hi, cc_lo):
+  """[C, 64] views of the solve's split buffers for a [C, V block] operand's split, which the
+  kernels store once the solve's wgmmas have finished (its result was read): K 256 fits shared
+  memory so (16 KiB less at C 64)."""
+  return tuple(buf.at[:, pl.ds(0, BLOCK_V)] for buf in (cc_hi, cc_lo))
 
 
 def _chunk_x(tb_CC, k_CK, v_CV, s_KV, geo, y_hi, y_lo):
@@ -129,7 +165,8 @@ def _chunk_x(tb_CC, k_CK, v_CV, s_KV, geo, y_hi, y_lo):
 
 def _next_state(s_KV, k_CK, x_CV, x_s, geo):
   """lambda S + K^T (d * X); x_s holds X in 16 bits and, under a decay, takes d * X in its place
-  (P X, its last reader, has finished: the output's accumulator was read)."""
+  (P X, its last reader, has finished: the output's accumulator was read; a TMA store of X out of
+  it, the caller has waited for)."""
   if geo.d is not None:
     x_s[...] = _rows(geo.d, x_CV).astype(x_s.dtype)
     plgpu.commit_smem()
@@ -142,10 +179,11 @@ def _forward_body(*refs, heads, scale, has_g, store_states):
   q, k, v, beta = next(it), next(it), next(it), next(it)
   cum_g = next(it) if has_g else None
   s0, o, s_final = next(it), next(it), next(it)
-  states = next(it) if store_states else None
+  states, x_hi, x_lo = (next(it), next(it), next(it)) if store_states else (None, None, None)
   q_buf, k_buf, v_buf, beta_row_buf, beta_col_buf = (next(it) for _ in range(5))
   b_bufs = [next(it), next(it)] if has_g else []
-  s_s, o_s, f32_s, cc_hi, cc_lo, y_hi, y_lo, x_s = (next(it) for _ in range(8))
+  s_s, o_s, f32_s, cc_hi, cc_lo, x_s = (next(it) for _ in range(6))
+  x_lo_s = next(it) if store_states else None
   bars = next(it)
   bh = lax.axis_index("bh")
   bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
@@ -163,17 +201,25 @@ def _forward_body(*refs, heads, scale, has_g, store_states):
     q_v, k_v, v_v = views[:3]
     geo = _geometry(views[5:] if has_g else None, c)
     tb_CC = _solve(k_v, views[3:5], geo, cc_hi, cc_lo)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last chunk's stores out of s_s and o_s
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last chunk's stores out of s_s, o_s, x_s, x_lo_s
     s_s[...] = s.astype(s_s.dtype)
     plgpu.commit_smem()
     if store_states:
       plgpu.copy_smem_to_gmem(s_s, states.at[bh, n, :, vcols])
-    x_CV = _chunk_x(tb_CC, k_v, v_v, s_s, geo, y_hi, y_lo)
-    x_s[...] = x_CV.astype(x_s.dtype)
+    x_CV = _chunk_x(tb_CC, k_v, v_v, s_s, geo, *_split_columns(cc_hi, cc_lo))
+    x_hi_CV = x_CV.astype(x_s.dtype)
+    x_s[...] = x_hi_CV
+    if store_states:
+      x_lo_s[...] = (x_CV - x_hi_CV.astype(jnp.float32)).astype(x_lo_s.dtype)
     plgpu.commit_smem()
+    if store_states:
+      plgpu.copy_smem_to_gmem(x_s, x_hi.at[bi, tok(n), hi, vcols])
+      plgpu.copy_smem_to_gmem(x_lo_s, x_lo.at[bi, tok(n), hi, vcols])
     o_s[...] = _chunk_output(q_v, k_v, x_s, s_s, geo, scale).astype(o_s.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_s, o.at[bi, tok(n), hi, vcols])
+    if store_states and has_g:
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # every store but O's has read its buffer: x_s is free
     return _next_state(s, k_v, x_CV, x_s, geo)
 
   buffers = [q_buf, k_buf, v_buf, beta_row_buf, beta_col_buf, *b_bufs]
@@ -182,37 +228,89 @@ def _forward_body(*refs, heads, scale, has_g, store_states):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _scratch_types(c, kd, mm, out_dtype, has_g):
+def _smem_need(per_chunk, fixed, n_barriers_extra):
+  """Bytes of shared memory a block asks for, at most: one buffer slot's worth of the per-chunk
+  buffers, the fixed ones and, as the compiler reserves besides, REDUCTION_SCRATCH and 8 bytes a
+  barrier (measured: the gated forward at K 128, chunk 128 asked for its buffers plus 2112)."""
+  need = sum(_nbytes(shape, dtype) for shape, dtype, _ in per_chunk + fixed)
+  return need + REDUCTION_SCRATCH + 8 * (2 * len(per_chunk) + n_barriers_extra)
+
+
+def _scratch_within(what, layout):
+  """`state_pass_mosaic_gpu._scratch` for a (per_chunk, fixed, n_barriers_extra) layout, or a
+  ValueError where even one buffer slot overflows shared memory (a large K with chunk 128), which
+  the Mosaic GPU compiler would only report on the GPU."""
+  need = _smem_need(*layout)
+  if need > SMEM_LIMIT:
+    raise ValueError(f"Mosaic GPU fused delta-rule {what}: {need // 1024} KiB of shared memory per block, over "
+                     f"the {SMEM_LIMIT // 1024} KiB of the H100; a smaller chunk_size fits")
+  return _scratch(*layout)
+
+
+def _forward_layout(c, kd, mm, out_dtype, has_g, store_states):
   """Shared memory (`state_pass_mosaic_gpu._scratch`): per chunk the q, k, v buffers and two
   copies each of beta (and of the cumulative decay); the state's 16-bit copy, the output tile, a
-  float32 staging buffer for the initial and final states, the split [C, C] and [C, V] operands
-  of the solve and of X, X (then d * X) in 16 bits; one more TMA barrier for the initial state.
-  K 256 fits one buffer slot only; where even one overflows (a large K with chunk 128), a
-  ValueError here rather than the Mosaic GPU compiler's on the GPU."""
+  float32 staging buffer for the initial and final states, the split [C, C] operands of the
+  solve (and of X's product, `_split_columns`), X (then d * X) in 16 bits and, with
+  `store_states`, X's low part; one more TMA barrier for the initial state. K 256 fits one buffer
+  slot only."""
   per_chunk = [((c, kd), mm, True), ((c, kd), mm, True), ((c, BLOCK_V), mm, True)]
   per_chunk += [((c,), jnp.float32, False)] * (4 if has_g else 2)
   fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), out_dtype, True), ((kd, BLOCK_V), jnp.float32, False)]
-  fixed += [((c, c), jnp.bfloat16, True)] * 2 + [((c, BLOCK_V), jnp.bfloat16, True)] * 2
-  fixed += [((c, BLOCK_V), mm, True)]
-  need = sum(_nbytes(shape, dtype) for shape, dtype, _ in per_chunk + fixed)
-  if need > SMEM_LIMIT:
-    raise ValueError(f"Mosaic GPU fused delta-rule forward: {need // 1024} KiB of shared memory per block, over "
-                     f"the {SMEM_LIMIT // 1024} KiB of the H100; a smaller chunk_size fits")
-  return _scratch(per_chunk, fixed)
+  fixed += [((c, c), jnp.bfloat16, True)] * 2 + [((c, BLOCK_V), mm, True)] * (2 if store_states else 1)
+  return per_chunk, fixed, 1
 
 
-def _check(q, v, beta, g, chunk):
+def _state_grad_layout(c, kd, mm, has_g):
+  """`state_grads`' shared memory: per chunk the q, k, dO buffers and two copies each of beta (and
+  of the cumulative decay); H's 16-bit copy, the dv and R tiles, a float32 staging buffer for
+  dL/dS of the final and initial states, the solve's split [C, C] operands (and dX's,
+  `_split_columns`), -(beta e * R) / scale (and e * dO) in 16 bits; one more TMA barrier."""
+  per_chunk = [((c, kd), mm, True), ((c, kd), mm, True), ((c, BLOCK_V), mm, True)]
+  per_chunk += [((c,), jnp.float32, False)] * (4 if has_g else 2)
+  fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True),
+           ((kd, BLOCK_V), jnp.float32, False)]
+  fixed += [((c, c), jnp.bfloat16, True)] * 2 + [((c, BLOCK_V), mm, True)] * (2 if has_g else 1)
+  return per_chunk, fixed, 1
+
+
+def _chunk_grad_layout(c, mm, has_g):
+  """`chunk_grads`' shared memory: per value block the dO, V, X hi, X lo, R tiles and S, H blocks;
+  the chunk's q and k key block (then dq and dk), beta (and two copies of the cumulative decay),
+  scale dP * Gamma and G in 16 bits, dbeta's (and db's rows and columns) share; one TMA barrier
+  for each of the chunk's once-copied inputs."""
+  per_chunk = [((c, BLOCK_V), mm, True)] * 5 + [((BLOCK_K, BLOCK_V), mm, True)] * 2
+  fixed = [((c, BLOCK_K), mm, True)] * 2 + [((c,), jnp.float32, False)] * (3 if has_g else 1)
+  fixed += [((c, c), mm, True)] * 2 + [((c,), jnp.float32, False)] * (3 if has_g else 1)
+  return per_chunk, fixed, 5 if has_g else 3
+
+
+def fused_unsupported(dtype, chunk, kd, gated) -> str | None:
+  """Why `fused_delta_rule` (forward and backward) cannot take 16-bit inputs of this dtype, chunk
+  and key size (a gated one or not) within the H100's shared memory, or None; the callers run
+  the state-pass kernels then."""
+  layouts = {"forward": _forward_layout(chunk, kd, dtype, dtype, gated, True),
+             "reverse pass": _state_grad_layout(chunk, kd, dtype, gated),
+             "chunk gradients": _chunk_grad_layout(chunk, dtype, gated)}
+  for what, layout in layouts.items():
+    need = _smem_need(*layout)
+    if need > SMEM_LIMIT:
+      return f"the {what} needs {need // 1024} KiB of shared memory per block at K {kd}, chunk {chunk}"
+  return None
+
+
+def _check(q, v, beta, g, chunk, what="forward"):
   why = supports(q.dtype, chunk, q.shape[-1], v.shape[-1])
   if why is None and q.shape[1] % chunk:
     why = f"T must be a multiple of the chunk (callers pad), got T={q.shape[1]}, chunk {chunk}"
   if why is None and v.dtype != q.dtype:
-    why = f"q and v must share one dtype (v's tiles go to buffers of q's), got {q.dtype} and {v.dtype}"
+    why = f"q and v (or do) must share one dtype (their tiles go to buffers of q's), got {q.dtype} and {v.dtype}"
   if why is None and beta.shape != q.shape[:3]:
     why = f"beta must be [B, T, H] = {q.shape[:3]}, got {beta.shape}"
   if why is None and g is not None and g.shape != q.shape[:3]:
     why = f"only a scalar [B, T, H] decay or none, got g of shape {g.shape}"
   if why:
-    raise ValueError(f"Mosaic GPU fused delta-rule forward: {why}")
+    raise ValueError(f"Mosaic GPU fused delta-rule {what}: {why}")
 
 
 def _per_chunk_BHNC(x_BTH, chunk):
@@ -221,11 +319,24 @@ def _per_chunk_BHNC(x_BTH, chunk):
   return x_BTH.astype(jnp.float32).transpose(0, 2, 1).reshape(b * h, t // chunk, chunk)
 
 
+def _named(body, **params):
+  """body with `params` bound, keeping its name: Mosaic GPU names the kernel after it (jaxprs,
+  profiles), else "anonymous"."""
+  return functools.update_wrapper(functools.partial(body, **params), body)
+
+
+class Residuals(NamedTuple):
+  """What `forward(store_states=True)` keeps for `backward`: the state entering every chunk
+  [B*H, N, K, V] and X as hi + lo, both [B, T, H, V], all in q's dtype."""
+  states: jax.Array
+  x_hi: jax.Array
+  x_lo: jax.Array
+
+
 def forward(q, k, v, beta, g, s0, *, scale, chunk, store_states, interpret=False):
   """O [B, T, H, V] in v's dtype, the final state [B*H, K, V] float32 and, if `store_states`, the
-  state entering every chunk [B*H, N, K, V] in q's dtype (else None). q, k [B, T, H, K] and v
-  [B, T, H, V] 16-bit with T a multiple of `chunk`; beta [B, T, H]; g [B, T, H] log decay or
-  None; s0 [B*H, K, V] float32."""
+  `Residuals` for `backward` (else None). q, k [B, T, H, K] and v [B, T, H, V] 16-bit with T a
+  multiple of `chunk`; beta [B, T, H]; g [B, T, H] log decay or None; s0 [B*H, K, V] float32."""
   _check(q, v, beta, g, chunk)
   b, t, h, kd = q.shape
   vd = v.shape[-1]
@@ -233,11 +344,282 @@ def forward(q, k, v, beta, g, s0, *, scale, chunk, store_states, interpret=False
   has_g = g is not None
   out_type = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)]
   if store_states:
-    out_type.append(jax.ShapeDtypeStruct((b * h, n, kd, vd), q.dtype))
+    out_type += [jax.ShapeDtypeStruct((b * h, n, kd, vd), q.dtype)] + [jax.ShapeDtypeStruct(v.shape, q.dtype)] * 2
   inputs = [q, k, v, _per_chunk_BHNC(beta, chunk)] + ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [s0]
-  # update_wrapper: Mosaic GPU names the kernel after the body (jaxprs, profiles), else "anonymous".
-  body = functools.update_wrapper(
-      functools.partial(_forward_body, heads=h, scale=scale, has_g=has_g, store_states=store_states), _forward_body)
-  res = _call(body, tuple(out_type), _scratch_types(chunk, kd, q.dtype, v.dtype, has_g), (b * h, vd // BLOCK_V),
-              interpret, *inputs)
-  return res[0], res[1], res[2] if store_states else None
+  body = _named(_forward_body, heads=h, scale=scale, has_g=has_g, store_states=store_states)
+  scratch = _scratch_within("forward", _forward_layout(chunk, kd, q.dtype, v.dtype, has_g, store_states))
+  res = _call(body, tuple(out_type), scratch, (b * h, vd // BLOCK_V), interpret, *inputs)
+  return res[0], res[1], Residuals(*res[2:]) if store_states else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+
+def _transposed_solve(k_CK, beta_col_view, geo, hi_s, lo_s):
+  """T^T = (I + A^T)^-1 of one chunk (float32 registers), geo.gamma being Gamma^T: A^T_ij =
+  (K K^T)_ij Gamma_ji beta_j for i < j, strictly upper, which the doubling inverts as it does A
+  (the reverse pass needs T^T only, and Gamma^T is its P^T's factor)."""
+  c = k_CK.shape[0]
+  beta_col_C = plgpu.load(beta_col_view, layout=plgpu.Layout.WGMMA.reduce(0))
+  kk_CC = _matmul((c, c), (k_CK, k_CK.transpose((1, 0))))
+  rows, cols = _iota_CC(c)
+  at_CC = jnp.where(rows < cols, kk_CC * geo.gamma * lax.broadcast_in_dim(beta_col_C, (c, c), [1]), 0.0)
+  return _unit_triangular_inverse(at_CC, hi_s, lo_s)
+
+
+def _entering_state_grad(h_KV, q_CK, k_CK, do_CV, mz_CV, edo_CV, geo, scale):
+  """dS = lambda H + scale (e * Q)^T dO - K^T (beta e * R) in one float32 accumulator, as
+  scale (lambda / scale H + Q^T (e * dO) + K^T mz) with mz_CV holding -(beta e * R) / scale in 16
+  bits; edo_CV: shared memory for e * dO in 16 bits (None without a decay)."""
+  x_CV = do_CV
+  if geo.e is not None:
+    edo_CV[...] = _rows(geo.e, plgpu.load(do_CV, layout=plgpu.Layout.WGMMA).astype(jnp.float32)).astype(edo_CV.dtype)
+    plgpu.commit_smem()
+    x_CV = edo_CV
+  lam = 1.0 if geo.lam is None else geo.lam
+  return scale * _accumulate((lam / scale) * h_KV, (q_CK.transpose((1, 0)), x_CV), (k_CK.transpose((1, 0)), mz_CV))
+
+
+def _state_grad_body(*refs, heads, scale, has_g):
+  it = iter(refs)
+  q, k, do, beta = next(it), next(it), next(it), next(it)
+  cum_g = next(it) if has_g else None
+  ds_final, dv, r, ds_out, ds0 = (next(it) for _ in range(5))
+  q_buf, k_buf, do_buf, beta_row_buf, beta_col_buf = (next(it) for _ in range(5))
+  b_bufs = [next(it), next(it)] if has_g else []
+  h_s, dv_s, r_s, f32_s, cc_hi, cc_lo, mz_s = (next(it) for _ in range(7))
+  edo_s = next(it) if has_g else None
+  bars = next(it)
+  bh = lax.axis_index("bh")
+  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
+  c = q_buf.shape[1]
+  tok = lambda n: pl.ds(n * c, c)
+  vcols = pl.ds(lax.axis_index("v") * BLOCK_V, BLOCK_V)
+  sources = [lambda n: q.at[bi, tok(n), hi], lambda n: k.at[bi, tok(n), hi],
+             lambda n: do.at[bi, tok(n), hi, vcols]] + [lambda n: beta.at[bh, n]] * 2
+  if has_g:
+    sources += [lambda n: cum_g.at[bh, n]] * 2
+  _fetch_one(ds_final.at[bh, :, vcols], f32_s, bars.at[bars.shape[0] - 1])
+  h_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
+
+  def body(n, views, h):
+    q_v, k_v, do_v = views[:3]
+    geo = _geometry(views[5:] if has_g else None, c, transpose=True)
+    tt_CC = _transposed_solve(k_v, views[4], geo, cc_hi, cc_lo)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last chunk's stores out of h_s, dv_s, r_s
+    h_s[...] = h.astype(h_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(h_s, ds_out.at[bh, n, :, vcols])
+    # R = T^T dX on split operands, as the forward's X = T diag(beta) Y: T^T is as ill-conditioned
+    # as T with correlated keys, and R carries every gradient through the solve.
+    y_hi, y_lo = _split_columns(cc_hi, cc_lo)
+    _store_split(_value_grad(q_v, k_v, do_v, h_s, geo, scale), y_hi, y_lo)
+    r_CV = _precise_matmul(tt_CC, y_hi, y_lo)
+    beta_C = plgpu.load(views[3], layout=plgpu.Layout.WGMMA.reduce(1))
+    dv_s[...] = _rows(beta_C, r_CV).astype(dv_s.dtype)
+    r_s[...] = r_CV.astype(r_s.dtype)
+    beta_e_C = beta_C if geo.e is None else beta_C * geo.e
+    mz_s[...] = _rows(beta_e_C * (-1.0 / scale), r_CV).astype(mz_s.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dv_s, dv.at[bi, tok(n), hi, vcols])
+    plgpu.copy_smem_to_gmem(r_s, r.at[bi, tok(n), hi, vcols])
+    return _entering_state_grad(h, q_v, k_v, do_v, mz_s, edo_s, geo, scale)
+
+  buffers = [q_buf, k_buf, do_buf, beta_row_buf, beta_col_buf, *b_bufs]
+  h = _walk(q.shape[1] // c, sources, buffers, bars, body, h_init, reverse=True)
+  _stage_out(h, f32_s, ds0.at[bh, :, vcols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _chunk_grad_body(*refs, heads, scale, has_g):
+  it = iter(refs)
+  q, k, v, do, x_hi, x_lo, r, beta = (next(it) for _ in range(8))
+  cum_g = next(it) if has_g else None
+  s_in, ds_out, dq, dk, dbeta = (next(it) for _ in range(5))
+  db_rows, db_cols = (next(it), next(it)) if has_g else (None, None)
+  do_buf, v_buf, x_hi_buf, x_lo_buf, r_buf, s_buf, h_buf = (next(it) for _ in range(7))
+  q_s, k_s, beta_s = next(it), next(it), next(it)
+  b_bufs = [next(it), next(it)] if has_g else []
+  dpg_s, g_s, dbeta_s = (next(it) for _ in range(3))
+  rows_s, cols_s = (next(it), next(it)) if has_g else (None, None)
+  bars = next(it)
+  bh, n = lax.axis_index("bh"), lax.axis_index("n")
+  kb = lax.axis_index("kb")
+  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
+  kcols = pl.ds(kb * BLOCK_K, BLOCK_K)
+  c = q_s.shape[0]
+  tok = pl.ds(n * c, c)
+  vcols = lambda j: pl.ds(j * BLOCK_V, BLOCK_V)
+  # The chunk's key block, beta and decay, once: their copies run beside the walk over value blocks.
+  once = [(q.at[bi, tok, hi, kcols], q_s), (k.at[bi, tok, hi, kcols], k_s), (beta.at[bh, n], beta_s)]
+  once += [(cum_g.at[bh, n], buf) for buf in b_bufs]
+  first_once = bars.shape[0] - len(once)
+  for i, (src, dst) in enumerate(once):
+    plgpu.copy_gmem_to_smem(src, dst, bars.at[first_once + i])
+  per_token = [do, v, x_hi, x_lo, r]
+  sources = [lambda j, ref=ref: ref.at[bi, tok, hi, vcols(j)] for ref in per_token]
+  sources += [lambda j: s_in.at[bh, n, kcols, vcols(j)], lambda j: ds_out.at[bh, n, kcols, vcols(j)]]
+  # WGMMA-layout zeros: wgmma accumulators take no other layout, and a bare constant has none yet.
+  zeros = lambda *shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+  load = lambda ref: plgpu.load(ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+  sums = (zeros(c, c), zeros(c, c), zeros(c, BLOCK_K), zeros(c, BLOCK_K), zeros(c, BLOCK_K), zeros(c, BLOCK_V))
+  sums += (zeros(BLOCK_K, BLOCK_V),) if has_g else ()
+
+  def body(j, views, sums):
+    """Sums over the value blocks: dP = dO X^T, R X^T (X as hi + lo: dA = -R X^T feeds dbeta,
+    where its terms cancel down to rowsum(R * X) / beta), dO S^T, X H^T, R S^T, R * V (dbeta's
+    rowsum(R * V)) and, for lambda's gradient, H * S."""
+    do_v, v_v, x_hi_v, x_lo_v, r_v, s_v, h_v = views
+    dp_CC, rx_CC, dos_CK, xh_CK, rs_CK, rv_CV = sums[:6]
+    dp_CC = _accumulate(dp_CC, (do_v, x_hi_v.transpose((1, 0))))
+    rx_CC = _accumulate(rx_CC, (r_v, x_hi_v.transpose((1, 0))), (r_v, x_lo_v.transpose((1, 0))))
+    dos_CK = _accumulate(dos_CK, (do_v, s_v.transpose((1, 0))))
+    xh_CK = _accumulate(xh_CK, (x_hi_v, h_v.transpose((1, 0))))
+    rs_CK = _accumulate(rs_CK, (r_v, s_v.transpose((1, 0))))
+    rv_CV = rv_CV + load(r_v) * load(v_v)
+    hs_KV = (sums[6] + load(h_v) * load(s_v),) if has_g else ()
+    return (dp_CC, rx_CC, dos_CK, xh_CK, rs_CK, rv_CV) + hs_KV
+
+  buffers = [do_buf, v_buf, x_hi_buf, x_lo_buf, r_buf, s_buf, h_buf]
+  sums = _walk(v.shape[-1] // BLOCK_V, sources, buffers, bars, body, sums, reverse=False)
+  dp_CC, rx_CC, dos_CK, xh_CK, rs_CK, rv_CV = sums[:6]
+  for i in range(len(once)):
+    plgpu.barrier_wait(bars.at[first_once + i])
+  geo = _geometry(b_bufs or None, c)
+  beta_C = plgpu.load(beta_s, layout=plgpu.Layout.WGMMA.reduce(1))
+  rows, cols = _iota_CC(c)
+  da_CC = jnp.where(rows > cols, -rx_CC, 0.0)   # dA = -R X^T on A's support
+  kkg_CC = _matmul((c, c), (k_s, k_s.transpose((1, 0)))) * geo.gamma   # this key block's share of K K^T, decayed
+  dakk_CC = da_CC * kkg_CC
+  dpg_s[...] = (scale * dp_CC * geo.gamma).astype(dpg_s.dtype)
+  g_s[...] = _rows(beta_C, geo.gamma * da_CC).astype(g_s.dtype)   # G = beta_i Gamma_ij dA_ij
+  e_C = geo.e
+  beta_e_C = beta_C if e_C is None else beta_C * e_C
+  dq_state_CK = scale * dos_CK if e_C is None else _rows(scale * e_C, dos_CK)
+  dxh_CK = xh_CK if geo.d is None else _rows(geo.d, xh_CK)
+  k_CK = load(k_s)
+  rsk_C = jnp.sum(rs_CK * k_CK, axis=1)   # -rowsum(R_K * K), R_K = T^T dW = -R S^T
+  # dbeta = rowsum(R * V) + e * rowsum(R_K * K) + rowsum(dA * (K K^T) * Gamma): the key blocks
+  # add their shares of the last two, the first key block the first.
+  first_block = jnp.where(kb == 0, 1.0, 0.0)
+  dbeta_s[...] = (first_block * jnp.sum(rv_CV, axis=1) - (rsk_C if e_C is None else e_C * rsk_C)
+                  + jnp.sum(dakk_CC, axis=1))
+  if has_g:
+    # This key block's share of every log-decay gradient term (each is a sum over key columns);
+    # the column sums come back apart, in their own layout. Dg = dP * P + dA * A, the gradient
+    # of log Gamma.
+    p_CC = scale * _matmul((c, c), (q_s, k_s.transpose((1, 0)))) * geo.gamma
+    dgam_CC = dp_CC * p_CC + _rows(beta_C, dakk_CC)
+    dxhk_C = jnp.sum(dxh_CK * k_CK, axis=1)
+    rows_C = jnp.sum(dq_state_CK * load(q_s), axis=1) - dxhk_C - beta_e_C * rsk_C + jnp.sum(dgam_CC, axis=1)
+    # <H, S> in two reductions: jax 0.12's layout inference finds no solution for one [K, V] -> scalar.
+    last = jnp.sum(dxhk_C) + geo.lam * jnp.sum(jnp.sum(sums[6], axis=1))
+    last_C = plgpu.broadcasted_iota(jnp.int32, (c,), 0, layout=plgpu.Layout.WGMMA.reduce(1)) == c - 1
+    rows_s[...] = rows_C + jnp.where(last_C, last, 0.0)
+    cols_s[...] = jnp.sum(dgam_CC, axis=0)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(dbeta_s, dbeta.at[kb, bh, n])
+  if has_g:
+    plgpu.copy_smem_to_gmem(rows_s, db_rows.at[kb, bh, n])
+    plgpu.copy_smem_to_gmem(cols_s, db_cols.at[kb, bh, n])
+  # dK = scale (dP * Gamma)^T Q + d * (X H^T) + beta e * R_K + G K + G^T K.
+  dq_CK = _accumulate(dq_state_CK, (dpg_s, k_s))
+  dk_CK = _accumulate(dxh_CK - _rows(beta_e_C, rs_CK), (dpg_s.transpose((1, 0)), q_s), (g_s, k_s),
+                      (g_s.transpose((1, 0)), k_s))
+  # dq and dk go out through q_s and k_s, which nothing reads any more (the wgmmas above have
+  # finished: their results were read): chunk 128 fits shared memory so.
+  q_s[...] = dq_CK.astype(q_s.dtype)
+  k_s[...] = dk_CK.astype(k_s.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(q_s, dq.at[bi, tok, hi, kcols])
+  plgpu.copy_smem_to_gmem(k_s, dk.at[bi, tok, hi, kcols])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def state_grads(q, k, beta, g, do, ds_final, *, scale, chunk, interpret=False):
+  """The reverse pass: dv [B, T, H, V] in do's dtype, R = T^T dX [B, T, H, V] and H = dL/dS of the
+  state leaving every chunk [B*H, N, K, V], both in q's dtype, and the initial-state gradient
+  [B*H, K, V] float32. q, k [B, T, H, K], do [B, T, H, V] in q's 16-bit dtype, T a multiple of
+  `chunk`; beta [B, T, H]; g [B, T, H] log decay or None; ds_final [B*H, K, V] float32."""
+  _check(q, do, beta, g, chunk, "backward")
+  b, t, h, kd = q.shape
+  vd = do.shape[-1]
+  has_g = g is not None
+  mm = q.dtype
+  out_type = (jax.ShapeDtypeStruct(do.shape, do.dtype), jax.ShapeDtypeStruct(do.shape, mm),
+              jax.ShapeDtypeStruct((b * h, t // chunk, kd, vd), mm), jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32))
+  inputs = [q, k, do, _per_chunk_BHNC(beta, chunk)] + ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [ds_final]
+  body = _named(_state_grad_body, heads=h, scale=scale, has_g=has_g)
+  return _call(body, out_type, _scratch_within("backward", _state_grad_layout(chunk, kd, mm, has_g)),
+               (b * h, vd // BLOCK_V), interpret, *inputs)
+
+
+def chunk_grads(q, k, v, beta, g, do, residuals, r, ds_out, *, scale, chunk, interpret=False):
+  """dq, dk [B, T, H, K] in q's dtype, dbeta [B, T, H] float32 and dg [B, T, H] float32 (None
+  without a decay), every chunk in parallel (one warpgroup per (batch*head, chunk, 64-wide key
+  block), walking the value blocks) from `forward`'s `Residuals`, R of `state_grads` [B, T, H, V]
+  and H [B*H, N, K, V]. No solve: R holds T's part. XLA adds the key blocks' shares of dbeta and
+  db; dg is the in-chunk reverse cumulative sum of db."""
+  _check(q, v, beta, g, chunk, "backward")
+  b, t, h, kd = q.shape
+  n = t // chunk
+  has_g = g is not None
+  mm = q.dtype
+  shares = jax.ShapeDtypeStruct((kd // BLOCK_K, b * h, n, chunk), jnp.float32)
+  out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, q.dtype), shares]
+  out_type += [shares] * 2 if has_g else []
+  inputs = [q, k, v, do, residuals.x_hi, residuals.x_lo, r, _per_chunk_BHNC(beta, chunk)]
+  inputs += ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [residuals.states, ds_out]
+  body = _named(_chunk_grad_body, heads=h, scale=scale, has_g=has_g)
+  res = plgpu.kernel(
+      body, out_type=tuple(out_type), scratch_types=_scratch_within("backward", _chunk_grad_layout(chunk, mm, has_g)),
+      grid=(b * h, n, kd // BLOCK_K), grid_names=("bh", "n", "kb"),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(*inputs)
+  to_BTH = lambda x_BHNC: x_BHNC.reshape(b, h, t).transpose(0, 2, 1)
+  dbeta = to_BTH(jnp.sum(res[2], axis=0))
+  if not has_g:
+    return res[0], res[1], dbeta, None
+  db_BHNC = jnp.sum(res[3] - res[4], axis=0)
+  return res[0], res[1], dbeta, to_BTH(jnp.flip(jnp.cumsum(jnp.flip(db_BHNC, -1), axis=-1), -1))
+
+
+def backward(q, k, v, beta, g, residuals, do, ds_final, *, scale, chunk, interpret=False):
+  """(dq, dk, dv in the inputs' dtype, dbeta [B, T, H] float32, dg [B, T, H] float32 or None, ds0
+  [B*H, K, V] float32). residuals: what `forward(store_states=True)` returned; the other
+  arguments as `forward`'s, do [B, T, H, V] in v's dtype, ds_final [B*H, K, V] float32."""
+  dv, r, ds_out, ds0 = state_grads(q, k, beta, g, do, ds_final, scale=scale, chunk=chunk, interpret=interpret)
+  dq, dk, dbeta, dg = chunk_grads(q, k, v, beta, g, do, residuals, r, ds_out, scale=scale, chunk=chunk,
+                                  interpret=interpret)
+  return dq, dk, dv, dbeta, dg, ds0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def fused_delta_rule(scale, chunk, interpret, q, k, v, beta, g, s0):
+  """(O [B, T, H, V], final state [B, H, K, V] float32) with `forward`'s contract (s0 [B, H, K, V]
+  float32), differentiable through `backward`."""
+  b, _, h, _ = q.shape
+  o, s_final, _ = forward(q, k, v, beta, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
+                          store_states=False, interpret=interpret)
+  return o, s_final.reshape(s0.shape)
+
+
+def _fused_delta_rule_fwd(scale, chunk, interpret, q, k, v, beta, g, s0):
+  b, _, h, _ = q.shape
+  o, s_final, residuals = forward(q, k, v, beta, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
+                                  store_states=True, interpret=interpret)
+  return (o, s_final.reshape(s0.shape)), (q, k, v, beta, g, residuals)
+
+
+def _fused_delta_rule_bwd(scale, chunk, interpret, saved, cotangents):
+  q, k, v, beta, g, residuals = saved
+  do, ds_final = cotangents
+  b, _, h, _ = q.shape
+  dq, dk, dv, dbeta, dg, ds0 = backward(q, k, v, beta, g, residuals, do.astype(v.dtype),
+                                        ds_final.reshape(b * h, *ds_final.shape[2:]), scale=scale, chunk=chunk,
+                                        interpret=interpret)
+  return dq, dk, dv, dbeta.astype(beta.dtype), None if g is None else dg.astype(g.dtype), ds0.reshape(ds_final.shape)
+
+
+fused_delta_rule.defvjp(_fused_delta_rule_fwd, _fused_delta_rule_bwd)

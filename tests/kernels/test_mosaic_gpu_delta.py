@@ -1,7 +1,10 @@
-"""The fused Mosaic GPU delta-rule forward (`delta_kernels_mosaic_gpu.forward`, gated by a scalar
-decay or not) against the float32 scan under Mosaic GPU interpret mode: outputs, final state and
-the stored states entering every chunk; its lowering to the Mosaic GPU custom call for CUDA.
-jax >= 0.11 (the Python 3.12 CI leg): older jax has no Mosaic GPU interpret mode."""
+"""The fused Mosaic GPU delta-rule kernels (`delta_kernels_mosaic_gpu`, gated by a scalar decay or
+not) against the float32 scan under Mosaic GPU interpret mode: the forward's outputs, final state
+and stored states entering every chunk; forward and every gradient of `delta_rule(impl="pallas")`,
+which takes them under PALLAS_KERNELS_INTERPRET=mosaic_gpu; their lowering to the Mosaic GPU
+custom call for CUDA. The lowering needs jax >= 0.11 (older jax has no Mosaic GPU interpret mode,
+which `supports` asks for), interpret mode on the CPU jax >= 0.12 (jax 0.11.2 fails there: no
+`eval_jaxpr` rule, no CPU rule for wgmma)."""
 from __future__ import annotations
 
 import zlib
@@ -12,15 +15,18 @@ import numpy as np
 import pytest
 from jax import export
 
+import pallas_kernels as pk
 from pallas_kernels.common import delta_kernels_mosaic_gpu, state_pass_mosaic_gpu
 from pallas_kernels.ops.delta_rule.scan import delta_rule_scan
 from tests.conftest import assert_rel_close
 from tests.kernels.recurrence_cases import make_inputs
-from tests.kernels.test_chunk_agreement import TOL
+from tests.kernels.test_chunk_agreement import TOL, check_against_reference
 
 pytestmark = pytest.mark.skipif(
     state_pass_mosaic_gpu.supports(jnp.bfloat16, 64, 64, 64) is not None,
     reason=str(state_pass_mosaic_gpu.supports(jnp.bfloat16, 64, 64, 64)))
+interpret_mode = pytest.mark.skipif(
+    jax.__version_info__ < (0, 12), reason=f"Mosaic GPU interpret mode fails on the CPU with jax {jax.__version__}")
 
 BF16 = TOL[jnp.bfloat16]
 CHUNK = 64
@@ -54,17 +60,19 @@ def _forward(x, store_states, chunk=CHUNK):
 
 def _check_against_scan(x, store_states=True, chunk=CHUNK):
   ref_o, ref_states, ref_s = _scan_by_chunks(x, chunk)
-  o, s, states = _forward(x, store_states, chunk)
+  o, s, residuals = _forward(x, store_states, chunk)
   assert o.dtype == x["v"].dtype and s.dtype == jnp.float32
   assert_rel_close("o", ref_o, o, BF16)
   assert_rel_close("final state", ref_s, s, BF16)
   if store_states:
-    assert states.dtype == x["q"].dtype and states.shape == ref_states.shape
-    assert_rel_close("states entering the chunks", ref_states, states, BF16)
+    assert residuals.states.dtype == x["q"].dtype and residuals.states.shape == ref_states.shape
+    assert_rel_close("states entering the chunks", ref_states, residuals.states, BF16)
+    assert residuals.x_hi.shape == residuals.x_lo.shape == x["v"].shape
   else:
-    assert states is None
+    assert residuals is None
 
 
+@interpret_mode
 @pytest.mark.parametrize("store_states", [True, False], ids=["states", "no-states"])
 @pytest.mark.parametrize("kd, vd", [(64, 128), (128, 64)], ids=["K64-V128", "K128-V64"])
 @pytest.mark.parametrize("variant", ["gated_delta", "delta"])
@@ -76,6 +84,7 @@ def test_delta_forward_matches_scan(variant, kd, vd, store_states):
                       store_states)
 
 
+@interpret_mode
 @pytest.mark.parametrize("variant", ["gated_delta", "delta"])
 def test_delta_forward_two_batch_rows(variant):
   """The kernel splits its flat batch*head program index."""
@@ -83,20 +92,27 @@ def test_delta_forward_two_batch_rows(variant):
                                   h=2, kd=64, vd=64, dtype=jnp.bfloat16))
 
 
+def _correlated_keys(x, seed):
+  """x with keys sharing one direction, k = normalise(randn + 3 u), and beta in (0.9, 1)."""
+  rng = np.random.default_rng(seed)
+  k = rng.standard_normal(x["k"].shape) + 3.0 * rng.standard_normal(x["k"].shape[-1])
+  x["k"] = jnp.asarray(k / np.linalg.norm(k, axis=-1, keepdims=True), x["k"].dtype)
+  x["beta"] = jnp.asarray(0.9 + 0.1 * rng.random(x["beta"].shape), x["beta"].dtype)
+  return x
+
+
+@interpret_mode
 @pytest.mark.parametrize("variant", ["gated_delta", "delta"])
 def test_delta_forward_correlated_keys(variant):
   """Keys sharing one direction (k = normalise(randn + 3 u)), beta near 1, no decay or a weak one
   (g = 0.1 logsigmoid(randn), so that A's far blocks still count): (I + A)^-1 is far from I and
   A's powers grow far past it, the case where a solve by the nilpotent product
   (I - A)(I + A^2)(I + A^4)... cancels catastrophically even in float32."""
-  x = make_inputs(9, variant, b=1, t=2 * CHUNK, h=2, kd=64, vd=64, dtype=jnp.bfloat16, gate_scale=0.1)
-  rng = np.random.default_rng(9)
-  k = rng.standard_normal(x["k"].shape) + 3.0 * rng.standard_normal(x["k"].shape[-1])
-  x["k"] = jnp.asarray(k / np.linalg.norm(k, axis=-1, keepdims=True), jnp.bfloat16)
-  x["beta"] = jnp.asarray(0.9 + 0.1 * rng.random(x["beta"].shape), jnp.bfloat16)
-  _check_against_scan(x)
+  _check_against_scan(_correlated_keys(make_inputs(9, variant, b=1, t=2 * CHUNK, h=2, kd=64, vd=64,
+                                                   dtype=jnp.bfloat16, gate_scale=0.1), 9))
 
 
+@interpret_mode
 @pytest.mark.parametrize("variant", ["gated_delta", "delta"])
 def test_delta_forward_chunk_128(variant):
   """Six levels of the solve's doubling and two wgmma row groups per [C, *] product; a weak decay
@@ -106,6 +122,7 @@ def test_delta_forward_chunk_128(variant):
                       chunk=2 * CHUNK)
 
 
+@interpret_mode
 def test_delta_forward_strong_decay():
   """g around -10 a token: the in-chunk decays underflow exp's float32 range, and exp(b_i - b_j)
   above the diagonal would overflow if it were not masked in the exponent."""
@@ -130,9 +147,9 @@ def test_delta_forward_refusals():
     _forward(x, False)
   x = make_inputs(1, "delta", b=1, t=CHUNK, h=1, kd=64, vd=64, dtype=jnp.bfloat16)
   x["v"] = x["v"].astype(jnp.float16)
-  with pytest.raises(ValueError, match="q and v must share one dtype"):
+  with pytest.raises(ValueError, match=r"q and v \(or do\) must share one dtype"):
     _forward(x, False)
-  x = make_inputs(1, "delta", b=1, t=2 * CHUNK, h=1, kd=128, vd=64, dtype=jnp.bfloat16)
+  x = make_inputs(1, "gated_delta", b=1, t=2 * CHUNK, h=1, kd=128, vd=64, dtype=jnp.bfloat16)
   with pytest.raises(ValueError, match="KiB of shared memory per block"):
     _forward(x, False, chunk=2 * CHUNK)
 
@@ -159,3 +176,139 @@ def test_delta_forward_lowers_for_cuda(kd, vd, gated, store_states, chunk):
 
   exported = export.export(jax.jit(f), platforms=["cuda"])(*args)
   assert exported.mlir_module().count("mosaic_gpu_v2") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward, through `delta_rule(impl="pallas")`
+
+
+@interpret_mode
+@pytest.mark.parametrize("t, kd, vd", [(128, 64, 64), (150, 64, 128), (100, 128, 64)],
+                         ids=["T128-K64-V64", "T150-K64-V128", "T100-K128-V64"])
+@pytest.mark.parametrize("variant", ["gated_delta", "delta"])
+def test_delta_gradients_match_scan(variant, t, kd, vd):
+  """`delta_rule(impl="pallas")` on the Mosaic GPU kernels: output, final state and dq, dk, dv,
+  dbeta, dg, ds0 against the float32 scan, with a nonzero initial state; T 150 and 100 pad the last
+  chunk (beta 0 there), V 128 has two value blocks, K 128 two key blocks (whose shares of dbeta
+  and dg add up)."""
+  seed = zlib.crc32(f"mosaic-delta-grad-{variant}-{t}-{kd}-{vd}".encode())
+  inputs = make_inputs(seed, variant, b=1, t=t, h=2, kd=kd, vd=vd, dtype=jnp.bfloat16)
+  check_against_reference(variant, inputs, BF16, (CHUNK,), seed, impl="pallas:mosaic_gpu")
+
+
+@interpret_mode
+@pytest.mark.parametrize("variant", ["gated_delta", "delta"])
+def test_delta_gradients_correlated_keys(variant):
+  """Correlated keys (`_correlated_keys`) with a weak decay or none: T = (I + A)^-1 far from I,
+  and dbeta's terms rowsum(R * (V - e * (K S))) and rowsum(dA * (K K^T) * Gamma) cancel down to
+  rowsum(R * X) / beta (X in bf16 alone for dA = -R X^T: 7.9e-3 of the scan's dbeta in a jnp
+  prototype, hi + lo 4.0e-3)."""
+  inputs = _correlated_keys(make_inputs(13, variant, b=1, t=3 * CHUNK, h=2, kd=64, vd=64, dtype=jnp.bfloat16,
+                                        gate_scale=0.1), 13)
+  check_against_reference(variant, inputs, BF16, (CHUNK,), 13, impl="pallas:mosaic_gpu")
+
+
+@interpret_mode
+def test_delta_gradients_weak_decay():
+  """g around -0.02 a token: lambda and d stay near one, so the state and its gradient carry
+  across chunks (at g around -1, lambda = exp(b_C) is about e^-50 per chunk, and every cross-chunk
+  term of the gradients, lambda H and lambda <H, S> in dg included, vanishes below the tolerance)."""
+  inputs = make_inputs(11, "gated_delta", b=1, t=150, h=2, kd=128, vd=64, dtype=jnp.bfloat16, gate_scale=0.02)
+  check_against_reference("gated_delta", inputs, BF16, (CHUNK,), 11, impl="pallas:mosaic_gpu")
+
+
+@interpret_mode
+def test_delta_gradients_strong_decay():
+  """g around -10 a token: Gamma^T of the reverse pass (P^T and A^T) masked in the exponent as
+  the forward's Gamma."""
+  inputs = make_inputs(9, "gated_delta", b=1, t=2 * CHUNK, h=1, kd=64, vd=64, dtype=jnp.bfloat16, gate_scale=10.0)
+  check_against_reference("gated_delta", inputs, BF16, (CHUNK,), 9, impl="pallas:mosaic_gpu")
+
+
+def _kernel_names(fn, *args):
+  """Names of the Pallas kernels in fn's jaxpr (plgpu.kernel traces to mpmd_map on jax 0.12)."""
+  names = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "mpmd_map":
+        names.append(eqn.params["name"])
+      elif eqn.primitive.name == "pallas_call":
+        names.append(eqn.params["jaxpr"].debug_info.func_name)
+      else:
+        for p in eqn.params.values():
+          inner = getattr(p, "jaxpr", p)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return names
+
+
+@interpret_mode
+def test_pallas_delta_rule_routes_to_the_fused_kernels(monkeypatch):
+  """Gated or not, without segment ids: the fused kernels, forward and backward; segment ids, K 128
+  at chunk 128 (over the shared memory of a block) or PALLAS_KERNELS_FUSED=0 keep the state-pass
+  kernels."""
+  monkeypatch.setenv("PALLAS_KERNELS_INTERPRET", "mosaic_gpu")
+  monkeypatch.delenv("PALLAS_KERNELS_FUSED", raising=False)
+  x = make_inputs(3, "gated_delta", b=1, t=CHUNK, h=1, kd=64, vd=64, dtype=jnp.bfloat16)
+  seg = jnp.zeros((1, CHUNK), jnp.int32)
+
+  def names(g, segment_ids=None, x=x, chunk_size=CHUNK):
+    loss = lambda q: pk.delta_rule(q, x["k"], x["v"], x["beta"], g=g, segment_ids=segment_ids, impl="pallas",
+                                   chunk_size=chunk_size)[0].astype(jnp.float32).sum()
+    return _kernel_names(jax.grad(loss), x["q"])
+
+  fused = ["_forward_body", "_state_grad_body", "_chunk_grad_body"]
+  assert names(x["g"]) == fused
+  assert names(None) == fused
+  assert "_chunk_grad_body" not in names(x["g"], seg)
+  wide = make_inputs(3, "gated_delta", b=1, t=2 * CHUNK, h=1, kd=128, vd=64, dtype=jnp.bfloat16)
+  assert delta_kernels_mosaic_gpu.fused_unsupported(jnp.bfloat16, 2 * CHUNK, 128, True) is not None
+  assert "_chunk_grad_body" not in names(wide["g"], x=wide, chunk_size=2 * CHUNK)
+  monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
+  assert "_chunk_grad_body" not in names(x["g"])
+
+
+def test_delta_backward_refusals():
+  spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+
+  def backward(kd, chunk, dt=jnp.bfloat16):
+    n = 256 // chunk
+    residuals = delta_kernels_mosaic_gpu.Residuals(spec(1, n, kd, 64, dt=dt), spec(1, 256, 1, 64, dt=dt),
+                                                   spec(1, 256, 1, 64, dt=dt))
+    args = (spec(1, 256, 1, kd, dt=dt), spec(1, 256, 1, kd, dt=dt), spec(1, 256, 1, 64, dt=dt),
+            spec(1, 256, 1, dt=jnp.float32), spec(1, 256, 1, dt=jnp.float32), residuals, spec(1, 256, 1, 64, dt=dt),
+            spec(1, kd, 64, dt=jnp.float32))
+    f = lambda *a: delta_kernels_mosaic_gpu.backward(*a, scale=0.1, chunk=chunk, interpret=True)
+    return jax.eval_shape(f, *args)
+
+  assert backward(64, 64)[3].shape == backward(64, 64)[4].shape == (1, 256, 1)
+  with pytest.raises(ValueError, match="backward: wgmma takes float32 only as TF32"):
+    backward(64, 64, dt=jnp.float32)
+  with pytest.raises(ValueError, match="backward: .* KiB of shared memory per block"):
+    backward(256, 128)
+
+
+@pytest.mark.parametrize("kd, vd, gated, chunk", [(64, 128, True, CHUNK), (128, 64, False, CHUNK),
+                                                  (256, 64, True, CHUNK), (64, 64, True, 2 * CHUNK)],
+                         ids=["K64-V128-g", "K128-V64-nodecay", "K256-V64-g", "C128-K64-V64-g"])
+def test_delta_backward_lowers_for_cuda(kd, vd, gated, chunk):
+  """The forward (storing its residuals) and both backward kernels through the Mosaic GPU
+  lowering (layout inference and the shared-memory limit included), as
+  `test_delta_forward_lowers_for_cuda`; K 256 and chunk 128 are the tightest in shared memory."""
+  import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401, PLC0415
+
+  b, t, h = 2, 4 * CHUNK, 2
+  spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+  g = spec(b, t, h, dt=jnp.float32) if gated else None
+
+  def loss(q, k, v, beta, g, s0):
+    o, s = delta_kernels_mosaic_gpu.fused_delta_rule(kd ** -0.5, chunk, False, q, k, v, beta, g, s0)
+    return o.astype(jnp.float32).sum() + s.sum()
+
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5) if gated else (0, 1, 2, 3, 5))
+  exported = export.export(jax.jit(grad), platforms=["cuda"])(
+      spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h, dt=jnp.float32), g,
+      spec(b, h, kd, vd, dt=jnp.float32))
+  assert exported.mlir_module().count("mosaic_gpu_v2") == 3
