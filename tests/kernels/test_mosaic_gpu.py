@@ -107,12 +107,15 @@ def test_interpret_mode_choice_and_refusals(monkeypatch):
 
 
 def test_gpu_backend_choice(monkeypatch):
-  """On a GPU: Triton unless PALLAS_KERNELS_GPU=mosaic_gpu, and then only where the Mosaic GPU
-  kernels apply (Hopper, 16-bit, multiples of 64)."""
+  """On a GPU: the Triton backend under PALLAS_KERNELS_GPU=auto (the default) and =triton; under
+  =mosaic_gpu the Mosaic GPU kernels where they apply (Hopper, 16-bit, multiples of 64)."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(dispatch, "_hopper", lambda: True)
   monkeypatch.delenv("PALLAS_KERNELS_GPU", raising=False)
   assert dispatch.pallas_backend(jnp.bfloat16, 128, 128, 64) == "triton"
+  for choice in ("auto", "triton"):
+    monkeypatch.setenv("PALLAS_KERNELS_GPU", choice)
+    assert dispatch.pallas_backend(jnp.bfloat16, 128, 128, 64) == "triton"
   monkeypatch.setenv("PALLAS_KERNELS_GPU", "mosaic_gpu")
   assert dispatch.pallas_backend(jnp.bfloat16, 128, 128, 64) == "mosaic_gpu"
   assert dispatch.pallas_backend(jnp.float32, 128, 128, 64) == "triton"
@@ -120,5 +123,5 @@ def test_gpu_backend_choice(monkeypatch):
   monkeypatch.setattr(dispatch, "_hopper", lambda: False)
   assert dispatch.pallas_backend(jnp.bfloat16, 128, 128, 64) == "triton"
   monkeypatch.setenv("PALLAS_KERNELS_GPU", "mosaic")
-  with pytest.raises(ValueError, match="PALLAS_KERNELS_GPU: expected 'triton' or 'mosaic_gpu'"):
+  with pytest.raises(ValueError, match="PALLAS_KERNELS_GPU: expected 'auto', 'triton' or 'mosaic_gpu'"):
     dispatch.pallas_backend(jnp.bfloat16, 128, 128, 64)
