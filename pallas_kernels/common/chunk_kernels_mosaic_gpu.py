@@ -145,6 +145,47 @@ def _next_state(s_KV, k_CK, v_CV, dv_CV, geo):
   return _accumulate(decayed_KV, (k_CK.transpose((1, 0)), x_CV))
 
 
+class _Program(NamedTuple):
+  """A chunk walk's program (grid (B*H, V/64)): its batch*head index, batch and head, its value
+  columns, and the tokens of chunk n."""
+  bh: jax.Array
+  bi: jax.Array
+  hi: jax.Array
+  vcols: pl.Slice
+  tok: object
+
+
+def _walk_program(heads, c, q, k, x, per_chunk_BH=(), per_chunk_B=()):
+  """The program of a walk over chunks and `_walk`'s sources for it: chunk n's q and k rows, x's
+  rows in the program's value columns, then each per-chunk array of `per_chunk_BH` ([B*H, N, C])
+  and of `per_chunk_B` ([B, N, C]) twice, for its copies loaded as rows and as columns
+  (`_geometry` says why two)."""
+  bh = lax.axis_index("bh")
+  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
+  vcols = pl.ds(lax.axis_index("v") * BLOCK_V, BLOCK_V)
+  tok = lambda n: pl.ds(n * c, c)
+  sources = [lambda n: q.at[bi, tok(n), hi], lambda n: k.at[bi, tok(n), hi], lambda n: x.at[bi, tok(n), hi, vcols]]
+  for ref in per_chunk_BH:
+    sources += [lambda n, ref=ref: ref.at[bh, n]] * 2
+  for ref in per_chunk_B:
+    sources += [lambda n, ref=ref: ref.at[bi, n]] * 2
+  return _Program(bh, bi, hi, vcols, tok), sources
+
+
+def _start_copies(pairs, bars):
+  """Starts the (HBM source, shared-memory destination) copies of `pairs` on the last len(pairs)
+  barriers of `bars` (a chunk-parallel program's one-time tiles, copied beside its walk over value
+  blocks); returns the function that waits for them."""
+  first = bars.shape[0] - len(pairs)
+  for i, (src, dst) in enumerate(pairs):
+    plgpu.copy_gmem_to_smem(src, dst, bars.at[first + i])
+
+  def wait():
+    for i in range(len(pairs)):
+      plgpu.barrier_wait(bars.at[first + i])
+  return wait
+
+
 def _forward_body(*refs, heads, scale, has_g, store_states, has_seg=False):
   it = iter(refs)
   q, k, v = next(it), next(it), next(it)
@@ -158,16 +199,9 @@ def _forward_body(*refs, heads, scale, has_g, store_states, has_seg=False):
   s_s, o_s, f32_s = next(it), next(it), next(it)
   dv_s = next(it) if has_g or has_seg else None
   bars = next(it)
-  bh = lax.axis_index("bh")
-  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
-  cols = pl.ds(lax.axis_index("v") * BLOCK_V, BLOCK_V)
   c = q_buf.shape[1]
-  tok = lambda n: pl.ds(n * c, c)
-  sources = [lambda n: q.at[bi, tok(n), hi], lambda n: k.at[bi, tok(n), hi], lambda n: v.at[bi, tok(n), hi, cols]]
-  if has_g:
-    sources += [lambda n: cum_g.at[bh, n]] * 2
-  if has_seg:
-    sources += [lambda n: seg.at[bi, n]] * 2
+  (bh, bi, hi, cols, tok), sources = _walk_program(heads, c, q, k, v, [cum_g] if has_g else [],
+                                                   [seg] if has_seg else [])
   _fetch_one(s0.at[bh, :, cols], f32_s, bars.at[bars.shape[0] - 1])
   s_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
 
@@ -330,16 +364,9 @@ def _state_grad_body(*refs, heads, scale, has_g, has_seg=False):
   h_s, dv_s, f32_s = next(it), next(it), next(it)
   edo_s = next(it) if has_g or has_seg else None
   bars = next(it)
-  bh = lax.axis_index("bh")
-  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
-  cols = pl.ds(lax.axis_index("v") * BLOCK_V, BLOCK_V)
   c = q_buf.shape[1]
-  tok = lambda n: pl.ds(n * c, c)
-  sources = [lambda n: q.at[bi, tok(n), hi], lambda n: k.at[bi, tok(n), hi], lambda n: do.at[bi, tok(n), hi, cols]]
-  if has_g:
-    sources += [lambda n: cum_g.at[bh, n]] * 2
-  if has_seg:
-    sources += [lambda n: seg.at[bi, n]] * 2
+  (bh, bi, hi, cols, tok), sources = _walk_program(heads, c, q, k, do, [cum_g] if has_g else [],
+                                                   [seg] if has_seg else [])
   _fetch_one(ds_final.at[bh, :, cols], f32_s, bars.at[bars.shape[0] - 1])
   h_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
 
@@ -385,9 +412,7 @@ def _chunk_grad_body(*refs, heads, scale, has_g, has_seg=False):
   # value blocks.
   once = [(q.at[bi, tok, hi, kcols], q_s), (k.at[bi, tok, hi, kcols], k_s)]
   once += [(cum_g.at[bh, n], buf) for buf in b_bufs] + [(seg.at[bi, n], buf) for buf in seg_bufs]
-  first_once = bars.shape[0] - len(once)
-  for i, (src, dst) in enumerate(once):
-    plgpu.copy_gmem_to_smem(src, dst, bars.at[first_once + i])
+  wait_once = _start_copies(once, bars)
   sources = [lambda j: do.at[bi, tok, hi, vcols(j)], lambda j: v.at[bi, tok, hi, vcols(j)],
              lambda j: s_in.at[bh, n, kcols, vcols(j)], lambda j: ds_out.at[bh, n, kcols, vcols(j)]]
   # WGMMA-layout zeros: wgmma accumulators take no other layout, and a bare constant has none yet.
@@ -408,8 +433,7 @@ def _chunk_grad_body(*refs, heads, scale, has_g, has_seg=False):
 
   sums = _walk(v.shape[-1] // BLOCK_V, sources, [do_buf, v_buf, s_buf, h_buf], bars, body, sums, reverse=False)
   dp_CC, dos_CK, vh_CK = sums[:3]
-  for i in range(len(once)):
-    plgpu.barrier_wait(bars.at[first_once + i])
+  wait_once()
   geo = _factors(b_bufs + seg_bufs, c, has_g, has_seg)
   dpg_s[...] = (scale * dp_CC * geo.gamma).astype(dpg_s.dtype)
   plgpu.commit_smem()

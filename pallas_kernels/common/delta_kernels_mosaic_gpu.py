@@ -81,7 +81,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.chunk_kernels_mosaic_gpu import (
-    BLOCK_K, _accumulate, _chunk_output, _geometry, _rows, _value_grad, chunk_cumsum_BHNC)
+    BLOCK_K, _accumulate, _chunk_output, _geometry, _rows, _start_copies, _value_grad, _walk_program,
+    chunk_cumsum_BHNC)
 from pallas_kernels.common.state_pass_mosaic_gpu import (
     BLOCK_V, _call, _fetch_one, _matmul, _nbytes, _scratch, _stage_out, _walk, plgpu, supports)
 
@@ -185,15 +186,8 @@ def _forward_body(*refs, heads, scale, has_g, store_states):
   s_s, o_s, f32_s, cc_hi, cc_lo, x_s = (next(it) for _ in range(6))
   x_lo_s = next(it) if store_states else None
   bars = next(it)
-  bh = lax.axis_index("bh")
-  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
   c = q_buf.shape[1]
-  tok = lambda n: pl.ds(n * c, c)
-  vcols = pl.ds(lax.axis_index("v") * BLOCK_V, BLOCK_V)
-  sources = [lambda n: q.at[bi, tok(n), hi], lambda n: k.at[bi, tok(n), hi],
-             lambda n: v.at[bi, tok(n), hi, vcols]] + [lambda n: beta.at[bh, n]] * 2
-  if has_g:
-    sources += [lambda n: cum_g.at[bh, n]] * 2
+  (bh, bi, hi, vcols, tok), sources = _walk_program(heads, c, q, k, v, [beta] + ([cum_g] if has_g else []))
   _fetch_one(s0.at[bh, :, vcols], f32_s, bars.at[bars.shape[0] - 1])
   s_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
 
@@ -391,15 +385,8 @@ def _state_grad_body(*refs, heads, scale, has_g):
   h_s, dv_s, r_s, f32_s, cc_hi, cc_lo, mz_s = (next(it) for _ in range(7))
   edo_s = next(it) if has_g else None
   bars = next(it)
-  bh = lax.axis_index("bh")
-  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
   c = q_buf.shape[1]
-  tok = lambda n: pl.ds(n * c, c)
-  vcols = pl.ds(lax.axis_index("v") * BLOCK_V, BLOCK_V)
-  sources = [lambda n: q.at[bi, tok(n), hi], lambda n: k.at[bi, tok(n), hi],
-             lambda n: do.at[bi, tok(n), hi, vcols]] + [lambda n: beta.at[bh, n]] * 2
-  if has_g:
-    sources += [lambda n: cum_g.at[bh, n]] * 2
+  (bh, bi, hi, vcols, tok), sources = _walk_program(heads, c, q, k, do, [beta] + ([cum_g] if has_g else []))
   _fetch_one(ds_final.at[bh, :, vcols], f32_s, bars.at[bars.shape[0] - 1])
   h_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
 
@@ -454,9 +441,7 @@ def _chunk_grad_body(*refs, heads, scale, has_g):
   # The chunk's key block, beta and decay, once: their copies run beside the walk over value blocks.
   once = [(q.at[bi, tok, hi, kcols], q_s), (k.at[bi, tok, hi, kcols], k_s), (beta.at[bh, n], beta_s)]
   once += [(cum_g.at[bh, n], buf) for buf in b_bufs]
-  first_once = bars.shape[0] - len(once)
-  for i, (src, dst) in enumerate(once):
-    plgpu.copy_gmem_to_smem(src, dst, bars.at[first_once + i])
+  wait_once = _start_copies(once, bars)
   per_token = [do, v, x_hi, x_lo, r]
   sources = [lambda j, ref=ref: ref.at[bi, tok, hi, vcols(j)] for ref in per_token]
   sources += [lambda j: s_in.at[bh, n, kcols, vcols(j)], lambda j: ds_out.at[bh, n, kcols, vcols(j)]]
@@ -484,8 +469,7 @@ def _chunk_grad_body(*refs, heads, scale, has_g):
   buffers = [do_buf, v_buf, x_hi_buf, x_lo_buf, r_buf, s_buf, h_buf]
   sums = _walk(v.shape[-1] // BLOCK_V, sources, buffers, bars, body, sums, reverse=False)
   dp_CC, rx_CC, dos_CK, xh_CK, rs_CK, rv_CV = sums[:6]
-  for i in range(len(once)):
-    plgpu.barrier_wait(bars.at[first_once + i])
+  wait_once()
   geo = _geometry(b_bufs or None, c)
   beta_C = plgpu.load(beta_s, layout=plgpu.Layout.WGMMA.reduce(1))
   rows, cols = _iota_CC(c)

@@ -104,9 +104,13 @@ def as_f32(inputs):
 
 
 def kernel_names(fn, *args):
-  """Names of the kernels of every pallas_call in fn's jaxpr, in order."""
+  """Names of the Pallas kernels in fn's jaxpr, in order (a Mosaic GPU `plgpu.kernel` traces to
+  mpmd_map on jax 0.12)."""
   def walk(jaxpr, out):
     for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "mpmd_map":
+        out.append(eqn.params["name"])
+        continue
       if eqn.primitive.name == "pallas_call":
         out.append(eqn.params["jaxpr"].debug_info.func_name)
       for p in eqn.params.values():

@@ -19,7 +19,7 @@ import pallas_kernels as pk
 from pallas_kernels.common import delta_kernels_mosaic_gpu, state_pass_mosaic_gpu
 from pallas_kernels.ops.delta_rule.scan import delta_rule_scan
 from tests.conftest import assert_rel_close
-from tests.kernels.recurrence_cases import make_inputs
+from tests.kernels.recurrence_cases import kernel_names, make_inputs
 from tests.kernels.test_chunk_agreement import TOL, check_against_reference
 
 pytestmark = pytest.mark.skipif(
@@ -225,24 +225,6 @@ def test_delta_gradients_strong_decay():
   check_against_reference("gated_delta", inputs, BF16, (CHUNK,), 9, impl="pallas:mosaic_gpu")
 
 
-def _kernel_names(fn, *args):
-  """Names of the Pallas kernels in fn's jaxpr (plgpu.kernel traces to mpmd_map on jax 0.12)."""
-  names = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "mpmd_map":
-        names.append(eqn.params["name"])
-      elif eqn.primitive.name == "pallas_call":
-        names.append(eqn.params["jaxpr"].debug_info.func_name)
-      else:
-        for p in eqn.params.values():
-          inner = getattr(p, "jaxpr", p)
-          if hasattr(inner, "eqns"):
-            walk(inner)
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return names
-
 
 @interpret_mode
 def test_pallas_delta_rule_routes_to_the_fused_kernels(monkeypatch):
@@ -257,7 +239,7 @@ def test_pallas_delta_rule_routes_to_the_fused_kernels(monkeypatch):
   def names(g, segment_ids=None, x=x, chunk_size=CHUNK):
     loss = lambda q: pk.delta_rule(q, x["k"], x["v"], x["beta"], g=g, segment_ids=segment_ids, impl="pallas",
                                    chunk_size=chunk_size)[0].astype(jnp.float32).sum()
-    return _kernel_names(jax.grad(loss), x["q"])
+    return kernel_names(jax.grad(loss), x["q"])
 
   fused = ["_forward_body", "_state_grad_body", "_chunk_grad_body"]
   assert names(x["g"]) == fused

@@ -16,7 +16,7 @@ import pallas_kernels as pk
 from pallas_kernels.common import chunk_kernels_mosaic_gpu, state_pass_mosaic_gpu
 from pallas_kernels.ops.gla.scan import gla_scan
 from tests.conftest import assert_rel_close
-from tests.kernels.recurrence_cases import make_inputs
+from tests.kernels.recurrence_cases import kernel_names, make_inputs
 from tests.kernels.test_chunk_agreement import TOL, check_against_reference
 
 # Interpret mode fails on the CPU with jax 0.11.2 (no `eval_jaxpr` rule, no CPU rule for wgmma):
@@ -147,24 +147,6 @@ def test_fused_gradients_strong_decay():
   check_against_reference("gla_scalar", inputs, BF16, (CHUNK,), 9, impl="pallas:mosaic_gpu")
 
 
-def _kernel_names(fn, *args):
-  """Names of the Pallas kernels in fn's jaxpr (plgpu.kernel traces to mpmd_map on jax 0.12)."""
-  names = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "mpmd_map":
-        names.append(eqn.params["name"])
-      elif eqn.primitive.name == "pallas_call":
-        names.append(eqn.params["jaxpr"].debug_info.func_name)
-      else:
-        for p in eqn.params.values():
-          inner = getattr(p, "jaxpr", p)
-          if hasattr(inner, "eqns"):
-            walk(inner)
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return names
-
 
 def test_pallas_gla_routes_scalar_decay_to_the_fused_kernels(monkeypatch):
   """Scalar or no decay, with or without segment ids: the fused kernels, forward and backward; a
@@ -177,7 +159,7 @@ def test_pallas_gla_routes_scalar_decay_to_the_fused_kernels(monkeypatch):
 
   def names(g, segment_ids=None):
     loss = lambda q: pk.gla(q, x["k"], x["v"], g, segment_ids=segment_ids, impl="pallas")[0].astype(jnp.float32).sum()
-    return _kernel_names(jax.grad(loss), x["q"])
+    return kernel_names(jax.grad(loss), x["q"])
 
   fused = ["_forward_body", "_state_grad_body", "_chunk_grad_body"]
   assert names(x["g"]) == fused
@@ -349,7 +331,7 @@ def test_mosaic_forward_then_triton_backward_matches_scan(variant, t, kd, vd, ga
   (d_ref,), (d,) = vjp_ref(cts), vjp((cts[0].astype(o.dtype), cts[1]))
   for name in x:
     assert_rel_close(f"d{name}", d_ref[name], d[name], BF16)
-  names = _kernel_names(jax.grad(lambda q: mixed({**x, "q": q})[0].astype(jnp.float32).sum()), x["q"])
+  names = kernel_names(jax.grad(lambda q: mixed({**x, "q": q})[0].astype(jnp.float32).sum()), x["q"])
   assert names[0] == "_forward_body" and "_state_grad_body" not in names and "_state_grad_kernel" in names
 
 
@@ -368,7 +350,7 @@ def test_hopper_default_takes_the_mosaic_forward_and_the_triton_backward(monkeyp
 
   def names(g, dtype=jnp.bfloat16):
     loss = lambda q: pk.gla(q, x["k"].astype(dtype), x["v"].astype(dtype), g, impl="pallas")[0].astype(jnp.float32).sum()
-    return _kernel_names(jax.grad(loss), x["q"].astype(dtype))
+    return kernel_names(jax.grad(loss), x["q"].astype(dtype))
 
   for g in (x["g"], None):
     mixed = names(g)
