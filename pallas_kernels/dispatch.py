@@ -145,7 +145,7 @@ FUSED_BY_DEFAULT = {"delta_rule": True, "gated_delta_rule": True, "gla": True, "
 
 # The ops with fused kernels on the Mosaic GPU backend (`chunk_kernels_mosaic_gpu`: GLA with a
 # scalar decay or none; `delta_kernels_mosaic_gpu`: the delta rule, gated by a scalar decay or
-# not, without segment ids; the callers check those).
+# not, where shared memory fits; the callers check those).
 MOSAIC_GPU_FUSED = ("gla", "delta_rule", "gated_delta_rule")
 
 

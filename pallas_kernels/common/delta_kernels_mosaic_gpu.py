@@ -67,8 +67,17 @@ The backward (hand-derived as `chunk_kernels_triton`'s; checked first in a jnp p
   and dg is the in-chunk reverse cumulative sum of db (XLA, with the key blocks' shares of db and
   dbeta).
 
+Segment ids (packed sequences) enter through the factors only, as in `chunk_kernels_mosaic_gpu`
+(r_i: the segment-start count of `chunk_segments_BNC`, 0 for the segment of the state entering
+the chunk): Gamma is kept where r_i = r_j, e where r_i = 0, d where r_i = r_C and lambda if
+r_C = 0. Gamma's mask reaches A (no A_ij across segments: T solves each segment apart) and e's
+reaches X's e * (K S) (W = T (beta e * K): the entering state feeds segment 0 only), as
+`chunking.chunk_masks` in the XLA form. Every formula above, the backward's included, then holds
+as written: a zeroed factor's terms contribute nothing, and dA meets A's masked support only
+through Gamma (G, dbeta's and Dg's dA terms).
+
 wgmma needs C, K and V to be multiples of 64 and 16-bit operands (`state_pass_mosaic_gpu.supports`).
-Differences from `chunk_kernels_triton`: no segment ids; the stored states and X are in q's dtype.
+Differences from `chunk_kernels_triton`: the stored states and X are in q's dtype.
 """
 from __future__ import annotations
 
@@ -81,8 +90,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.chunk_kernels_mosaic_gpu import (
-    BLOCK_K, _accumulate, _chunk_output, _geometry, _rows, _start_copies, _value_grad, _walk_program,
-    chunk_cumsum_BHNC)
+    BLOCK_K, _accumulate, _chunk_output, _factors, _per_chunk, _rows, _start_copies, _value_grad, _walk_program)
 from pallas_kernels.common.state_pass_mosaic_gpu import (
     BLOCK_V, _call, _fetch_one, _matmul, _nbytes, _scratch, _stage_out, _walk, plgpu, supports)
 
@@ -165,9 +173,9 @@ def _chunk_x(tb_CC, k_CK, v_CV, s_KV, geo, y_hi, y_lo):
 
 
 def _next_state(s_KV, k_CK, x_CV, x_s, geo):
-  """lambda S + K^T (d * X); x_s holds X in 16 bits and, under a decay, takes d * X in its place
-  (P X, its last reader, has finished: the output's accumulator was read; a TMA store of X out of
-  it, the caller has waited for)."""
+  """lambda S + K^T (d * X); x_s holds X in 16 bits and, under a decay or segment ids, takes d * X
+  in its place (P X, its last reader, has finished: the output's accumulator was read; a TMA store
+  of X out of it, the caller has waited for)."""
   if geo.d is not None:
     x_s[...] = _rows(geo.d, x_CV).astype(x_s.dtype)
     plgpu.commit_smem()
@@ -175,25 +183,28 @@ def _next_state(s_KV, k_CK, x_CV, x_s, geo):
   return _accumulate(decayed_KV, (k_CK.transpose((1, 0)), x_s))
 
 
-def _forward_body(*refs, heads, scale, has_g, store_states):
+def _forward_body(*refs, heads, scale, has_g, store_states, has_seg=False):
   it = iter(refs)
   q, k, v, beta = next(it), next(it), next(it), next(it)
   cum_g = next(it) if has_g else None
+  seg = next(it) if has_seg else None
   s0, o, s_final = next(it), next(it), next(it)
   states, x_hi, x_lo = (next(it), next(it), next(it)) if store_states else (None, None, None)
   q_buf, k_buf, v_buf, beta_row_buf, beta_col_buf = (next(it) for _ in range(5))
   b_bufs = [next(it), next(it)] if has_g else []
+  seg_bufs = [next(it), next(it)] if has_seg else []
   s_s, o_s, f32_s, cc_hi, cc_lo, x_s = (next(it) for _ in range(6))
   x_lo_s = next(it) if store_states else None
   bars = next(it)
   c = q_buf.shape[1]
-  (bh, bi, hi, vcols, tok), sources = _walk_program(heads, c, q, k, v, [beta] + ([cum_g] if has_g else []))
+  (bh, bi, hi, vcols, tok), sources = _walk_program(heads, c, q, k, v, [beta] + ([cum_g] if has_g else []),
+                                                    [seg] if has_seg else [])
   _fetch_one(s0.at[bh, :, vcols], f32_s, bars.at[bars.shape[0] - 1])
   s_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
 
   def body(n, views, s):
     q_v, k_v, v_v = views[:3]
-    geo = _geometry(views[5:] if has_g else None, c)
+    geo = _factors(views[5:], c, has_g, has_seg)
     tb_CC = _solve(k_v, views[3:5], geo, cc_hi, cc_lo)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last chunk's stores out of s_s, o_s, x_s, x_lo_s
     s_s[...] = s.astype(s_s.dtype)
@@ -212,11 +223,11 @@ def _forward_body(*refs, heads, scale, has_g, store_states):
     o_s[...] = _chunk_output(q_v, k_v, x_s, s_s, geo, scale).astype(o_s.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_s, o.at[bi, tok(n), hi, vcols])
-    if store_states and has_g:
+    if store_states and geo.d is not None:
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # every store but O's has read its buffer: x_s is free
     return _next_state(s, k_v, x_CV, x_s, geo)
 
-  buffers = [q_buf, k_buf, v_buf, beta_row_buf, beta_col_buf, *b_bufs]
+  buffers = [q_buf, k_buf, v_buf, beta_row_buf, beta_col_buf, *b_bufs, *seg_bufs]
   s = _walk(q.shape[1] // c, sources, buffers, bars, body, s_init, reverse=False)
   _stage_out(s, f32_s, s_final.at[bh, :, vcols])
   plgpu.wait_smem_to_gmem(0)
@@ -241,51 +252,53 @@ def _scratch_within(what, layout):
   return _scratch(*layout)
 
 
-def _forward_layout(c, kd, mm, out_dtype, has_g, store_states):
+def _forward_layout(c, kd, mm, out_dtype, has_g, store_states, has_seg=False):
   """Shared memory (`state_pass_mosaic_gpu._scratch`): per chunk the q, k, v buffers and two
-  copies each of beta (and of the cumulative decay); the state's 16-bit copy, the output tile, a
-  float32 staging buffer for the initial and final states, the split [C, C] operands of the
-  solve (and of X's product, `_split_columns`), X (then d * X) in 16 bits and, with
-  `store_states`, X's low part; one more TMA barrier for the initial state. K 256 fits one buffer
-  slot only."""
+  copies each of beta (and of the cumulative decay, of the segment counts); the state's 16-bit
+  copy, the output tile, a float32 staging buffer for the initial and final states, the split
+  [C, C] operands of the solve (and of X's product, `_split_columns`), X (then, with a decay or
+  segment ids, d * X) in 16 bits and, with `store_states`, X's low part; one more TMA barrier for
+  the initial state. K 256 fits one buffer slot only."""
   per_chunk = [((c, kd), mm, True), ((c, kd), mm, True), ((c, BLOCK_V), mm, True)]
-  per_chunk += [((c,), jnp.float32, False)] * (4 if has_g else 2)
+  per_chunk += [((c,), jnp.float32, False)] * 2 * (1 + has_g + has_seg)
   fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), out_dtype, True), ((kd, BLOCK_V), jnp.float32, False)]
   fixed += [((c, c), jnp.bfloat16, True)] * 2 + [((c, BLOCK_V), mm, True)] * (2 if store_states else 1)
   return per_chunk, fixed, 1
 
 
-def _state_grad_layout(c, kd, mm, has_g):
+def _state_grad_layout(c, kd, mm, has_g, has_seg=False):
   """`state_grads`' shared memory: per chunk the q, k, dO buffers and two copies each of beta (and
-  of the cumulative decay); H's 16-bit copy, the dv and R tiles, a float32 staging buffer for
-  dL/dS of the final and initial states, the solve's split [C, C] operands (and dX's,
-  `_split_columns`), -(beta e * R) / scale (and e * dO) in 16 bits; one more TMA barrier."""
+  of the cumulative decay, of the segment counts); H's 16-bit copy, the dv and R tiles, a float32
+  staging buffer for dL/dS of the final and initial states, the solve's split [C, C] operands (and
+  dX's, `_split_columns`), -(beta e * R) / scale (and, with a decay or segment ids, e * dO) in 16
+  bits; one more TMA barrier."""
   per_chunk = [((c, kd), mm, True), ((c, kd), mm, True), ((c, BLOCK_V), mm, True)]
-  per_chunk += [((c,), jnp.float32, False)] * (4 if has_g else 2)
+  per_chunk += [((c,), jnp.float32, False)] * 2 * (1 + has_g + has_seg)
   fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True),
            ((kd, BLOCK_V), jnp.float32, False)]
-  fixed += [((c, c), jnp.bfloat16, True)] * 2 + [((c, BLOCK_V), mm, True)] * (2 if has_g else 1)
+  fixed += [((c, c), jnp.bfloat16, True)] * 2 + [((c, BLOCK_V), mm, True)] * (2 if has_g or has_seg else 1)
   return per_chunk, fixed, 1
 
 
-def _chunk_grad_layout(c, mm, has_g):
+def _chunk_grad_layout(c, mm, has_g, has_seg=False):
   """`chunk_grads`' shared memory: per value block the dO, V, X hi, X lo, R tiles and S, H blocks;
-  the chunk's q and k key block (then dq and dk), beta (and two copies of the cumulative decay),
-  scale dP * Gamma and G in 16 bits, dbeta's (and db's rows and columns) share; one TMA barrier
-  for each of the chunk's once-copied inputs."""
+  the chunk's q and k key block (then dq and dk), beta (and two copies of the cumulative decay, of
+  the segment counts), scale dP * Gamma and G in 16 bits, dbeta's (and db's rows and columns)
+  share; one TMA barrier for each of the chunk's once-copied inputs."""
   per_chunk = [((c, BLOCK_V), mm, True)] * 5 + [((BLOCK_K, BLOCK_V), mm, True)] * 2
-  fixed = [((c, BLOCK_K), mm, True)] * 2 + [((c,), jnp.float32, False)] * (3 if has_g else 1)
+  n_once = 3 + 2 * (has_g + has_seg)   # q, k, beta, the decay's and the counts' copies
+  fixed = [((c, BLOCK_K), mm, True)] * 2 + [((c,), jnp.float32, False)] * (n_once - 2)
   fixed += [((c, c), mm, True)] * 2 + [((c,), jnp.float32, False)] * (3 if has_g else 1)
-  return per_chunk, fixed, 5 if has_g else 3
+  return per_chunk, fixed, n_once
 
 
-def fused_unsupported(dtype, chunk, kd, gated) -> str | None:
+def fused_unsupported(dtype, chunk, kd, gated, segments=False) -> str | None:
   """Why `fused_delta_rule` (forward and backward) cannot take 16-bit inputs of this dtype, chunk
-  and key size (a gated one or not) within the H100's shared memory, or None; the callers run
-  the state-pass kernels then."""
-  layouts = {"forward": _forward_layout(chunk, kd, dtype, dtype, gated, True),
-             "reverse pass": _state_grad_layout(chunk, kd, dtype, gated),
-             "chunk gradients": _chunk_grad_layout(chunk, dtype, gated)}
+  and key size (a gated one or not, with segment ids or not) within the H100's shared memory, or
+  None; the callers run the state-pass kernels then."""
+  layouts = {"forward": _forward_layout(chunk, kd, dtype, dtype, gated, True, segments),
+             "reverse pass": _state_grad_layout(chunk, kd, dtype, gated, segments),
+             "chunk gradients": _chunk_grad_layout(chunk, dtype, gated, segments)}
   for what, layout in layouts.items():
     need = _smem_need(*layout)
     if need > SMEM_LIMIT:
@@ -293,7 +306,7 @@ def fused_unsupported(dtype, chunk, kd, gated) -> str | None:
   return None
 
 
-def _check(q, v, beta, g, chunk, what="forward"):
+def _check(q, v, beta, g, chunk, what="forward", seg=None):
   why = supports(q.dtype, chunk, q.shape[-1], v.shape[-1])
   if why is None and q.shape[1] % chunk:
     why = f"T must be a multiple of the chunk (callers pad), got T={q.shape[1]}, chunk {chunk}"
@@ -303,6 +316,8 @@ def _check(q, v, beta, g, chunk, what="forward"):
     why = f"beta must be [B, T, H] = {q.shape[:3]}, got {beta.shape}"
   if why is None and g is not None and g.shape != q.shape[:3]:
     why = f"only a scalar [B, T, H] decay or none, got g of shape {g.shape}"
+  if why is None and seg is not None and seg.shape != q.shape[:2]:
+    why = f"segment ids must be [B, T] = {q.shape[:2]}, got {seg.shape}"
   if why:
     raise ValueError(f"Mosaic GPU fused delta-rule {what}: {why}")
 
@@ -327,21 +342,22 @@ class Residuals(NamedTuple):
   x_lo: jax.Array
 
 
-def forward(q, k, v, beta, g, s0, *, scale, chunk, store_states, interpret=False):
+def forward(q, k, v, beta, g, s0, *, scale, chunk, store_states, interpret=False, seg=None):
   """O [B, T, H, V] in v's dtype, the final state [B*H, K, V] float32 and, if `store_states`, the
   `Residuals` for `backward` (else None). q, k [B, T, H, K] and v [B, T, H, V] 16-bit with T a
-  multiple of `chunk`; beta [B, T, H]; g [B, T, H] log decay or None; s0 [B*H, K, V] float32."""
-  _check(q, v, beta, g, chunk)
+  multiple of `chunk`; beta [B, T, H]; g [B, T, H] log decay or None; s0 [B*H, K, V] float32;
+  seg [B, T] integer segment ids or None."""
+  _check(q, v, beta, g, chunk, seg=seg)
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n = t // chunk
-  has_g = g is not None
+  has_g, has_seg = g is not None, seg is not None
   out_type = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)]
   if store_states:
     out_type += [jax.ShapeDtypeStruct((b * h, n, kd, vd), q.dtype)] + [jax.ShapeDtypeStruct(v.shape, q.dtype)] * 2
-  inputs = [q, k, v, _per_chunk_BHNC(beta, chunk)] + ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [s0]
-  body = _named(_forward_body, heads=h, scale=scale, has_g=has_g, store_states=store_states)
-  scratch = _scratch_within("forward", _forward_layout(chunk, kd, q.dtype, v.dtype, has_g, store_states))
+  inputs = [q, k, v, _per_chunk_BHNC(beta, chunk)] + _per_chunk(g, seg, chunk) + [s0]
+  body = _named(_forward_body, heads=h, scale=scale, has_g=has_g, store_states=store_states, has_seg=has_seg)
+  scratch = _scratch_within("forward", _forward_layout(chunk, kd, q.dtype, v.dtype, has_g, store_states, has_seg))
   res = _call(body, tuple(out_type), scratch, (b * h, vd // BLOCK_V), interpret, *inputs)
   return res[0], res[1], Residuals(*res[2:]) if store_states else None
 
@@ -365,7 +381,7 @@ def _transposed_solve(k_CK, beta_col_view, geo, hi_s, lo_s):
 def _entering_state_grad(h_KV, q_CK, k_CK, do_CV, mz_CV, edo_CV, geo, scale):
   """dS = lambda H + scale (e * Q)^T dO - K^T (beta e * R) in one float32 accumulator, as
   scale (lambda / scale H + Q^T (e * dO) + K^T mz) with mz_CV holding -(beta e * R) / scale in 16
-  bits; edo_CV: shared memory for e * dO in 16 bits (None without a decay)."""
+  bits; edo_CV: shared memory for e * dO in 16 bits (None without a decay or segment ids)."""
   x_CV = do_CV
   if geo.e is not None:
     edo_CV[...] = _rows(geo.e, plgpu.load(do_CV, layout=plgpu.Layout.WGMMA).astype(jnp.float32)).astype(edo_CV.dtype)
@@ -375,24 +391,27 @@ def _entering_state_grad(h_KV, q_CK, k_CK, do_CV, mz_CV, edo_CV, geo, scale):
   return scale * _accumulate((lam / scale) * h_KV, (q_CK.transpose((1, 0)), x_CV), (k_CK.transpose((1, 0)), mz_CV))
 
 
-def _state_grad_body(*refs, heads, scale, has_g):
+def _state_grad_body(*refs, heads, scale, has_g, has_seg=False):
   it = iter(refs)
   q, k, do, beta = next(it), next(it), next(it), next(it)
   cum_g = next(it) if has_g else None
+  seg = next(it) if has_seg else None
   ds_final, dv, r, ds_out, ds0 = (next(it) for _ in range(5))
   q_buf, k_buf, do_buf, beta_row_buf, beta_col_buf = (next(it) for _ in range(5))
   b_bufs = [next(it), next(it)] if has_g else []
+  seg_bufs = [next(it), next(it)] if has_seg else []
   h_s, dv_s, r_s, f32_s, cc_hi, cc_lo, mz_s = (next(it) for _ in range(7))
-  edo_s = next(it) if has_g else None
+  edo_s = next(it) if has_g or has_seg else None
   bars = next(it)
   c = q_buf.shape[1]
-  (bh, bi, hi, vcols, tok), sources = _walk_program(heads, c, q, k, do, [beta] + ([cum_g] if has_g else []))
+  (bh, bi, hi, vcols, tok), sources = _walk_program(heads, c, q, k, do, [beta] + ([cum_g] if has_g else []),
+                                                    [seg] if has_seg else [])
   _fetch_one(ds_final.at[bh, :, vcols], f32_s, bars.at[bars.shape[0] - 1])
   h_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
 
   def body(n, views, h):
     q_v, k_v, do_v = views[:3]
-    geo = _geometry(views[5:] if has_g else None, c, transpose=True)
+    geo = _factors(views[5:], c, has_g, has_seg, transpose=True)
     tt_CC = _transposed_solve(k_v, views[4], geo, cc_hi, cc_lo)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last chunk's stores out of h_s, dv_s, r_s
     h_s[...] = h.astype(h_s.dtype)
@@ -413,21 +432,23 @@ def _state_grad_body(*refs, heads, scale, has_g):
     plgpu.copy_smem_to_gmem(r_s, r.at[bi, tok(n), hi, vcols])
     return _entering_state_grad(h, q_v, k_v, do_v, mz_s, edo_s, geo, scale)
 
-  buffers = [q_buf, k_buf, do_buf, beta_row_buf, beta_col_buf, *b_bufs]
+  buffers = [q_buf, k_buf, do_buf, beta_row_buf, beta_col_buf, *b_bufs, *seg_bufs]
   h = _walk(q.shape[1] // c, sources, buffers, bars, body, h_init, reverse=True)
   _stage_out(h, f32_s, ds0.at[bh, :, vcols])
   plgpu.wait_smem_to_gmem(0)
 
 
-def _chunk_grad_body(*refs, heads, scale, has_g):
+def _chunk_grad_body(*refs, heads, scale, has_g, has_seg=False):
   it = iter(refs)
   q, k, v, do, x_hi, x_lo, r, beta = (next(it) for _ in range(8))
   cum_g = next(it) if has_g else None
+  seg = next(it) if has_seg else None
   s_in, ds_out, dq, dk, dbeta = (next(it) for _ in range(5))
   db_rows, db_cols = (next(it), next(it)) if has_g else (None, None)
   do_buf, v_buf, x_hi_buf, x_lo_buf, r_buf, s_buf, h_buf = (next(it) for _ in range(7))
   q_s, k_s, beta_s = next(it), next(it), next(it)
   b_bufs = [next(it), next(it)] if has_g else []
+  seg_bufs = [next(it), next(it)] if has_seg else []
   dpg_s, g_s, dbeta_s = (next(it) for _ in range(3))
   rows_s, cols_s = (next(it), next(it)) if has_g else (None, None)
   bars = next(it)
@@ -438,9 +459,10 @@ def _chunk_grad_body(*refs, heads, scale, has_g):
   c = q_s.shape[0]
   tok = pl.ds(n * c, c)
   vcols = lambda j: pl.ds(j * BLOCK_V, BLOCK_V)
-  # The chunk's key block, beta and decay, once: their copies run beside the walk over value blocks.
+  # The chunk's key block, beta, decay and segment counts, once: their copies run beside the walk
+  # over value blocks.
   once = [(q.at[bi, tok, hi, kcols], q_s), (k.at[bi, tok, hi, kcols], k_s), (beta.at[bh, n], beta_s)]
-  once += [(cum_g.at[bh, n], buf) for buf in b_bufs]
+  once += [(cum_g.at[bh, n], buf) for buf in b_bufs] + [(seg.at[bi, n], buf) for buf in seg_bufs]
   wait_once = _start_copies(once, bars)
   per_token = [do, v, x_hi, x_lo, r]
   sources = [lambda j, ref=ref: ref.at[bi, tok, hi, vcols(j)] for ref in per_token]
@@ -470,7 +492,7 @@ def _chunk_grad_body(*refs, heads, scale, has_g):
   sums = _walk(v.shape[-1] // BLOCK_V, sources, buffers, bars, body, sums, reverse=False)
   dp_CC, rx_CC, dos_CK, xh_CK, rs_CK, rv_CV = sums[:6]
   wait_once()
-  geo = _geometry(b_bufs or None, c)
+  geo = _factors(b_bufs + seg_bufs, c, has_g, has_seg)
   beta_C = plgpu.load(beta_s, layout=plgpu.Layout.WGMMA.reduce(1))
   rows, cols = _iota_CC(c)
   da_CC = jnp.where(rows > cols, -rx_CC, 0.0)   # dA = -R X^T on A's support
@@ -521,45 +543,46 @@ def _chunk_grad_body(*refs, heads, scale, has_g):
   plgpu.wait_smem_to_gmem(0)
 
 
-def state_grads(q, k, beta, g, do, ds_final, *, scale, chunk, interpret=False):
+def state_grads(q, k, beta, g, do, ds_final, *, scale, chunk, interpret=False, seg=None):
   """The reverse pass: dv [B, T, H, V] in do's dtype, R = T^T dX [B, T, H, V] and H = dL/dS of the
   state leaving every chunk [B*H, N, K, V], both in q's dtype, and the initial-state gradient
   [B*H, K, V] float32. q, k [B, T, H, K], do [B, T, H, V] in q's 16-bit dtype, T a multiple of
-  `chunk`; beta [B, T, H]; g [B, T, H] log decay or None; ds_final [B*H, K, V] float32."""
-  _check(q, do, beta, g, chunk, "backward")
+  `chunk`; beta [B, T, H]; g [B, T, H] log decay or None; ds_final [B*H, K, V] float32; seg [B, T]
+  integer segment ids or None."""
+  _check(q, do, beta, g, chunk, "backward", seg)
   b, t, h, kd = q.shape
   vd = do.shape[-1]
-  has_g = g is not None
+  has_g, has_seg = g is not None, seg is not None
   mm = q.dtype
   out_type = (jax.ShapeDtypeStruct(do.shape, do.dtype), jax.ShapeDtypeStruct(do.shape, mm),
               jax.ShapeDtypeStruct((b * h, t // chunk, kd, vd), mm), jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32))
-  inputs = [q, k, do, _per_chunk_BHNC(beta, chunk)] + ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [ds_final]
-  body = _named(_state_grad_body, heads=h, scale=scale, has_g=has_g)
-  return _call(body, out_type, _scratch_within("backward", _state_grad_layout(chunk, kd, mm, has_g)),
+  inputs = [q, k, do, _per_chunk_BHNC(beta, chunk)] + _per_chunk(g, seg, chunk) + [ds_final]
+  body = _named(_state_grad_body, heads=h, scale=scale, has_g=has_g, has_seg=has_seg)
+  return _call(body, out_type, _scratch_within("backward", _state_grad_layout(chunk, kd, mm, has_g, has_seg)),
                (b * h, vd // BLOCK_V), interpret, *inputs)
 
 
-def chunk_grads(q, k, v, beta, g, do, residuals, r, ds_out, *, scale, chunk, interpret=False):
+def chunk_grads(q, k, v, beta, g, do, residuals, r, ds_out, *, scale, chunk, interpret=False, seg=None):
   """dq, dk [B, T, H, K] in q's dtype, dbeta [B, T, H] float32 and dg [B, T, H] float32 (None
   without a decay), every chunk in parallel (one warpgroup per (batch*head, chunk, 64-wide key
   block), walking the value blocks) from `forward`'s `Residuals`, R of `state_grads` [B, T, H, V]
   and H [B*H, N, K, V]. No solve: R holds T's part. XLA adds the key blocks' shares of dbeta and
-  db; dg is the in-chunk reverse cumulative sum of db."""
-  _check(q, v, beta, g, chunk, "backward")
+  db; dg is the in-chunk reverse cumulative sum of db. seg: [B, T] integer segment ids or None."""
+  _check(q, v, beta, g, chunk, "backward", seg)
   b, t, h, kd = q.shape
   n = t // chunk
-  has_g = g is not None
+  has_g, has_seg = g is not None, seg is not None
   mm = q.dtype
   shares = jax.ShapeDtypeStruct((kd // BLOCK_K, b * h, n, chunk), jnp.float32)
   out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, q.dtype), shares]
   out_type += [shares] * 2 if has_g else []
   inputs = [q, k, v, do, residuals.x_hi, residuals.x_lo, r, _per_chunk_BHNC(beta, chunk)]
-  inputs += ([chunk_cumsum_BHNC(g, chunk)] if has_g else []) + [residuals.states, ds_out]
-  body = _named(_chunk_grad_body, heads=h, scale=scale, has_g=has_g)
+  inputs += _per_chunk(g, seg, chunk) + [residuals.states, ds_out]
+  body = _named(_chunk_grad_body, heads=h, scale=scale, has_g=has_g, has_seg=has_seg)
+  scratch = _scratch_within("backward", _chunk_grad_layout(chunk, mm, has_g, has_seg))
   res = plgpu.kernel(
-      body, out_type=tuple(out_type), scratch_types=_scratch_within("backward", _chunk_grad_layout(chunk, mm, has_g)),
-      grid=(b * h, n, kd // BLOCK_K), grid_names=("bh", "n", "kb"),
-      interpret=plgpu.InterpretGPUParams() if interpret else None,
+      body, out_type=tuple(out_type), scratch_types=scratch, grid=(b * h, n, kd // BLOCK_K),
+      grid_names=("bh", "n", "kb"), interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*inputs)
   to_BTH = lambda x_BHNC: x_BHNC.reshape(b, h, t).transpose(0, 2, 1)
   dbeta = to_BTH(jnp.sum(res[2], axis=0))
@@ -569,41 +592,43 @@ def chunk_grads(q, k, v, beta, g, do, residuals, r, ds_out, *, scale, chunk, int
   return res[0], res[1], dbeta, to_BTH(jnp.flip(jnp.cumsum(jnp.flip(db_BHNC, -1), axis=-1), -1))
 
 
-def backward(q, k, v, beta, g, residuals, do, ds_final, *, scale, chunk, interpret=False):
+def backward(q, k, v, beta, g, residuals, do, ds_final, *, scale, chunk, interpret=False, seg=None):
   """(dq, dk, dv in the inputs' dtype, dbeta [B, T, H] float32, dg [B, T, H] float32 or None, ds0
   [B*H, K, V] float32). residuals: what `forward(store_states=True)` returned; the other
   arguments as `forward`'s, do [B, T, H, V] in v's dtype, ds_final [B*H, K, V] float32."""
-  dv, r, ds_out, ds0 = state_grads(q, k, beta, g, do, ds_final, scale=scale, chunk=chunk, interpret=interpret)
+  dv, r, ds_out, ds0 = state_grads(q, k, beta, g, do, ds_final, scale=scale, chunk=chunk, interpret=interpret,
+                                   seg=seg)
   dq, dk, dbeta, dg = chunk_grads(q, k, v, beta, g, do, residuals, r, ds_out, scale=scale, chunk=chunk,
-                                  interpret=interpret)
+                                  interpret=interpret, seg=seg)
   return dq, dk, dv, dbeta, dg, ds0
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def fused_delta_rule(scale, chunk, interpret, q, k, v, beta, g, s0):
+def fused_delta_rule(scale, chunk, interpret, q, k, v, beta, g, s0, seg=None):
   """(O [B, T, H, V], final state [B, H, K, V] float32) with `forward`'s contract (s0 [B, H, K, V]
-  float32), differentiable through `backward`."""
+  float32, seg [B, T] integer segment ids or None), differentiable through `backward`."""
   b, _, h, _ = q.shape
   o, s_final, _ = forward(q, k, v, beta, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
-                          store_states=False, interpret=interpret)
+                          store_states=False, interpret=interpret, seg=seg)
   return o, s_final.reshape(s0.shape)
 
 
-def _fused_delta_rule_fwd(scale, chunk, interpret, q, k, v, beta, g, s0):
+def _fused_delta_rule_fwd(scale, chunk, interpret, q, k, v, beta, g, s0, seg=None):
   b, _, h, _ = q.shape
   o, s_final, residuals = forward(q, k, v, beta, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
-                                  store_states=True, interpret=interpret)
-  return (o, s_final.reshape(s0.shape)), (q, k, v, beta, g, residuals)
+                                  store_states=True, interpret=interpret, seg=seg)
+  return (o, s_final.reshape(s0.shape)), (q, k, v, beta, g, seg, residuals)
 
 
 def _fused_delta_rule_bwd(scale, chunk, interpret, saved, cotangents):
-  q, k, v, beta, g, residuals = saved
+  q, k, v, beta, g, seg, residuals = saved
   do, ds_final = cotangents
   b, _, h, _ = q.shape
   dq, dk, dv, dbeta, dg, ds0 = backward(q, k, v, beta, g, residuals, do.astype(v.dtype),
                                         ds_final.reshape(b * h, *ds_final.shape[2:]), scale=scale, chunk=chunk,
-                                        interpret=interpret)
-  return dq, dk, dv, dbeta.astype(beta.dtype), None if g is None else dg.astype(g.dtype), ds0.reshape(ds_final.shape)
+                                        interpret=interpret, seg=seg)
+  dg = None if g is None else dg.astype(g.dtype)
+  return dq, dk, dv, dbeta.astype(beta.dtype), dg, ds0.reshape(ds_final.shape), None   # None: ids have no cotangent
 
 
 fused_delta_rule.defvjp(_fused_delta_rule_fwd, _fused_delta_rule_bwd)

@@ -1,10 +1,10 @@
 """The fused Mosaic GPU delta-rule kernels (`delta_kernels_mosaic_gpu`, gated by a scalar decay or
 not) against the float32 scan under Mosaic GPU interpret mode: the forward's outputs, final state
 and stored states entering every chunk; forward and every gradient of `delta_rule(impl="pallas")`,
-which takes them under PALLAS_KERNELS_INTERPRET=mosaic_gpu; their lowering to the Mosaic GPU
-custom call for CUDA. The lowering needs jax >= 0.11 (older jax has no Mosaic GPU interpret mode,
-which `supports` asks for), interpret mode on the CPU jax >= 0.12 (jax 0.11.2 fails there: no
-`eval_jaxpr` rule, no CPU rule for wgmma)."""
+which takes them under PALLAS_KERNELS_INTERPRET=mosaic_gpu; both with segment ids too; their
+lowering to the Mosaic GPU custom call for CUDA. The lowering needs jax >= 0.11 (older jax has no
+Mosaic GPU interpret mode, which `supports` asks for), interpret mode on the CPU jax >= 0.12 (jax
+0.11.2 fails there: no `eval_jaxpr` rule, no CPU rule for wgmma)."""
 from __future__ import annotations
 
 import zlib
@@ -21,6 +21,7 @@ from pallas_kernels.ops.delta_rule.scan import delta_rule_scan
 from tests.conftest import assert_rel_close
 from tests.kernels.recurrence_cases import kernel_names, make_inputs
 from tests.kernels.test_chunk_agreement import TOL, check_against_reference
+from tests.kernels.test_mosaic_gpu_fused import SEG_STARTS, _segments
 
 pytestmark = pytest.mark.skipif(
     state_pass_mosaic_gpu.supports(jnp.bfloat16, 64, 64, 64) is not None,
@@ -37,30 +38,34 @@ def _flat_heads(x_BHKV):
   return x_BHKV.reshape(b * h, *x_BHKV.shape[2:])
 
 
-def _scan_by_chunks(x, chunk):
+def _scan_by_chunks(x, chunk, seg=None):
   """The float32 scan run chunk after chunk: O [B, T, H, V], the state entering every chunk
-  [B*H, N, K, V] and the final state [B*H, K, V]."""
+  [B*H, N, K, V] and the final state [B*H, K, V]; seg: [B, T] segment ids or None."""
   f32 = {name: a.astype(jnp.float32) for name, a in x.items()}
   scale = x["q"].shape[-1] ** -0.5
   s_BHKV, o_chunks, states = f32["s0"], [], []
   for start in range(0, x["q"].shape[1], chunk):
     part = {name: f32[name][:, start:start + chunk] for name in ("q", "k", "v", "beta", "g") if name in f32}
     states.append(_flat_heads(s_BHKV))
+    if seg is not None and start:
+      # A segment starting at the chunk's first token reads no state: the scan's reset there, which
+      # the part's own ids cannot show (the stored state entering the chunk is the one before it).
+      s_BHKV = s_BHKV * (seg[:, start] == seg[:, start - 1])[:, None, None, None]
     o, s_BHKV = delta_rule_scan(part["q"], part["k"], part["v"], part["beta"], part.get("g"), scale=scale,
-                                s0=s_BHKV, segment_ids=None)
+                                s0=s_BHKV, segment_ids=None if seg is None else seg[:, start:start + chunk])
     o_chunks.append(o)
   return jnp.concatenate(o_chunks, axis=1), jnp.stack(states, axis=1), _flat_heads(s_BHKV)
 
 
-def _forward(x, store_states, chunk=CHUNK):
+def _forward(x, store_states, chunk=CHUNK, seg=None):
   return delta_kernels_mosaic_gpu.forward(
       x["q"], x["k"], x["v"], x["beta"], x.get("g"), _flat_heads(x["s0"]), scale=x["q"].shape[-1] ** -0.5,
-      chunk=chunk, store_states=store_states, interpret=True)
+      chunk=chunk, store_states=store_states, interpret=True, seg=seg)
 
 
-def _check_against_scan(x, store_states=True, chunk=CHUNK):
-  ref_o, ref_states, ref_s = _scan_by_chunks(x, chunk)
-  o, s, residuals = _forward(x, store_states, chunk)
+def _check_against_scan(x, store_states=True, chunk=CHUNK, seg=None):
+  ref_o, ref_states, ref_s = _scan_by_chunks(x, chunk, seg)
+  o, s, residuals = _forward(x, store_states, chunk, seg)
   assert o.dtype == x["v"].dtype and s.dtype == jnp.float32
   assert_rel_close("o", ref_o, o, BF16)
   assert_rel_close("final state", ref_s, s, BF16)
@@ -130,6 +135,22 @@ def test_delta_forward_strong_decay():
                                   gate_scale=10.0))
 
 
+@interpret_mode
+@pytest.mark.parametrize("kd, vd, store_states", [(64, 128, True), (128, 64, False)],
+                         ids=["K64-V128-states", "K128-V64-no-states"])
+@pytest.mark.parametrize("variant", ["gated_delta", "delta"])
+def test_delta_forward_segments_match_scan(variant, kd, vd, store_states):
+  """`forward` with segment ids (`SEG_STARTS`: boundaries inside a chunk and at a chunk's first
+  token, a chunk of three segments none of which the entering state feeds, segments starting at a
+  chunk's last token) against the float32 scan with the same ids, the stored states entering the
+  chunks included; a weak decay (a strong one would hide what crosses the chunks) and a nonzero
+  initial state, which feeds the first segment only."""
+  t = 3 * CHUNK
+  x = make_inputs(zlib.crc32(f"mosaic-delta-seg-{variant}-{kd}".encode()), variant, b=2, t=t, h=2, kd=kd, vd=vd,
+                  dtype=jnp.bfloat16, gate_scale=0.02)
+  _check_against_scan(x, store_states, seg=_segments(t, SEG_STARTS))
+
+
 def test_delta_forward_refusals():
   x = make_inputs(1, "gated_delta", b=1, t=CHUNK, h=1, kd=64, vd=64, dtype=jnp.bfloat16)
   x["g"] = jnp.zeros((1, CHUNK, 1, 64), jnp.float32)
@@ -152,6 +173,9 @@ def test_delta_forward_refusals():
   x = make_inputs(1, "gated_delta", b=1, t=2 * CHUNK, h=1, kd=128, vd=64, dtype=jnp.bfloat16)
   with pytest.raises(ValueError, match="KiB of shared memory per block"):
     _forward(x, False, chunk=2 * CHUNK)
+  x = make_inputs(1, "delta", b=1, t=CHUNK, h=1, kd=64, vd=64, dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"segment ids must be \[B, T\]"):
+    _forward(x, False, seg=jnp.zeros((1, CHUNK, 1), jnp.int32))
 
 
 @pytest.mark.parametrize("kd, vd, gated, store_states, chunk",
@@ -228,8 +252,8 @@ def test_delta_gradients_strong_decay():
 
 @interpret_mode
 def test_pallas_delta_rule_routes_to_the_fused_kernels(monkeypatch):
-  """Gated or not, without segment ids: the fused kernels, forward and backward; segment ids, K 128
-  at chunk 128 (over the shared memory of a block) or PALLAS_KERNELS_FUSED=0 keep the state-pass
+  """Gated or not, with or without segment ids: the fused kernels, forward and backward; K 128 at
+  chunk 128 (over the shared memory of a block) or PALLAS_KERNELS_FUSED=0 keep the state-pass
   kernels."""
   monkeypatch.setenv("PALLAS_KERNELS_INTERPRET", "mosaic_gpu")
   monkeypatch.delenv("PALLAS_KERNELS_FUSED", raising=False)
@@ -244,10 +268,12 @@ def test_pallas_delta_rule_routes_to_the_fused_kernels(monkeypatch):
   fused = ["_forward_body", "_state_grad_body", "_chunk_grad_body"]
   assert names(x["g"]) == fused
   assert names(None) == fused
-  assert "_chunk_grad_body" not in names(x["g"], seg)
+  assert names(x["g"], seg) == fused
+  assert names(None, seg) == fused
   wide = make_inputs(3, "gated_delta", b=1, t=2 * CHUNK, h=1, kd=128, vd=64, dtype=jnp.bfloat16)
   assert delta_kernels_mosaic_gpu.fused_unsupported(jnp.bfloat16, 2 * CHUNK, 128, True) is not None
   assert "_chunk_grad_body" not in names(wide["g"], x=wide, chunk_size=2 * CHUNK)
+  assert "_chunk_grad_body" not in names(wide["g"], jnp.zeros((1, 2 * CHUNK), jnp.int32), x=wide, chunk_size=2 * CHUNK)
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
   assert "_chunk_grad_body" not in names(x["g"])
 
@@ -294,3 +320,53 @@ def test_delta_backward_lowers_for_cuda(kd, vd, gated, chunk):
       spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h, dt=jnp.float32), g,
       spec(b, h, kd, vd, dt=jnp.float32))
   assert exported.mlir_module().count("mosaic_gpu_v2") == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Segment ids (packed sequences), forward and backward
+
+
+@interpret_mode
+@pytest.mark.parametrize("t, kd, vd, gate_scale, recurring",
+                         [(150, 64, 128, 1.0, False), (192, 128, 64, 0.02, True)],
+                         ids=["T150-K64-V128", "T192-K128-V64-weak-recurring"])
+@pytest.mark.parametrize("variant", ["gated_delta", "delta"])
+def test_delta_gradients_segments_match_scan(variant, t, kd, vd, gate_scale, recurring):
+  """`delta_rule(impl="pallas", segment_ids=...)` on the Mosaic GPU kernels: output, final state
+  and dq, dk, dv, dbeta, dg, ds0 against the float32 scan with the same ids (`SEG_STARTS`), a
+  nonzero initial state; T 150 pads the last chunk (its ids repeat the last one), the weak decay
+  keeps the state and its gradient across chunks, K 128 has two key blocks, V 128 two value
+  blocks. `recurring`: the ids alternate 5, 7, 5, ..., so an id comes back after another one and
+  starts a new segment (the op's `chunking.segment_runs`)."""
+  seed = zlib.crc32(f"mosaic-delta-seg-grad-{variant}-{t}-{kd}".encode())
+  inputs = make_inputs(seed, variant, b=2, t=t, h=2, kd=kd, vd=vd, dtype=jnp.bfloat16, gate_scale=gate_scale)
+  seg = _segments(t, [[s for s in starts if s < t] for starts in SEG_STARTS])
+  if recurring:
+    seg = 5 + 2 * (seg % 2)
+  check_against_reference(variant, inputs, BF16, (CHUNK,), seed, segment_ids=seg, impl="pallas:mosaic_gpu")
+
+
+@pytest.mark.parametrize("kd, vd, gated, chunk",
+                         [(64, 128, True, CHUNK), (128, 64, False, CHUNK), (256, 64, True, CHUNK),
+                          (64, 64, True, 2 * CHUNK), (64, 64, False, 2 * CHUNK)],
+                         ids=["K64-V128-g", "K128-V64-nodecay", "K256-V64-g", "C128-K64-V64-g", "C128-K64-V64-nodecay"])
+def test_delta_segments_lower_for_cuda(kd, vd, gated, chunk):
+  """The forward and both backward kernels with segment ids through the Mosaic GPU lowering, as
+  `test_delta_backward_lowers_for_cuda`: K 256 and chunk 128 the tightest in shared memory with the
+  segment counts' buffers (and, ungated, the e * dO tile) on top."""
+  import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401, PLC0415
+
+  b, t, h = 2, 4 * CHUNK, 2
+  spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+  g = spec(b, t, h, dt=jnp.float32) if gated else None
+
+  def loss(q, k, v, beta, g, s0, seg):
+    o, s = delta_kernels_mosaic_gpu.fused_delta_rule(kd ** -0.5, chunk, False, q, k, v, beta, g, s0, seg)
+    return o.astype(jnp.float32).sum() + s.sum()
+
+  args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h, dt=jnp.float32), g,
+          spec(b, h, kd, vd, dt=jnp.float32), spec(b, t, dt=jnp.int32))
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5) if gated else (0, 1, 2, 3, 5))
+  assert export.export(jax.jit(grad), platforms=["cuda"])(*args).mlir_module().count("mosaic_gpu_v2") == 3
+  # The forward alone: no stored states.
+  assert export.export(jax.jit(loss), platforms=["cuda"])(*args).mlir_module().count("mosaic_gpu_v2") == 1

@@ -3,7 +3,7 @@
 On GPU (and the generic interpreter) either every stage is a kernel (`pallas_chunked.make_fused_op`)
 or the passes over chunks are kernels over XLA-built terms (`pallas_chunked.make_pallas_op`), the
 faster per op (`dispatch.fused_kernels`); on TPU always the latter. On the Mosaic GPU backend (and
-its interpret mode) every stage is a kernel without segment ids, where the kernels fit shared
+its interpret mode) every stage is a kernel, segment ids or not, where the kernels fit shared
 memory (`delta_kernels_mosaic_gpu.fused_delta_rule`); otherwise the state-pass kernels run.
 """
 from __future__ import annotations
@@ -27,11 +27,11 @@ def delta_rule_fused(q, k, v, beta, g, *, scale, s0, segment_ids, chunk_size, in
                     s0=s0, segment_ids=segment_ids, chunk_size=chunk_size)
 
 
-def delta_rule_fused_mosaic_gpu(q, k, v, beta, g, *, scale, s0, chunk_size, interpret):
-  """The fused Mosaic GPU kernels on [B, T, H, *] inputs; g None or [B, T, H]."""
+def delta_rule_fused_mosaic_gpu(q, k, v, beta, g, *, scale, s0, segment_ids, chunk_size, interpret):
+  """The fused Mosaic GPU kernels on [B, T, H, *] inputs; g None or [B, T, H]; segment_ids [B, T] or None."""
   op = lambda q, k, v, beta, g, s0, seg: delta_kernels_mosaic_gpu.fused_delta_rule(
-      scale, chunk_size, interpret, q, k, v, beta, g, s0)
-  return run_padded(op, q, k, v, (beta, g), s0=s0, segment_ids=None, chunk_size=chunk_size)
+      scale, chunk_size, interpret, q, k, v, beta, g, s0, seg)
+  return run_padded(op, q, k, v, (beta, g), s0=s0, segment_ids=segment_ids, chunk_size=chunk_size)
 
 
 def delta_rule_state_pass(q, k, v, beta, g, *, scale, s0, segment_ids, chunk_size, backend):
@@ -47,9 +47,9 @@ def delta_rule_pallas(q, k, v, beta, g, *, scale, s0, segment_ids, chunk_size):
     if backend not in _MOSAIC_GPU:
       return delta_rule_fused(q, k, v, beta, g, scale=scale, s0=s0, segment_ids=segment_ids,
                               chunk_size=chunk_size, interpret=backend == "interpret")
-    if segment_ids is None and delta_kernels_mosaic_gpu.fused_unsupported(q.dtype, chunk_size, q.shape[-1],
-                                                                         g is not None) is None:
-      return delta_rule_fused_mosaic_gpu(q, k, v, beta, g, scale=scale, s0=s0, chunk_size=chunk_size,
-                                         interpret=backend == "mosaic_gpu_interpret")
+    if delta_kernels_mosaic_gpu.fused_unsupported(q.dtype, chunk_size, q.shape[-1], g is not None,
+                                                  segment_ids is not None) is None:
+      return delta_rule_fused_mosaic_gpu(q, k, v, beta, g, scale=scale, s0=s0, segment_ids=segment_ids,
+                                         chunk_size=chunk_size, interpret=backend == "mosaic_gpu_interpret")
   return delta_rule_state_pass(q, k, v, beta, g, scale=scale, s0=s0, segment_ids=segment_ids,
                                chunk_size=chunk_size, backend=backend)
