@@ -42,6 +42,15 @@ row reduction picks the rows' coefficients, a masked column reduction applies th
 register indexing), then with M = (I + D)^-1 L (L = A - D, strictly block-lower, so M^4 = 0):
 T = (I - M + M^2 - M^3) (I + D)^-1, three matmuls in Horner form.
 
+The per-dimension scores P_ts = sum_d q_td k_sd exp(b_td - b_sd) (s <= t) do not factor into
+(q e^b)(k e^-b)^T without overflow: `_scores_kernel` and `_scores_grad_kernel` take them in blocks
+of 16 rows, the rows before a block by one matmul (q e^(b - r))(k e^(r - b))^T against a reference
+r = b of the row before it (factors <= 1, b being non-increasing), the 16 x 16 diagonal block
+exactly, one column a loop step. With SCORES_DIAGONAL_MATMUL the matmul also takes the block's own
+rows wherever the range R = max |b - r| over them and the program's key columns is at most
+DIAGONAL_MATMUL_MAX_RANGE (factors within e^(+-R)), and masks them to s <= t; per block at run
+time (lax.cond: scf.if), the column loop elsewhere.
+
 Backward of one chunk (hand-derived; checked against `jax.vjp` of `chunked.chunk_forward`):
     dX  = P^T dO + d * (K H)                     R = T^T dX
     dV  = beta * R                               R_K = T^T dW = -R S^T      (dW = -dX S^T)
@@ -106,6 +115,23 @@ SCORES_BLOCK_K = 64
 # 1.16 against 1.94 ms: more registers, fewer programs per SM, for loads issued ahead); 16
 # (SCORE_BLOCK) unrolls the loop, at minutes of Triton compile time.
 SCORE_UNROLL = 1
+# The score kernels' diagonal blocks by the matmul of the earlier rows, its reach extended over the
+# block's own rows, wherever the block's decay range R allows (DIAGONAL_MATMUL_MAX_RANGE; chosen per
+# block at run time), else by the exact column loop above: both kernels are latency-bound in their
+# 16-step diagonal loops (H100 profile, per-dimension GLA 8x2048x16x128 fwd+bwd 3.0 ms, of which
+# `_scores_kernel` 0.78 and `_scores_grad_kernel` 1.04; halving the loops' exp2 work bought nothing).
+# H100 run 36 (kernels/h100/run36.sh, interleaved, one process), per-dimension GLA 8x2048x16x128 bf16:
+# fwd+bwd 2.14 / 2.14 ms against 3.11 / 3.03 with the loops alone, fwd 0.76 / 0.75 against 1.22 / 1.18.
+SCORES_DIAGONAL_MATMUL = True
+# The largest R (natural log) for a diagonal block's matmul: R = max over its rows t and the program's
+# key columns d of |b_td - r_d|, r = b of the row before the block (block 0: its first row; b being
+# non-increasing, the block's last row, dk's reference in `_scores_grad_kernel`, is within R of its
+# rows too), bounds every factor q e^(b - r) and k e^(r - b) of the block's rows within e^(+-R) and
+# every product, the entries masked off after the matmul included, within e^(+-2R): e^(+-80) at 40,
+# inside float32's and bf16's range (e^(+-88)) with room for q k, and normal, so each kept term
+# q k e^(b_t - b_s) keeps its relative error as in the column loop. A strong decay (g of -20 a step)
+# falls past it within a block: the loop then.
+DIAGONAL_MATMUL_MAX_RANGE = 40.0
 # Key columns per `_scores_grad_kernel` program (a divisor of K, 16 or more).
 SCORES_GRAD_BLOCK_K = 64
 # A per-dimension decay's in-chunk cumulative sums (forward: of g, backward: of db) in
@@ -486,13 +512,20 @@ def _loop(length, body, init):
   return steps(0, init) if unroll == length else jax.lax.fori_loop(0, length // unroll, steps, init)
 
 
+def _diagonal_fits(b_i, ref):
+  """Whether a diagonal block of rows b_i [sub, BK] takes the matmul (SCORES_DIAGONAL_MATMUL): its
+  range max |b_i - ref| against the reference row ref [BK] within DIAGONAL_MATMUL_MAX_RANGE (NaN: no)."""
+  return jnp.max(jnp.abs(b_i - ref[None, :])) <= DIAGONAL_MATMUL_MAX_RANGE
+
+
 def _scores_kernel(*refs, heads, c, sub, block_k, has_seg, precise):
   """The intra-chunk scores under a per-dimension decay (program (B*H, N, K/BK)), one row block of
   `sub` rows at a time: P_ts = sum_d q_td k_sd exp(b_td - b_sd) for s <= t in one segment (before
   the scale), summed over the program's `block_k` key columns d. The exponent does not factor
   into (q e^b)(k e^-b)^T without overflow, so each block of earlier rows takes a reference r = b
   of the row before the block, which keeps both factors q e^(b - r) and k e^(r - b) <= 1, and the
-  diagonal block is exact, one column at a time.
+  diagonal block is exact, one column at a time; with SCORES_DIAGONAL_MATMUL, where its range
+  allows, the matmul takes the block's own rows too (their k e^(r - b) up to e^R), masked to s <= t.
   Also stores e * Q, d * K and lambda, what the passes read in place of Q, K and the decay.
   One program per chunk: a program per row block, as `_scores_grad_kernel`, measured slower here
   (H200 runs 16-18: 4.05 against 3.90 ms fwd+bwd at 8x2048x16x128, also when it read only the key
@@ -506,7 +539,7 @@ def _scores_kernel(*refs, heads, c, sub, block_k, has_seg, precise):
   kcols = pl.ds(kb * block_k, block_k)
   row_c = jax.lax.broadcasted_iota(jnp.int32, (c, block_k), 0)
   row_s = jax.lax.broadcasted_iota(jnp.int32, (sub, block_k), 0)
-  col_s = jax.lax.broadcasted_iota(jnp.int32, (sub, c), 1)
+  row_sc, col_s = (jax.lax.broadcasted_iota(jnp.int32, (sub, c), a) for a in (0, 1))
   k, b = _f32(ld.tok(r["k"], n, kcols)), ld.tok(r["cum_g"], n, kcols)
   geo = ld.dim_geometry(r["cum_g"], r["seg"], n, kcols)
   ld.store_tok(r["qe"], n, _f32(ld.tok(r["q"], n, kcols)) * geo.e, kcols)
@@ -516,9 +549,13 @@ def _scores_kernel(*refs, heads, c, sub, block_k, has_seg, precise):
   for i in range(c // sub):
     q_i, b_i = _f32(ld.sub_rows(r["q"], n, i, sub, kcols)), ld.sub_rows(r["cum_g"], n, i, sub, kcols)
     blk = jnp.zeros((sub, c), jnp.float32)
-    if i > 0:
-      ref = ld.row(r["cum_g"], n, i * sub - 1, kcols)
-      k_ref = k * jnp.exp(jnp.where(row_c < i * sub, ref[None, :] - b, -jnp.inf))
+    if i > 0 or SCORES_DIAGONAL_MATMUL:
+      ref = ld.row(r["cum_g"], n, max(i * sub - 1, 0), kcols)       # block 0: its first row
+      reach = i * sub           # the rows of k in the matmul: those before the block
+      if SCORES_DIAGONAL_MATMUL:
+        fits = _diagonal_fits(b_i, ref)
+        reach += fits.astype(jnp.int32) * sub      # and the block's own where its range allows
+      k_ref = k * jnp.exp(jnp.where(row_c < reach, ref[None, :] - b, -jnp.inf))
       blk = _mm((q_i * jnp.exp(b_i - ref[None, :])).astype(mm), k_ref.astype(mm), precise, tb=True)
 
     def diagonal_column(j, blk, i=i, q_i=q_i, b_i=b_i):
@@ -527,7 +564,12 @@ def _scores_kernel(*refs, heads, c, sub, block_k, has_seg, precise):
       column = jnp.sum(q_i * k_j[None, :] * decay, axis=1)
       return jnp.where(col_s == i * sub + j, column[:, None], blk)
 
-    blk = _loop(sub, diagonal_column, blk)
+    columns = functools.partial(_loop, sub, diagonal_column)
+    if SCORES_DIAGONAL_MATMUL:
+      # s > t entries of the matmul are finite (within e^(2R)): select them off, never scale by 0
+      blk = jax.lax.cond(fits, lambda blk, i=i: jnp.where(col_s <= i * sub + row_sc, blk, 0.0), columns, blk)
+    else:
+      blk = columns(blk)
     if has_seg:
       seg_i = r["seg"][ld.b, pl.ds(n * c + i * sub, sub)]
       blk = blk * _mask(seg_i[:, None] == seg[None, :])
@@ -538,8 +580,9 @@ def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
   """The scores' VJP added to the state terms, one block of `sub` rows and `block_k` key columns
   per program (B*H, N * C/sub, K/BK): from dP (masked to the scores' support) the intra-chunk dq,
   dk with the same references as `_scores_kernel` (dk's: r = b of the block's last row, so
-  q e^(b - r) over the later rows and k e^(r - b) stay <= 1) and the diagonal block exact;
-  db += q * dq - k * dk of those intra-chunk terms."""
+  q e^(b - r) over the later rows and k e^(r - b) stay <= 1) and the diagonal block exact or, with
+  SCORES_DIAGONAL_MATMUL where its range allows, one more step of each loop, over dP's diagonal tile
+  (zero off the support, as `_dqk_kernel` stores it); db += q * dq - k * dk of those intra-chunk terms."""
   r = _split_refs(refs, ("q", "k", "cum_g", "dp", "dq_state", "dk_state", "db_state", "dq", "dk", "db"), {})
   nb = c // sub
   bh, n, i, kb = pl.program_id(0), pl.program_id(1) // nb, pl.program_id(1) % nb, pl.program_id(2)
@@ -551,19 +594,24 @@ def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
   q_i, k_i, b_i = _f32(ld_rows(r["q"])), _f32(ld_rows(r["k"])), ld_rows(r["cum_g"])
   zero = jnp.zeros((sub, block_k), jnp.float32)
   ref = ld.row(r["cum_g"], n, jnp.maximum(i * sub - 1, 0), kcols)     # block 0 has no earlier rows
+  diagonal_steps = 0        # 1: each loop below takes the diagonal tile too
+  if SCORES_DIAGONAL_MATMUL:
+    fits = _diagonal_fits(b_i, ref)
+    diagonal_steps = fits.astype(jnp.int32)
 
   def earlier(j, acc, ref=ref):
     k_j, b_j = _f32(ld.sub_rows(r["k"], n, j, sub, kcols)), ld.sub_rows(r["cum_g"], n, j, sub, kcols)
     return acc + _mm(r["dp"][bh, n, rows, pl.ds(j * sub, sub)], k_j * jnp.exp(ref[None, :] - b_j), precise)
 
-  dq_i = jnp.exp(b_i - ref[None, :]) * jax.lax.fori_loop(0, i, earlier, zero)
-  ref = ld.row(r["cum_g"], n, i * sub + sub - 1, kcols)                 # the last block has no later rows
+  dq_i = jnp.exp(b_i - ref[None, :]) * jax.lax.fori_loop(0, i + diagonal_steps, earlier, zero)
+  # the last block has no later rows; b non-increasing, the block's rows lie within R of this ref too
+  ref = ld.row(r["cum_g"], n, i * sub + sub - 1, kcols)
 
   def later(j, acc, ref=ref):
     q_j, b_j = _f32(ld.sub_rows(r["q"], n, j, sub, kcols)), ld.sub_rows(r["cum_g"], n, j, sub, kcols)
     return acc + _mm(r["dp"][bh, n, pl.ds(j * sub, sub), rows], q_j * jnp.exp(b_j - ref[None, :]), precise, ta=True)
 
-  dk_i = jnp.exp(ref[None, :] - b_i) * jax.lax.fori_loop(i + 1, nb, later, zero)
+  dk_i = jnp.exp(ref[None, :] - b_i) * jax.lax.fori_loop(i + 1 - diagonal_steps, nb, later, zero)
 
   def diagonal(j, acc):
     dq_i, dk_i = acc
@@ -583,7 +631,11 @@ def _scores_grad_kernel(*refs, heads, c, block_k, sub, precise):
     dk_i += dp_row[:, None] * q_j[None, :] * dk_decay
     return dq_i, dk_i
 
-  dq_i, dk_i = _loop(sub, diagonal, (dq_i, dk_i))
+  columns = functools.partial(_loop, sub, diagonal)
+  if SCORES_DIAGONAL_MATMUL:
+    dq_i, dk_i = jax.lax.cond(fits, lambda acc: acc, columns, (dq_i, dk_i))
+  else:
+    dq_i, dk_i = columns((dq_i, dk_i))
   db_i = ld_rows(r["db_state"]) + q_i * dq_i - k_i * dk_i
   ld.store_sub_rows(r["dq"], n, i, sub, ld_rows(r["dq_state"]) + dq_i, kcols)
   ld.store_sub_rows(r["dk"], n, i, sub, ld_rows(r["dk_state"]) + dk_i, kcols)

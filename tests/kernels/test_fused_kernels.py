@@ -105,24 +105,64 @@ def test_chunk_grads_match_vjp_of_chunk(family, gated, segments, c, kd, vd, dtyp
     assert_rel_close(name, back(ref).astype(jnp.float32), out.astype(jnp.float32), tol)
 
 
-@pytest.mark.parametrize("c, kd, dtype, segments, gate_scale, unroll, block_k", [
-    (64, 32, jnp.float32, True, 1.0, 1, None), (32, 16, jnp.float32, False, 30.0, 1, None),
-    (16, 64, jnp.bfloat16, True, 1.0, 1, None), (64, 32, jnp.float32, True, 1.0, 4, None),
-    (16, 64, jnp.bfloat16, True, 1.0, 16, None), (64, 32, jnp.float32, True, 30.0, 1, 8),
-    (16, 64, jnp.bfloat16, True, 1.0, 1, 32)],
+STRONG_GATE = 30.0    # b falls by about 20 a step: a block's range far past DIAGONAL_MATMUL_MAX_RANGE
+
+
+def _gate(g, gate):
+  """g (logsigmoid of a normal) for `gate`: "weak" as it is, "strong" times STRONG_GATE, or
+  "alternating", every other block of SCORE_BLOCK rows strong (in one chunk of 32 or more both
+  branches of SCORES_DIAGONAL_MATMUL's choice)."""
+  strong = {"weak": False, "strong": True, "alternating": np.arange(g.shape[1]) // ck.SCORE_BLOCK % 2 == 1}[gate]
+  return jnp.where(jnp.asarray(strong)[..., None, None], STRONG_GATE * g.astype(jnp.float32), g).astype(g.dtype)
+
+
+def _diagonal_branches(g, c):
+  """[B, T_padded/16, H] the branch of each diagonal block of SCORE_BLOCK rows under
+  SCORES_DIAGONAL_MATMUL, from `_diagonal_fits`'s range max |b_t - r| (b: g's in-chunk cumulative
+  sum, T zero-padded to a multiple of c as `run_padded` does; r: b of the row before the block,
+  block 0 its first row) over the key columns: "matmul" where all fit, "columns" where none does,
+  else "either" (the key blocks' split decides)."""
+  sub = ck.SCORE_BLOCK
+  bsz, t, h, kd = g.shape
+  pad = -t % c
+  g = np.pad(np.asarray(g, np.float64), [(0, 0), (0, pad), (0, 0), (0, 0)])
+  cum = np.cumsum(g.reshape(bsz, -1, c, h, kd), axis=2).reshape(bsz, -1, sub, h, kd)     # [B, T/16, 16, H, K]
+  first = (np.arange(cum.shape[1]) % (c // sub) == 0)[None, :, None, None, None]
+  prev = np.concatenate([cum[:, :1, -1:], cum[:, :-1, -1:]], axis=1)          # last row of the block before
+  fits = np.abs(cum - np.where(first, cum[:, :, :1], prev)).max(axis=2) <= ck.DIAGONAL_MATMUL_MAX_RANGE
+  return np.where(fits.all(-1), "matmul", np.where(~fits.any(-1), "columns", "either"))
+
+
+@pytest.mark.parametrize("diagonal_matmul", [False, True], ids=["column-loop", "diagonal-matmul"])
+@pytest.mark.parametrize("c, kd, dtype, segments, gate, unroll, block_k", [
+    (64, 32, jnp.float32, True, "weak", 1, None), (32, 16, jnp.float32, False, "strong", 1, None),
+    (16, 64, jnp.bfloat16, True, "weak", 1, None), (64, 32, jnp.float32, True, "weak", 4, None),
+    (16, 64, jnp.bfloat16, True, "weak", 16, None), (64, 32, jnp.float32, True, "strong", 1, 8),
+    (16, 64, jnp.bfloat16, True, "weak", 1, 32), (64, 32, jnp.float32, True, "alternating", 1, None),
+    (32, 64, jnp.bfloat16, False, "alternating", 1, 32)],
     ids=["C64-seg", "C32-strong-decay", "C16-bf16-seg", "C64-seg-unroll4", "C16-bf16-seg-unrolled",
-         "C64-seg-strong-decay-4-key-blocks", "C16-bf16-seg-2-key-blocks"])
-def test_scores_kernel_matches_chunk_scores(c, kd, dtype, segments, gate_scale, unroll, block_k, kernel_flags):
+         "C64-seg-strong-decay-4-key-blocks", "C16-bf16-seg-2-key-blocks", "C64-seg-alternating-decay",
+         "C32-bf16-alternating-decay-2-key-blocks"])
+def test_scores_kernel_matches_chunk_scores(c, kd, dtype, segments, gate, unroll, block_k, diagonal_matmul,
+                                            kernel_flags):
   """`_scores_kernel` (per-dimension decay) against the pure-JAX chunk form's scores, strong decay
-  included (gate_scale 30: b falls by about 20 a step, far past exp's float32 range in a chunk),
+  included (b falls by about 20 a step, far past exp's float32 range in a chunk),
   and its e * Q, d * K and lambda against `gla_chunk_terms`; the diagonal columns one to a loop
   step (the default), four, and all (C = 16 has one block of 16); all key columns in one program
-  (the default) or split over 2 and 4 (SCORES_BLOCK_K)."""
-  kernel_flags(SCORE_UNROLL=unroll, SCORES_BLOCK_K=block_k)
+  (the default) or split over 2 and 4 (SCORES_BLOCK_K); the diagonal blocks by the column loop
+  or SCORES_DIAGONAL_MATMUL (the default), which takes the matmul under the weak decay, the loop
+  under the strong one, and each in some blocks of every chunk under the alternating one."""
+  kernel_flags(SCORE_UNROLL=unroll, SCORES_BLOCK_K=block_k, SCORES_DIAGONAL_MATMUL=diagonal_matmul)
   b, h, n = 2, 2, 3
   t = n * c
   rng = np.random.default_rng(c + kd)
-  x = make_inputs(c, "gla_perdim", b=b, t=t, h=h, kd=kd, vd=16, dtype=dtype, gate_scale=gate_scale)
+  x = make_inputs(c, "gla_perdim", b=b, t=t, h=h, kd=kd, vd=16, dtype=dtype)
+  x["g"] = _gate(x["g"], gate)
+  branches = _diagonal_branches(x["g"], c).reshape(b, n, c // ck.SCORE_BLOCK, h)
+  if gate == "alternating":
+    assert ((branches == "matmul").any(2) & (branches == "columns").any(2)).all()
+  else:
+    assert (branches == {"weak": "matmul", "strong": "columns"}[gate]).all()
   seg = jnp.asarray(random_segments(rng, b, t, 4)) if segments else None
   got, qe, kdk, lam = ck.scores(x["q"], x["k"], ck.chunk_cumsum(x["g"], c, True), seg, chunk=c, interpret=True)
   assert got.shape == (b * h, n, c, c) and got.dtype == dtype and lam.dtype == jnp.float32
@@ -249,6 +289,26 @@ def test_xla_cumsum_matches_scan(variant, t, c, kd, vd, dtype, segments, kernel_
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
 
 
+@_scan_cases("gla-perdim-seg-C16-bf16", "gla-perdim-seg-C32-V128")
+@pytest.mark.parametrize("gate, diagonal_matmul", [("weak", True), ("strong", False), ("strong", True),
+                                                   ("alternating", True)],
+                         ids=["weak-diagonal-matmul", "strong-column-loop", "strong-diagonal-matmul",
+                              "alternating-diagonal-matmul"])
+def test_scores_diagonal_matmul_matches_scan(variant, t, c, kd, vd, dtype, segments, gate, diagonal_matmul,
+                                             kernel_flags):
+  """SCORES_DIAGONAL_MATMUL: per-dimension GLA's forward and every gradient against the f32 scan,
+  under a weak decay (every diagonal block of both score kernels by the matmul), a strong one (by
+  the column loop; but for blocks of padding only) and an alternating one (each in some blocks);
+  the strong decay also with the column loop alone (the flag off; test_fused_op_matches_scan checks
+  the weak decay under the default)."""
+  kernel_flags(SCORES_DIAGONAL_MATMUL=diagonal_matmul)
+  inputs, seg = _scan_inputs(variant, t, kd, vd, dtype, segments)
+  inputs["g"] = _gate(inputs["g"], gate)
+  expected = {"weak": {"matmul"}, "strong": {"columns"}, "alternating": {"matmul", "columns"}}[gate]
+  assert expected <= set(_diagonal_branches(inputs["g"], c).ravel())
+  check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
+
+
 def test_perdim_decay_read_and_its_gradient_written_in_its_dtype():
   """A bf16 per-dimension decay goes into the kernels as bf16 and dg comes out of the reverse
   in-chunk sum as bf16: no float32 copy of g [B, T, H, K] before, nor a cast of dg after."""
@@ -353,6 +413,18 @@ def test_fused_kernels_lower_through_triton(family, kd, vd, dtype, gated, segmen
 def test_scores_split_over_key_blocks_lowers_through_triton(monkeypatch):
   monkeypatch.setattr(ck, "SCORES_BLOCK_K", 32)
   _check_lowering("gla_perdim", 128, 128, jnp.bfloat16, True, True, ck.SPLIT_OUTPUT)
+
+
+@pytest.mark.skipif(jax.__version_info__ >= (0, 11),
+                    reason="jax >= 0.11 exports for cuda only with an abstract GPU device; the H200 runs "
+                           "of gpu_check_fused.py cover it")
+@pytest.mark.parametrize("dtype, diagonal_matmul", [(jnp.bfloat16, False), (jnp.bfloat16, True), (jnp.float32, True)],
+                         ids=["bf16-column-loop", "bf16-diagonal-matmul", "f32-diagonal-matmul"])
+def test_scores_diagonal_matmul_lowers_through_triton(dtype, diagonal_matmul, monkeypatch):
+  """SCORES_DIAGONAL_MATMUL off and on (a lax.cond per diagonal block: scf.if; loops with run-time
+  bounds), bf16 operands and float32 ones (three-pass TF32)."""
+  monkeypatch.setattr(ck, "SCORES_DIAGONAL_MATMUL", diagonal_matmul)
+  _check_lowering("gla_perdim", 128, 128, dtype, True, True, ck.SPLIT_OUTPUT)
 
 
 def _check_lowering(family, kd, vd, dtype, gated, segments, split):
