@@ -3,7 +3,7 @@
     python experiments/mosaic_check.py --out DIR [--shape 8x2048x16x128] [--check-shape 1x1024x4x128]
 
 1. Scalar-decay and undecayed GLA through `pk.gla(impl="pallas")` under PALLAS_KERNELS_GPU=triton
-   (Triton alone), =auto (the default: the Mosaic GPU forward, the Triton backward) and =mosaic_gpu
+   (Triton alone), =auto (the default: on Hopper the Mosaic GPU kernels, `dispatch.takes_mosaic_gpu`) and =mosaic_gpu
    (the fused Mosaic GPU forward and backward): output and gradients
    against the float32 scan at the check shape, then fwd and fwd+bwd median ms at the timing shape,
    beside flash-linear-attention's `chunk_simple_gla` when it imports.

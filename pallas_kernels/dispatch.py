@@ -46,8 +46,8 @@ def pallas_backend(dtype=None, kd: int | None = None, vd: int | None = None,
   interpret mode on CPU. dtype, kd, vd and chunk_size (of the op's inputs) decide whether the
   Mosaic GPU kernels can take the op.
 
-  On GPU, PALLAS_KERNELS_GPU=auto (the default) takes Triton, whose kernels may hand a direction
-  of an op to a Mosaic GPU kernel measured faster (`mosaic_gpu_directions`); =triton takes Triton
+  On GPU, PALLAS_KERNELS_GPU=auto (the default) takes Triton, which hands an op whose fused Mosaic
+  GPU kernels measured faster to them (`takes_mosaic_gpu`); =triton takes Triton
   alone; =mosaic_gpu takes the Mosaic GPU kernels where they apply (Hopper or
   newer, 16-bit inputs, C, K, V multiples of 64; the state-pass kernels, or the fused ones for
   MOSAIC_GPU_FUSED) and Triton elsewhere. Triton is the default backend: on the H200 the fused
@@ -98,26 +98,27 @@ def _gpu_choice() -> str:
   return choice
 
 
-# Per op, the directions in which a Mosaic GPU kernel beat the Triton one on Hopper, measured in one
-# process (bf16, 8x2048x16x128, H100 runs 32 and 33, experiments/NOTES.md session 13): GLA's
-# training forward (scalar or no decay, the states stored for the backward) 0.32 / 0.36 ms against
-# the Triton forward's 0.50 / 0.56, and the inference forward 0.27 / 0.31 against 0.30 / 0.35. Under
-# PALLAS_KERNELS_GPU=auto (the default) these directions run the Mosaic GPU kernel and the rest
-# Triton's; the backward stays Triton's until the Mosaic GPU one has been timed.
-MOSAIC_GPU_FASTER = {"gla": ("forward",)}
+# The ops whose fused Mosaic GPU kernels beat the Triton ones on Hopper, forward and backward together,
+# measured in one process (bf16, 8x2048x16x128, experiments/NOTES.md sessions 13-14). GLA with a
+# scalar decay (H100 run 35, `experiments/mosaic_check.py`): fwd+bwd 0.74 ms on the Mosaic GPU
+# kernels against Triton's 0.87, the forward alone 0.25 against 0.29 (runs 32-33: with the states
+# stored, 0.32 / 0.36 against 0.50 / 0.56). Mixing backends per direction lost: the Mosaic GPU
+# forward before the Triton backward took 0.92 ms (run 35). The delta rule's Mosaic GPU forward lost
+# too (run 35: 1.27 against 0.73 ms). Under PALLAS_KERNELS_GPU=auto (the default) these ops run the
+# Mosaic GPU kernels.
+MOSAIC_GPU_FASTER = ("gla",)
 
 
-def mosaic_gpu_directions(op: str, backend: str, dtype, kd: int, vd: int, chunk_size: int) -> tuple[str, ...]:
-  """The directions of `op` (a FUSED_BY_DEFAULT key) that take the Mosaic GPU kernel while
-  `backend` is Triton's: MOSAIC_GPU_FASTER's, on sm90+ under PALLAS_KERNELS_GPU=auto, where the
-  Mosaic GPU kernels take the inputs; none elsewhere."""
-  directions = MOSAIC_GPU_FASTER.get(op, ())
-  if backend != "triton" or not directions or _gpu_choice() != "auto" or not _hopper():
-    return ()
+def takes_mosaic_gpu(op: str, backend: str, dtype, kd: int, vd: int, chunk_size: int) -> bool:
+  """Whether `op` (a FUSED_BY_DEFAULT key) runs its fused Mosaic GPU kernels while `backend` is
+  Triton's: a MOSAIC_GPU_FASTER op, on sm90+ under PALLAS_KERNELS_GPU=auto, where the Mosaic GPU
+  kernels take the inputs (shared memory included)."""
+  if op not in MOSAIC_GPU_FASTER or backend != "triton" or _gpu_choice() != "auto" or not _hopper() or \
+      _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) is not None:
+    return False
   from pallas_kernels.common import chunk_kernels_mosaic_gpu  # noqa: PLC0415 (jax.experimental.pallas.mosaic_gpu is heavy)
-  fits = _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) is None and \
-      chunk_kernels_mosaic_gpu.forward_unsupported(chunk_size, kd) is None
-  return directions if fits else ()
+  return chunk_kernels_mosaic_gpu.forward_unsupported(chunk_size, kd) is None and \
+      chunk_kernels_mosaic_gpu.backward_unsupported(chunk_size, kd) is None
 
 
 def _hopper() -> bool:

@@ -267,6 +267,42 @@ def forward_unsupported(chunk, kd, dtype=jnp.bfloat16):
   return None
 
 
+def _state_grad_scratch(c, kd, mm, do_dtype, has_g, has_seg):
+  """`state_grads`' shared memory: per chunk the q, k, dO (and two cumulative-decay, two
+  segment-count) buffers; H's 16-bit copy, the dv tile, a float32 staging buffer for dL/dS of the
+  final and initial states (and e * dO); one more TMA barrier."""
+  per_chunk = [((c, kd), mm, True), ((c, kd), mm, True), ((c, BLOCK_V), mm, True)]
+  per_chunk += [((c,), jnp.float32, False)] * 2 * (has_g + has_seg)
+  fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), do_dtype, True), ((kd, BLOCK_V), jnp.float32, False)]
+  fixed += [((c, BLOCK_V), mm, True)] if has_g or has_seg else []
+  return _scratch_within("backward", per_chunk, fixed)
+
+
+def _chunk_grad_scratch(c, mm, has_g, has_seg):
+  """`chunk_grads`' shared memory: per value block the dO, V tiles and the S, H blocks; the
+  chunk's q and k key block (and two cumulative-decay, two segment-count copies), dP * Gamma and
+  the dq, dk tiles (and db's rows and columns); one TMA barrier per copy made once."""
+  per_chunk = [((c, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True), ((BLOCK_K, BLOCK_V), mm, True),
+               ((BLOCK_K, BLOCK_V), mm, True)]
+  fixed = [((c, BLOCK_K), mm, True), ((c, BLOCK_K), mm, True)]
+  fixed += [((c,), jnp.float32, False)] * 2 * (has_g + has_seg)
+  fixed += [((c, c), mm, True), ((c, BLOCK_K), mm, True), ((c, BLOCK_K), mm, True)]
+  fixed += [((c,), jnp.float32, False)] * 2 if has_g else []
+  n_once = 2 + 2 * (has_g + has_seg)   # q, k, the decay's, the counts'
+  return _scratch_within("backward", per_chunk, fixed, n_once)
+
+
+def backward_unsupported(chunk, kd, dtype=jnp.bfloat16):
+  """Why `backward` (with a decay and segment ids, its largest shared memory) cannot take a chunk
+  and key size, or None; `supports` covers the rest."""
+  try:
+    _state_grad_scratch(chunk, kd, dtype, dtype, has_g=True, has_seg=True)
+    _chunk_grad_scratch(chunk, dtype, has_g=True, has_seg=True)
+  except ValueError as e:
+    return str(e)
+  return None
+
+
 def _check(q, v, g, chunk, what="forward", seg=None):
   why = supports(q.dtype, chunk, q.shape[-1], v.shape[-1])
   if why is None and q.shape[1] % chunk:
@@ -473,16 +509,12 @@ def state_grads(q, k, g, do, ds_final, *, scale, chunk, interpret=False, seg=Non
   vd = do.shape[-1]
   has_g, has_seg = g is not None, seg is not None
   mm = q.dtype
-  per_chunk = [((chunk, kd), mm, True), ((chunk, kd), mm, True), ((chunk, BLOCK_V), mm, True)]
-  per_chunk += [((chunk,), jnp.float32, False)] * 2 * (has_g + has_seg)
-  fixed = [((kd, BLOCK_V), mm, True), ((chunk, BLOCK_V), do.dtype, True), ((kd, BLOCK_V), jnp.float32, False)]
-  fixed += [((chunk, BLOCK_V), mm, True)] if has_g or has_seg else []
   out_type = (jax.ShapeDtypeStruct(do.shape, do.dtype), jax.ShapeDtypeStruct((b * h, t // chunk, kd, vd), mm),
               jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32))
   inputs = [q, k, do] + _per_chunk(g, seg, chunk) + [ds_final]
   body = _named(_state_grad_body, heads=h, scale=scale, has_g=has_g, has_seg=has_seg)
-  return _call(body, out_type, _scratch_within("backward", per_chunk, fixed), (b * h, vd // BLOCK_V), interpret,
-               *inputs)
+  return _call(body, out_type, _state_grad_scratch(chunk, kd, mm, do.dtype, has_g, has_seg), (b * h, vd // BLOCK_V),
+               interpret, *inputs)
 
 
 def chunk_grads(q, k, v, g, do, states, ds_out, *, scale, chunk, interpret=False, seg=None):
@@ -496,19 +528,12 @@ def chunk_grads(q, k, v, g, do, states, ds_out, *, scale, chunk, interpret=False
   n = t // chunk
   has_g, has_seg = g is not None, seg is not None
   mm = q.dtype
-  per_chunk = [((chunk, BLOCK_V), mm, True), ((chunk, BLOCK_V), mm, True), ((BLOCK_K, BLOCK_V), mm, True),
-               ((BLOCK_K, BLOCK_V), mm, True)]
-  fixed = [((chunk, BLOCK_K), mm, True), ((chunk, BLOCK_K), mm, True)]
-  fixed += [((chunk,), jnp.float32, False)] * 2 * (has_g + has_seg)
-  fixed += [((chunk, chunk), mm, True), ((chunk, BLOCK_K), mm, True), ((chunk, BLOCK_K), mm, True)]
-  fixed += [((chunk,), jnp.float32, False)] * 2 if has_g else []
   out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, q.dtype)]
   out_type += [jax.ShapeDtypeStruct((kd // BLOCK_K, b * h, n, chunk), jnp.float32)] * 2 if has_g else []
   inputs = [q, k, v, do] + _per_chunk(g, seg, chunk) + [states, ds_out]
   body = _named(_chunk_grad_body, heads=h, scale=scale, has_g=has_g, has_seg=has_seg)
-  n_once = 2 + 2 * (has_g + has_seg)   # one barrier per copy made once: q, k, the decay's, the counts'
   res = plgpu.kernel(
-      body, out_type=tuple(out_type), scratch_types=_scratch_within("backward", per_chunk, fixed, n_once),
+      body, out_type=tuple(out_type), scratch_types=_chunk_grad_scratch(chunk, mm, has_g, has_seg),
       grid=(b * h, n, kd // BLOCK_K), grid_names=("bh", "n", "kb"),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*inputs)

@@ -19,8 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.common import (chunk_kernels_mosaic_gpu, chunk_kernels_triton, state_pass_mosaic_gpu,
-                                   state_pass_tpu, state_pass_triton)
+from pallas_kernels.common import chunk_kernels_triton, state_pass_mosaic_gpu, state_pass_tpu, state_pass_triton
 from pallas_kernels.common.chunked import ChunkTerms, chunk_vjp
 from pallas_kernels.common.chunking import num_chunks
 
@@ -90,32 +89,19 @@ def make_pallas_op(chunk_terms):
   return op
 
 
-def mosaic_gpu_gla_forward(q, k, v, beta, g, s0, seg, *, scale, chunk, store_states, interpret=False):
-  """`chunk_kernels_mosaic_gpu.forward` (GLA, scalar or no decay) with `chunk_kernels_triton.forward`'s
-  signature and returns, so that the Triton backward takes over from it: the states it stores have
-  the Triton forward's layout and dtype, and the backward's in-chunk cumulative decay is added."""
-  if beta is not None:
-    raise ValueError("mosaic_gpu_gla_forward: GLA only (beta must be None)")
-  o, s_final, states = chunk_kernels_mosaic_gpu.forward(q, k, v, g, s0, scale=scale, chunk=chunk,
-                                                        store_states=store_states, interpret=interpret, seg=seg)
-  saved = (states, None, None, None, None, chunk_kernels_triton.chunk_cumsum(g, chunk, interpret)) if store_states else None
-  return o, s_final, saved
-
-
-def make_fused_op(forward_kernel=chunk_kernels_triton.forward):
+def make_fused_op():
   """`op(scale, chunk, interpret, q, k, v, beta, g, s0, seg) -> (o, s_final)` on [B, T, H, *]
   inputs with T a multiple of `chunk`; beta [B, T, H] float32 (None: GLA), g float32 [B, T, H],
   [B, T, H, K] in any float dtype (GLA only; dg comes back in it) or None (no decay),
   s0 [B, H, K, V] float32, seg [B, T] int32 or None.
-  The backward is the kernels of `chunk_kernels_triton`, the forward `forward_kernel` (that
-  module's, or `mosaic_gpu_gla_forward`), in interpret mode when `interpret`."""
+  Forward and backward are the kernels of `chunk_kernels_triton` (interpret mode when `interpret`)."""
   kernels = chunk_kernels_triton
 
   def forward(scale, chunk, interpret, q, k, v, beta, g, s0, seg, store_states):
     b, _, h, _ = q.shape
-    o, s_final, saved = forward_kernel(q, k, v, beta, g, s0.reshape(b * h, *s0.shape[2:]), seg,
-                                       scale=scale, chunk=chunk, store_states=store_states,
-                                       interpret=interpret)
+    o, s_final, saved = kernels.forward(q, k, v, beta, g, s0.reshape(b * h, *s0.shape[2:]), seg,
+                                        scale=scale, chunk=chunk, store_states=store_states,
+                                        interpret=interpret)
     return o, s_final.reshape(s0.shape), saved
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

@@ -188,32 +188,49 @@ def test_an_id_that_comes_back_starts_a_new_segment(variant, impl):
   assert_rel_close("final state", ref_s, s, 1e-4)
 
 
-def test_mosaic_gpu_takes_the_directions_it_was_measured_faster_in(monkeypatch):
-  """GLA's forward (scalar or no decay) goes to the Mosaic GPU kernel on Hopper under
-  PALLAS_KERNELS_GPU=auto, nothing else does, and =triton keeps every direction on Triton."""
+def test_hopper_takes_mosaic_gpu_for_the_ops_measured_faster(monkeypatch):
+  """GLA (scalar or no decay) goes to the fused Mosaic GPU kernels on Hopper under
+  PALLAS_KERNELS_GPU=auto where they take the inputs, nothing else does, and =triton keeps Triton."""
   from pallas_kernels import dispatch
 
   monkeypatch.setattr(dispatch, "_hopper", lambda: True)
   monkeypatch.delenv("PALLAS_KERNELS_GPU", raising=False)
-  dirs = lambda op="gla", backend="triton", dtype=jnp.bfloat16, kd=128, vd=128, chunk=64: \
-      dispatch.mosaic_gpu_directions(op, backend, dtype, kd, vd, chunk)
+  takes = lambda op="gla", backend="triton", dtype=jnp.bfloat16, kd=128, vd=128, chunk=64: \
+      dispatch.takes_mosaic_gpu(op, backend, dtype, kd, vd, chunk)
   from pallas_kernels.common import state_pass_mosaic_gpu
   if state_pass_mosaic_gpu.supports(jnp.bfloat16, 64, 128, 128) is not None:
-    assert dirs() == ()                                           # a jax without the Mosaic GPU kernels
+    assert not takes()                                            # a jax without the Mosaic GPU kernels
     return
-  assert dirs() == ("forward",)
-  assert dirs(kd=64, vd=2048) == ("forward",)                   # the Rodimus shape, scalar decay
-  assert dirs(op="gla_perdim") == ()
-  assert dirs(op="delta_rule") == ()
-  assert dirs(backend="interpret") == ()
-  assert dirs(dtype=jnp.float32) == ()                            # wgmma wants 16-bit operands
-  assert dirs(kd=96) == ()
-  assert dirs(kd=256, chunk=128) == ()                            # over the shared memory
+  assert takes()
+  assert takes(kd=64, vd=2048)                                    # the Rodimus shape, scalar decay
+  assert takes(kd=128, chunk=128)
+  assert not takes(op="gla_perdim")
+  assert not takes(op="delta_rule")
+  assert not takes(backend="interpret")
+  assert not takes(dtype=jnp.float32)                             # wgmma wants 16-bit operands
+  assert not takes(kd=96)
+  assert not takes(kd=256, chunk=128)                             # over the shared memory
   monkeypatch.setenv("PALLAS_KERNELS_GPU", "triton")
-  assert dirs() == ()
+  assert not takes()
   monkeypatch.setenv("PALLAS_KERNELS_GPU", "auto")
   monkeypatch.setattr(dispatch, "_hopper", lambda: False)
-  assert dirs() == ()
+  assert not takes()
   monkeypatch.setenv("PALLAS_KERNELS_GPU", "mosaic")
   with pytest.raises(ValueError, match="PALLAS_KERNELS_GPU: expected 'auto', 'triton' or 'mosaic_gpu'"):
-    dirs()
+    takes()
+
+
+@pytest.mark.parametrize("mosaic", [True, False])
+def test_gla_pallas_routes_by_the_measured_choice(monkeypatch, mosaic):
+  """`gla_pallas` on the Triton backend: the fused Mosaic GPU op where `takes_mosaic_gpu`, else Triton's."""
+  from pallas_kernels.ops.gla import pallas as gla_pallas_module
+
+  calls = []
+  monkeypatch.setattr(gla_pallas_module, "pallas_backend", lambda *a: "triton")
+  monkeypatch.setattr(gla_pallas_module, "check_pallas_shapes", lambda *a: None)
+  monkeypatch.setattr(gla_pallas_module, "takes_mosaic_gpu", lambda *a: mosaic)
+  monkeypatch.setattr(gla_pallas_module, "gla_fused_mosaic_gpu", lambda *a, **kw: calls.append("mosaic_gpu"))
+  monkeypatch.setattr(gla_pallas_module, "gla_fused", lambda *a, **kw: calls.append("triton"))
+  x = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+  gla_pallas_module.gla_pallas(x, x, x, jnp.zeros((1, 64, 1)), scale=1.0, s0=None, segment_ids=None, chunk_size=64)
+  assert calls == ["mosaic_gpu" if mosaic else "triton"]

@@ -297,48 +297,13 @@ def test_fused_segments_lower_for_cuda(kd, vd, gated):
 
 
 # ---------------------------------------------------------------------------------------------
-# The Mosaic GPU forward before the Triton backward (dispatch.MOSAIC_GPU_FASTER on Hopper)
+# The Hopper default (dispatch.MOSAIC_GPU_FASTER)
 
 
-@pytest.mark.parametrize("t, kd, vd, gate_scale, with_segments",
-                         [(150, 64, 128, 1.0, False), (150, 128, 64, 0.02, False), (192, 64, 64, 0.02, True)],
-                         ids=["T150-K64-V128", "T150-K128-V64-weak", "T192-K64-V64-weak-segments"])
-@pytest.mark.parametrize("variant", ["gla_scalar", "gla_nodecay"])
-def test_mosaic_forward_then_triton_backward_matches_scan(variant, t, kd, vd, gate_scale, with_segments):
-  """`gla_fused(mosaic_forward=True)`: the Mosaic GPU forward stores the states the Triton backward
-  reads; output, final state and every gradient against the float32 scan (both kernels
-  interpreted), padding, two key or value blocks, a weak decay, segment ids."""
-  from pallas_kernels.ops.gla.pallas import gla_fused
-  seed = zlib.crc32(f"mixed-{variant}-{t}-{kd}-{gate_scale}".encode())
-  x = make_inputs(seed, variant, b=2, t=t, h=2, kd=kd, vd=vd, dtype=jnp.bfloat16, gate_scale=gate_scale)
-  seg = _segments(t, [[s for s in starts if s < t] for starts in SEG_STARTS]) if with_segments else None
-  scale = kd ** -0.5
-
-  def mixed(x):
-    return gla_fused(x["q"], x["k"], x["v"], x.get("g"), scale=scale, s0=x["s0"], segment_ids=seg,
-                     chunk_size=CHUNK, interpret=True, mosaic_forward=True)
-
-  def scan(x):
-    return gla_scan(x["q"], x["k"], x["v"], x.get("g"), scale=scale, s0=x["s0"], segment_ids=seg)
-
-  x32 = {n: a.astype(jnp.float32) for n, a in x.items()}
-  (ref_o, ref_s), vjp_ref = jax.vjp(scan, x32)
-  rng = jax.random.split(jax.random.key(seed))
-  cts = (jax.random.normal(rng[0], ref_o.shape), jax.random.normal(rng[1], ref_s.shape))
-  (o, s), vjp = jax.vjp(jax.jit(mixed), x)
-  assert_rel_close("o", ref_o, o, BF16)
-  assert_rel_close("final state", ref_s, s, BF16)
-  (d_ref,), (d,) = vjp_ref(cts), vjp((cts[0].astype(o.dtype), cts[1]))
-  for name in x:
-    assert_rel_close(f"d{name}", d_ref[name], d[name], BF16)
-  names = kernel_names(jax.grad(lambda q: mixed({**x, "q": q})[0].astype(jnp.float32).sum()), x["q"])
-  assert names[0] == "_forward_body" and "_state_grad_body" not in names and "_state_grad_kernel" in names
-
-
-def test_hopper_default_takes_the_mosaic_forward_and_the_triton_backward(monkeypatch):
+def test_hopper_default_takes_the_mosaic_gpu_kernels_for_gla(monkeypatch):
   """On a (pretended) H100 under PALLAS_KERNELS_GPU=auto, `gla(impl="pallas")` with a scalar or no
-  decay traces the Mosaic GPU forward and the Triton backward; =triton, a per-dimension decay or
-  float32 inputs keep the Triton forward."""
+  decay traces the fused Mosaic GPU forward and backward; =triton, a per-dimension decay or
+  float32 inputs keep the Triton kernels."""
   from pallas_kernels import _compat, dispatch
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(dispatch, "_hopper", lambda: True)
@@ -353,8 +318,8 @@ def test_hopper_default_takes_the_mosaic_forward_and_the_triton_backward(monkeyp
     return kernel_names(jax.grad(loss), x["q"].astype(dtype))
 
   for g in (x["g"], None):
-    mixed = names(g)
-    assert mixed[0] == "_forward_body" and "_state_grad_kernel" in mixed and "_state_grad_body" not in mixed
+    mosaic = names(g)
+    assert mosaic[0] == "_forward_body" and "_state_grad_body" in mosaic and "_state_grad_kernel" not in mosaic
   assert "_forward_body" not in names(per_dim)
   assert "_forward_body" not in names(x["g"], jnp.float32)
   monkeypatch.setenv("PALLAS_KERNELS_GPU", "triton")

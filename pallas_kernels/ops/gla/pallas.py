@@ -4,8 +4,8 @@ On GPU (and the generic interpreter) GLA can run every stage as a kernel (`palla
 when `dispatch.fused_kernels` picks it; on the Mosaic GPU backend (and its interpret mode) so can
 GLA with a scalar decay or none, segment ids or not (`chunk_kernels_mosaic_gpu.fused_gla`).
 Otherwise, and always on TPU, the passes over chunks are kernels over XLA-built terms
-(`pallas_chunked.make_pallas_op`). On Hopper the Triton path's forward may be the Mosaic GPU
-one, where `dispatch.mosaic_gpu_directions` measured it faster.
+(`pallas_chunked.make_pallas_op`). On Hopper the Triton path may hand GLA to the fused Mosaic GPU
+kernels, where `dispatch.takes_mosaic_gpu` measured them faster.
 """
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ import functools
 
 from pallas_kernels.common import chunk_kernels_mosaic_gpu
 from pallas_kernels.common.chunking import run_chunked
-from pallas_kernels.common.pallas_chunked import make_fused_op, make_pallas_op, mosaic_gpu_gla_forward, run_padded
-from pallas_kernels.dispatch import check_pallas_shapes, fused_kernels, mosaic_gpu_directions, pallas_backend
+from pallas_kernels.common.pallas_chunked import make_fused_op, make_pallas_op, run_padded
+from pallas_kernels.dispatch import check_pallas_shapes, fused_kernels, pallas_backend, takes_mosaic_gpu
 from pallas_kernels.ops.gla.chunk import gla_chunk_terms, gla_gates
 
 _gla_pallas = make_pallas_op(gla_chunk_terms)
 _gla_fused = make_fused_op()
-_gla_fused_mosaic_forward = make_fused_op(mosaic_gpu_gla_forward)
 _MOSAIC_GPU = ("mosaic_gpu", "mosaic_gpu_interpret")
 
 
@@ -27,11 +26,9 @@ def _fused_op_name(g):
   return "gla_perdim" if g is not None and g.ndim == 4 else "gla"
 
 
-def gla_fused(q, k, v, g, *, scale, s0, segment_ids, chunk_size, interpret, mosaic_forward=False):
-  """The fused kernels on [B, T, H, *] inputs; g None, [B, T, H] or [B, T, H, K]. mosaic_forward:
-  the forward of `chunk_kernels_mosaic_gpu` (g None or [B, T, H]) before the Triton backward."""
-  op = _gla_fused_mosaic_forward if mosaic_forward else _gla_fused
-  return run_padded(functools.partial(op, scale, chunk_size, interpret), q, k, v, (None, g),
+def gla_fused(q, k, v, g, *, scale, s0, segment_ids, chunk_size, interpret):
+  """The fused kernels on [B, T, H, *] inputs; g None, [B, T, H] or [B, T, H, K]."""
+  return run_padded(functools.partial(_gla_fused, scale, chunk_size, interpret), q, k, v, (None, g),
                     s0=s0, segment_ids=segment_ids, chunk_size=chunk_size)
 
 
@@ -55,9 +52,10 @@ def gla_pallas(q, k, v, g, *, scale, s0, segment_ids, chunk_size):
     if backend in _MOSAIC_GPU:
       return gla_fused_mosaic_gpu(q, k, v, g, scale=scale, s0=s0, chunk_size=chunk_size,
                                   interpret=backend == "mosaic_gpu_interpret", segment_ids=segment_ids)
-    mosaic_forward = "forward" in mosaic_gpu_directions(_fused_op_name(g), backend, q.dtype, q.shape[-1],
-                                                         v.shape[-1], chunk_size)
+    if takes_mosaic_gpu(_fused_op_name(g), backend, q.dtype, q.shape[-1], v.shape[-1], chunk_size):
+      return gla_fused_mosaic_gpu(q, k, v, g, scale=scale, s0=s0, chunk_size=chunk_size, interpret=False,
+                                  segment_ids=segment_ids)
     return gla_fused(q, k, v, g, scale=scale, s0=s0, segment_ids=segment_ids, chunk_size=chunk_size,
-                     interpret=backend == "interpret", mosaic_forward=mosaic_forward)
+                     interpret=backend == "interpret")
   return gla_state_pass(q, k, v, g, scale=scale, s0=s0, segment_ids=segment_ids, chunk_size=chunk_size,
                         backend=backend)
