@@ -129,8 +129,11 @@ SCORES_DIAGONAL_MATMUL = True
 # rows too), bounds every factor q e^(b - r) and k e^(r - b) of the block's rows within e^(+-R) and
 # every product, the entries masked off after the matmul included, within e^(+-2R): e^(+-80) at 40,
 # inside float32's and bf16's range (e^(+-88)) with room for q k, and normal, so each kept term
-# q k e^(b_t - b_s) keeps its relative error as in the column loop. A strong decay (g of -20 a step)
-# falls past it within a block: the loop then.
+# q k e^(b_t - b_s) keeps the relative error of its operands' rounding (for bf16 inputs the factors'
+# bf16 rounding, as in the blocks of earlier rows). Both assume g <= 0 (b non-increasing), as the
+# earlier rows' matmul does. float16 inputs keep the loop in `_scores_kernel` (its operands would
+# overflow past e^11); `_scores_grad_kernel`'s matmuls are float32. A strong decay (g of -20 a
+# step) falls past the bound within a block: the loop then.
 DIAGONAL_MATMUL_MAX_RANGE = 40.0
 # Key columns per `_scores_grad_kernel` program (a divisor of K, 16 or more).
 SCORES_GRAD_BLOCK_K = 64
@@ -546,13 +549,16 @@ def _scores_kernel(*refs, heads, c, sub, block_k, has_seg, precise):
   ld.store_tok(r["kd"], n, k * geo.d, kcols)
   r["lam"][bh, n, kcols] = geo.lam
   seg = ld.segments(r["seg"], n)[0] if has_seg else None
+  # The matmul's operands are in the inputs' dtype: float16's range (about e^(+-11), e^-16.6 with
+  # subnormals) cannot hold the diagonal factors' e^(+-R); float32's and bf16's (e^(+-88)) can.
+  diagonal_matmul = SCORES_DIAGONAL_MATMUL and jnp.dtype(mm) != jnp.float16
   for i in range(c // sub):
     q_i, b_i = _f32(ld.sub_rows(r["q"], n, i, sub, kcols)), ld.sub_rows(r["cum_g"], n, i, sub, kcols)
     blk = jnp.zeros((sub, c), jnp.float32)
-    if i > 0 or SCORES_DIAGONAL_MATMUL:
+    if i > 0 or diagonal_matmul:
       ref = ld.row(r["cum_g"], n, max(i * sub - 1, 0), kcols)       # block 0: its first row
       reach = i * sub           # the rows of k in the matmul: those before the block
-      if SCORES_DIAGONAL_MATMUL:
+      if diagonal_matmul:
         fits = _diagonal_fits(b_i, ref)
         reach += fits.astype(jnp.int32) * sub      # and the block's own where its range allows
       k_ref = k * jnp.exp(jnp.where(row_c < reach, ref[None, :] - b, -jnp.inf))
@@ -565,7 +571,7 @@ def _scores_kernel(*refs, heads, c, sub, block_k, has_seg, precise):
       return jnp.where(col_s == i * sub + j, column[:, None], blk)
 
     columns = functools.partial(_loop, sub, diagonal_column)
-    if SCORES_DIAGONAL_MATMUL:
+    if diagonal_matmul:
       # s > t entries of the matmul are finite (within e^(2R)): select them off, never scale by 0
       blk = jax.lax.cond(fits, lambda blk, i=i: jnp.where(col_s <= i * sub + row_sc, blk, 0.0), columns, blk)
     else:

@@ -221,16 +221,22 @@ def test_hopper_takes_mosaic_gpu_for_the_ops_measured_faster(monkeypatch):
 
 
 @pytest.mark.parametrize("mosaic", [True, False])
-def test_gla_pallas_routes_by_the_measured_choice(monkeypatch, mosaic):
-  """`gla_pallas` on the Triton backend: the fused Mosaic GPU op where `takes_mosaic_gpu`, else Triton's."""
+@pytest.mark.parametrize("per_dim", [False, True])
+def test_gla_pallas_routes_by_the_measured_choice(monkeypatch, mosaic, per_dim):
+  """`gla_pallas` on the Triton backend: the fused Mosaic GPU op (compiled, with the segment ids)
+  where `takes_mosaic_gpu` says so for the op's name, else Triton's."""
   from pallas_kernels.ops.gla import pallas as gla_pallas_module
 
-  calls = []
+  calls, asked = [], []
   monkeypatch.setattr(gla_pallas_module, "pallas_backend", lambda *a: "triton")
   monkeypatch.setattr(gla_pallas_module, "check_pallas_shapes", lambda *a: None)
-  monkeypatch.setattr(gla_pallas_module, "takes_mosaic_gpu", lambda *a: mosaic)
-  monkeypatch.setattr(gla_pallas_module, "gla_fused_mosaic_gpu", lambda *a, **kw: calls.append("mosaic_gpu"))
-  monkeypatch.setattr(gla_pallas_module, "gla_fused", lambda *a, **kw: calls.append("triton"))
+  monkeypatch.setattr(gla_pallas_module, "takes_mosaic_gpu", lambda op, *a: asked.append(op) or mosaic)
+  monkeypatch.setattr(gla_pallas_module, "gla_fused_mosaic_gpu", lambda *a, **kw: calls.append(("mosaic_gpu", kw)))
+  monkeypatch.setattr(gla_pallas_module, "gla_fused", lambda *a, **kw: calls.append(("triton", kw)))
   x = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
-  gla_pallas_module.gla_pallas(x, x, x, jnp.zeros((1, 64, 1)), scale=1.0, s0=None, segment_ids=None, chunk_size=64)
-  assert calls == ["mosaic_gpu" if mosaic else "triton"]
+  g = jnp.zeros((1, 64, 1, 64) if per_dim else (1, 64, 1))
+  seg = jnp.zeros((1, 64), jnp.int32)
+  gla_pallas_module.gla_pallas(x, x, x, g, scale=1.0, s0=None, segment_ids=seg, chunk_size=64)
+  assert asked == ["gla_perdim" if per_dim else "gla"]
+  (path, kw), = calls
+  assert path == ("mosaic_gpu" if mosaic else "triton") and kw["segment_ids"] is seg and kw["interpret"] is False

@@ -309,6 +309,23 @@ def test_scores_diagonal_matmul_matches_scan(variant, t, c, kd, vd, dtype, segme
   check_against_reference(variant, inputs, TOL[dtype], (c,), 31, segment_ids=seg, impl="pallas:generic:fused")
 
 
+# float16 carries about 8x bf16's precision: the f32-scan error of the case below is 1e-3 with the
+# column loop (measured); an overflowed diagonal matmul gives inf.
+F16_TOL = 3e-3
+
+
+@pytest.mark.parametrize("diagonal_matmul", [False, True], ids=["column-loop", "diagonal-matmul"])
+def test_float16_perdim_gla_matches_scan(diagonal_matmul, kernel_flags):
+  """float16 per-dimension GLA, forward and every gradient against the f32 scan, with
+  SCORES_DIAGONAL_MATMUL off and on (the default) under a weak decay whose diagonal blocks all fit
+  the bound: `_scores_kernel` keeps the column loop for float16 inputs, whose range cannot hold
+  the matmul's factors up to e^R (without that, 'diagonal-matmul' fails with inf)."""
+  kernel_flags(SCORES_DIAGONAL_MATMUL=diagonal_matmul)
+  inputs, seg = _scan_inputs("gla_perdim", 45, 16, 64, jnp.float16, True)
+  assert set(_diagonal_branches(inputs["g"], 16).ravel()) == {"matmul"}
+  check_against_reference("gla_perdim", inputs, F16_TOL, (16,), 31, segment_ids=seg, impl="pallas:generic:fused")
+
+
 def test_perdim_decay_read_and_its_gradient_written_in_its_dtype():
   """A bf16 per-dimension decay goes into the kernels as bf16 and dg comes out of the reverse
   in-chunk sum as bf16: no float32 copy of g [B, T, H, K] before, nor a cast of dg after."""
