@@ -19,6 +19,18 @@ X in that form takes K S and one [C, C] x [C, V] product; U - W S would take W =
 forward solves it once in a separate kernel (`_wy_kernel`), at the price of W and U going
 through HBM.
 
+PRESOLVE (off by default until an H100 run has timed both): `presolve`, one warpgroup per
+(batch*head, chunk), solves T once per chunk off the walk's critical path and stores it as bf16
+hi + lo (`_split`), two [B*H, N, C, C] arrays (16 KiB a chunk and head at C 64). T, not
+T diag(beta): the reverse pass needs T^T alone, and T^T = diag(1/beta) (T diag(beta))^T fails
+where beta is 0 (padding). The walks copy T's tiles by TMA as per-chunk inputs: the forward
+takes X = T (beta * Y) as T_hi Y_hi + T_hi Y_lo + T_lo Y_hi (Y's split taken after the beta
+scaling), `state_grads` R = T^T dX from the same tiles read transposed (wgmma's transposed
+shared-memory A operand); neither needs the solve's [C, C] buffers any more, and in bf16 their
+[C, 64] outputs reuse the product's split operand buffers, so every configuration that fitted
+shared memory still fits. `forward(store_states=True)` keeps T in its `Residuals` for the
+reverse pass (the forward computes it in any case).
+
 The solve. wgmma has no triangular solve, so T is built by recursive doubling: with T_s the
 block-diagonal inverse of (I + A)'s diagonal s x s blocks and L_s the part of A in the lower-left
 s x s block of every diagonal 2s x 2s block, T_2s = T_s - T_s (L_s T_s) (the 2 x 2 block inverse,
@@ -96,6 +108,11 @@ from pallas_kernels.common.state_pass_mosaic_gpu import (
 
 SMEM_LIMIT = 227 * 1024   # shared memory per block on the H100
 REDUCTION_SCRATCH = 128 * 4 * 4   # Mosaic GPU's default reduction_scratch_bytes (jax 0.12)
+# Solve T = (I + A)^-1 once per chunk in a chunk-parallel kernel (`presolve`) and let the walks read
+# it (hi + lo) by TMA, instead of every walk program solving it on its critical path. Off until an
+# H100 run has timed both (experiments/mosaic_check.py, backend "mosaic_gpu+presolve"). Read while
+# tracing: clear jax's caches after changing it.
+PRESOLVE = False
 
 
 def _split(x):
@@ -109,11 +126,16 @@ def _store_split(x, hi_s, lo_s):
   plgpu.commit_smem()
 
 
+def _split_product(a_hi, a_lo, b_hi, b_lo):
+  """a @ b in float32 from the splits of a (registers or shared memory) and of b (shared memory):
+  a_hi b_hi + a_hi b_lo + a_lo b_hi, three bf16 wgmmas."""
+  zeros = jnp.zeros((a_hi.shape[0], b_hi.shape[1]), jnp.float32)
+  return _accumulate(zeros, (a_hi, b_hi), (a_hi, b_lo), (a_lo, b_hi))
+
+
 def _precise_matmul(a, b_hi, b_lo):
   """a @ b in float32 from a float32 register array and b's split in shared memory."""
-  a_hi, a_lo = _split(a)
-  zeros = jnp.zeros((a.shape[0], b_hi.shape[1]), jnp.float32)
-  return _accumulate(zeros, (a_hi, b_hi), (a_hi, b_lo), (a_lo, b_hi))
+  return _split_product(*_split(a), b_hi, b_lo)
 
 
 def _iota_CC(c):
@@ -144,16 +166,21 @@ def _unit_triangular_inverse(a_CC, hi_s, lo_s):
   return t_CC
 
 
+def _chunk_a(k_CK, beta_row_view, geo):
+  """A = strict_lower(beta_i (K K^T)_ij Gamma_ij) of one chunk (float32 registers)."""
+  c = k_CK.shape[0]
+  beta_row_C = plgpu.load(beta_row_view, layout=plgpu.Layout.WGMMA.reduce(1))
+  kk_CC = _matmul((c, c), (k_CK, k_CK.transpose((1, 0))))
+  rows, cols = _iota_CC(c)
+  return jnp.where(rows > cols, _rows(beta_row_C, kk_CC * geo.gamma), 0.0)
+
+
 def _solve(k_CK, beta_views, geo, hi_s, lo_s):
   """T diag(beta) of one chunk (float32 registers); beta_views: two shared-memory copies of the
   chunk's beta, loaded as rows and as columns (`chunk_kernels_mosaic_gpu._geometry` says why two)."""
   c = k_CK.shape[0]
-  beta_row_C = plgpu.load(beta_views[0], layout=plgpu.Layout.WGMMA.reduce(1))
   beta_col_C = plgpu.load(beta_views[1], layout=plgpu.Layout.WGMMA.reduce(0))
-  kk_CC = _matmul((c, c), (k_CK, k_CK.transpose((1, 0))))
-  rows, cols = _iota_CC(c)
-  a_CC = jnp.where(rows > cols, _rows(beta_row_C, kk_CC * geo.gamma), 0.0)
-  t_CC = _unit_triangular_inverse(a_CC, hi_s, lo_s)
+  t_CC = _unit_triangular_inverse(_chunk_a(k_CK, beta_views[0], geo), hi_s, lo_s)
   return t_CC * lax.broadcast_in_dim(beta_col_C, (c, c), [1])
 
 
@@ -164,12 +191,19 @@ def _split_columns(cc_hi, cc_lo):
   return tuple(buf.at[:, pl.ds(0, BLOCK_V)] for buf in (cc_hi, cc_lo))
 
 
-def _chunk_x(tb_CC, k_CK, v_CV, s_KV, geo, y_hi, y_lo):
-  """X = T diag(beta) (V - e * (K S)) (float32); s_KV: the entering state's 16-bit copy."""
+def _chunk_x(solved, k_CK, v_CV, s_KV, geo, y_hi, y_lo):
+  """X = T diag(beta) (V - e * (K S)) (float32); s_KV: the entering state's 16-bit copy; solved:
+  T diag(beta) in registers, or (beta_row_view, T_hi, T_lo) with T's split in shared memory
+  (PRESOLVE: then X = T (beta * Y), as T is stored without beta for the reverse pass's T^T)."""
   ks_CV = _matmul((k_CK.shape[0], v_CV.shape[1]), (k_CK, s_KV))
   eks_CV = ks_CV if geo.e is None else _rows(geo.e, ks_CV)
-  _store_split(plgpu.load(v_CV, layout=plgpu.Layout.WGMMA).astype(jnp.float32) - eks_CV, y_hi, y_lo)
-  return _precise_matmul(tb_CC, y_hi, y_lo)
+  y_CV = plgpu.load(v_CV, layout=plgpu.Layout.WGMMA).astype(jnp.float32) - eks_CV
+  if not isinstance(solved, tuple):
+    _store_split(y_CV, y_hi, y_lo)
+    return _precise_matmul(solved, y_hi, y_lo)
+  beta_row_view, t_hi, t_lo = solved
+  _store_split(_rows(plgpu.load(beta_row_view, layout=plgpu.Layout.WGMMA.reduce(1)), y_CV), y_hi, y_lo)
+  return _split_product(t_hi, t_lo, y_hi, y_lo)
 
 
 def _next_state(s_KV, k_CK, x_CV, x_s, geo):
@@ -183,35 +217,59 @@ def _next_state(s_KV, k_CK, x_CV, x_s, geo):
   return _accumulate(decayed_KV, (k_CK.transpose((1, 0)), x_s))
 
 
-def _forward_body(*refs, heads, scale, has_g, store_states, has_seg=False):
+def _walk_solved(bh, sources, buffers, t_split, t_bufs):
+  """Adds T's split ([B*H, N, C, C] hi, lo) to a walk's per-chunk sources and buffers (PRESOLVE);
+  its views come last."""
+  if t_split is None:
+    return sources, buffers
+  return sources + [lambda n, ref=ref: ref.at[bh, n] for ref in t_split], buffers + list(t_bufs)
+
+
+def _forward_body(*refs, heads, scale, has_g, store_states, has_seg=False, presolve=False):
   it = iter(refs)
   q, k, v, beta = next(it), next(it), next(it), next(it)
   cum_g = next(it) if has_g else None
   seg = next(it) if has_seg else None
+  t_split = (next(it), next(it)) if presolve else None
   s0, o, s_final = next(it), next(it), next(it)
   states, x_hi, x_lo = (next(it), next(it), next(it)) if store_states else (None, None, None)
   q_buf, k_buf, v_buf, beta_row_buf, beta_col_buf = (next(it) for _ in range(5))
   b_bufs = [next(it), next(it)] if has_g else []
   seg_bufs = [next(it), next(it)] if has_seg else []
-  s_s, o_s, f32_s, cc_hi, cc_lo, x_s = (next(it) for _ in range(6))
-  x_lo_s = next(it) if store_states else None
+  t_bufs = (next(it), next(it)) if presolve else ()
+  s_s, o_s, f32_s = (next(it) for _ in range(3))
+  if presolve:
+    # Y's split takes [C, 64] buffers of its own; in bf16, X (hi, lo) goes out through them once
+    # X's product has finished (its result was read): K 256 fits shared memory so.
+    y_hi, y_lo = next(it), next(it)
+    if _reuses_split(q.dtype):
+      x_s, x_lo_s = y_hi, (y_lo if store_states else None)
+    else:
+      x_s = next(it)
+      x_lo_s = next(it) if store_states else None
+  else:
+    cc_hi, cc_lo, x_s = (next(it) for _ in range(3))
+    x_lo_s = next(it) if store_states else None
+    y_hi, y_lo = _split_columns(cc_hi, cc_lo)
   bars = next(it)
   c = q_buf.shape[1]
   (bh, bi, hi, vcols, tok), sources = _walk_program(heads, c, q, k, v, [beta] + ([cum_g] if has_g else []),
                                                     [seg] if has_seg else [])
+  buffers = [q_buf, k_buf, v_buf, beta_row_buf, beta_col_buf, *b_bufs, *seg_bufs]
+  sources, buffers = _walk_solved(bh, sources, buffers, t_split, t_bufs)
   _fetch_one(s0.at[bh, :, vcols], f32_s, bars.at[bars.shape[0] - 1])
   s_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
 
   def body(n, views, s):
     q_v, k_v, v_v = views[:3]
-    geo = _factors(views[5:], c, has_g, has_seg)
-    tb_CC = _solve(k_v, views[3:5], geo, cc_hi, cc_lo)
+    geo = _factors(views[5:5 + 2 * (has_g + has_seg)], c, has_g, has_seg)
+    solved = (views[3], *views[-2:]) if presolve else _solve(k_v, views[3:5], geo, cc_hi, cc_lo)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last chunk's stores out of s_s, o_s, x_s, x_lo_s
     s_s[...] = s.astype(s_s.dtype)
     plgpu.commit_smem()
     if store_states:
       plgpu.copy_smem_to_gmem(s_s, states.at[bh, n, :, vcols])
-    x_CV = _chunk_x(tb_CC, k_v, v_v, s_s, geo, *_split_columns(cc_hi, cc_lo))
+    x_CV = _chunk_x(solved, k_v, v_v, s_s, geo, y_hi, y_lo)
     x_hi_CV = x_CV.astype(x_s.dtype)
     x_s[...] = x_hi_CV
     if store_states:
@@ -227,10 +285,15 @@ def _forward_body(*refs, heads, scale, has_g, store_states, has_seg=False):
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # every store but O's has read its buffer: x_s is free
     return _next_state(s, k_v, x_CV, x_s, geo)
 
-  buffers = [q_buf, k_buf, v_buf, beta_row_buf, beta_col_buf, *b_bufs, *seg_bufs]
   s = _walk(q.shape[1] // c, sources, buffers, bars, body, s_init, reverse=False)
   _stage_out(s, f32_s, s_final.at[bh, :, vcols])
   plgpu.wait_smem_to_gmem(0)
+
+
+def _reuses_split(mm):
+  """Whether a PRESOLVE walk's 16-bit [C, 64] outputs reuse the bf16 split buffers of its product's
+  operand (they must share its dtype)."""
+  return jnp.dtype(mm) == jnp.bfloat16
 
 
 def _smem_need(per_chunk, fixed, n_barriers_extra):
@@ -252,32 +315,50 @@ def _scratch_within(what, layout):
   return _scratch(*layout)
 
 
-def _forward_layout(c, kd, mm, out_dtype, has_g, store_states, has_seg=False):
+def _forward_layout(c, kd, mm, out_dtype, has_g, store_states, has_seg=False, presolve=False):
   """Shared memory (`state_pass_mosaic_gpu._scratch`): per chunk the q, k, v buffers and two
-  copies each of beta (and of the cumulative decay, of the segment counts); the state's 16-bit
-  copy, the output tile, a float32 staging buffer for the initial and final states, the split
-  [C, C] operands of the solve (and of X's product, `_split_columns`), X (then, with a decay or
-  segment ids, d * X) in 16 bits and, with `store_states`, X's low part; one more TMA barrier for
-  the initial state. K 256 fits one buffer slot only."""
+  copies each of beta (and of the cumulative decay, of the segment counts), with `presolve` T's
+  split [C, C] tiles too; the state's 16-bit copy, the output tile, a float32 staging buffer for
+  the initial and final states, the split [C, C] operands of the solve (and of X's product,
+  `_split_columns`) or with `presolve` X's product's split [C, 64] operand alone, X (then, with a
+  decay or segment ids, d * X) in 16 bits and, with `store_states`, X's low part (with `presolve`
+  in bf16: in the split's buffers); one more TMA barrier for the initial state. K 256 fits one
+  buffer slot only."""
   per_chunk = [((c, kd), mm, True), ((c, kd), mm, True), ((c, BLOCK_V), mm, True)]
   per_chunk += [((c,), jnp.float32, False)] * 2 * (1 + has_g + has_seg)
+  per_chunk += [((c, c), jnp.bfloat16, True)] * 2 * presolve
   fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), out_dtype, True), ((kd, BLOCK_V), jnp.float32, False)]
-  fixed += [((c, c), jnp.bfloat16, True)] * 2 + [((c, BLOCK_V), mm, True)] * (2 if store_states else 1)
+  fixed += [((c, BLOCK_V) if presolve else (c, c), jnp.bfloat16, True)] * 2
+  if not (presolve and _reuses_split(mm)):
+    fixed += [((c, BLOCK_V), mm, True)] * (2 if store_states else 1)
   return per_chunk, fixed, 1
 
 
-def _state_grad_layout(c, kd, mm, has_g, has_seg=False):
+def _state_grad_layout(c, kd, mm, has_g, has_seg=False, presolve=False):
   """`state_grads`' shared memory: per chunk the q, k, dO buffers and two copies each of beta (and
-  of the cumulative decay, of the segment counts); H's 16-bit copy, the dv and R tiles, a float32
+  of the cumulative decay, of the segment counts), with `presolve` T's split [C, C] tiles too; H's
+  16-bit copy, the dv and R tiles (with `presolve` in bf16: in dX's split's buffers), a float32
   staging buffer for dL/dS of the final and initial states, the solve's split [C, C] operands (and
-  dX's, `_split_columns`), -(beta e * R) / scale (and, with a decay or segment ids, e * dO) in 16
-  bits; one more TMA barrier."""
+  dX's, `_split_columns`) or with `presolve` dX's split [C, 64] alone, -(beta e * R) / scale (and,
+  with a decay or segment ids, e * dO) in 16 bits; one more TMA barrier."""
   per_chunk = [((c, kd), mm, True), ((c, kd), mm, True), ((c, BLOCK_V), mm, True)]
   per_chunk += [((c,), jnp.float32, False)] * 2 * (1 + has_g + has_seg)
-  fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True),
-           ((kd, BLOCK_V), jnp.float32, False)]
-  fixed += [((c, c), jnp.bfloat16, True)] * 2 + [((c, BLOCK_V), mm, True)] * (2 if has_g or has_seg else 1)
+  per_chunk += [((c, c), jnp.bfloat16, True)] * 2 * presolve
+  fixed = [((kd, BLOCK_V), mm, True)]
+  fixed += [] if presolve and _reuses_split(mm) else [((c, BLOCK_V), mm, True)] * 2
+  fixed += [((kd, BLOCK_V), jnp.float32, False)]
+  fixed += [((c, BLOCK_V) if presolve else (c, c), jnp.bfloat16, True)] * 2
+  fixed += [((c, BLOCK_V), mm, True)] * (2 if has_g or has_seg else 1)
   return per_chunk, fixed, 1
+
+
+def _presolve_layout(c, kd, mm, has_g, has_seg=False):
+  """`presolve`'s shared memory: the chunk's k tile and beta (and two copies of the cumulative
+  decay, of the segment counts), the solve's split [C, C] operands (then T's split, on its way
+  out); one TMA barrier for each input."""
+  n_in = 2 + 2 * (has_g + has_seg)
+  fixed = [((c, kd), mm, True)] + [((c,), jnp.float32, False)] * (n_in - 1) + [((c, c), jnp.bfloat16, True)] * 2
+  return [], fixed, n_in
 
 
 def _chunk_grad_layout(c, mm, has_g, has_seg=False):
@@ -296,9 +377,11 @@ def fused_unsupported(dtype, chunk, kd, gated, segments=False) -> str | None:
   """Why `fused_delta_rule` (forward and backward) cannot take 16-bit inputs of this dtype, chunk
   and key size (a gated one or not, with segment ids or not) within the H100's shared memory, or
   None; the callers run the state-pass kernels then."""
-  layouts = {"forward": _forward_layout(chunk, kd, dtype, dtype, gated, True, segments),
-             "reverse pass": _state_grad_layout(chunk, kd, dtype, gated, segments),
+  layouts = {"forward": _forward_layout(chunk, kd, dtype, dtype, gated, True, segments, PRESOLVE),
+             "reverse pass": _state_grad_layout(chunk, kd, dtype, gated, segments, PRESOLVE),
              "chunk gradients": _chunk_grad_layout(chunk, dtype, gated, segments)}
+  if PRESOLVE:
+    layouts["solve"] = _presolve_layout(chunk, kd, dtype, gated, segments)
   for what, layout in layouts.items():
     need = _smem_need(*layout)
     if need > SMEM_LIMIT:
@@ -336,30 +419,80 @@ def _named(body, **params):
 
 class Residuals(NamedTuple):
   """What `forward(store_states=True)` keeps for `backward`: the state entering every chunk
-  [B*H, N, K, V] and X as hi + lo, both [B, T, H, V], all in q's dtype."""
+  [B*H, N, K, V] and X as hi + lo, both [B, T, H, V], all in q's dtype; under PRESOLVE T's split
+  [B*H, N, C, C] bf16 (`presolve`), which the reverse pass reads transposed instead of solving."""
   states: jax.Array
   x_hi: jax.Array
   x_lo: jax.Array
+  t_hi: jax.Array | None = None
+  t_lo: jax.Array | None = None
+
+
+def _presolve_body(*refs, heads, has_g, has_seg):
+  it = iter(refs)
+  k, beta = next(it), next(it)
+  cum_g = next(it) if has_g else None
+  seg = next(it) if has_seg else None
+  t_hi, t_lo = next(it), next(it)
+  k_s, beta_s = next(it), next(it)
+  b_bufs = [next(it), next(it)] if has_g else []
+  seg_bufs = [next(it), next(it)] if has_seg else []
+  cc_hi, cc_lo, bars = next(it), next(it), next(it)
+  bh, n = lax.axis_index("bh"), lax.axis_index("n")
+  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
+  c = k_s.shape[0]
+  once = [(k.at[bi, pl.ds(n * c, c), hi], k_s), (beta.at[bh, n], beta_s)]
+  once += [(cum_g.at[bh, n], buf) for buf in b_bufs] + [(seg.at[bi, n], buf) for buf in seg_bufs]
+  _start_copies(once, bars)()
+  geo = _factors(b_bufs + seg_bufs, c, has_g, has_seg)
+  t_CC = _unit_triangular_inverse(_chunk_a(k_s, beta_s, geo), cc_hi, cc_lo)
+  # The doubling's last product has finished (its result was read): T's split goes out through
+  # its operand buffers.
+  _store_split(t_CC, cc_hi, cc_lo)
+  plgpu.copy_smem_to_gmem(cc_hi, t_hi.at[bh, n])
+  plgpu.copy_smem_to_gmem(cc_lo, t_lo.at[bh, n])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def presolve(k, beta, g, *, chunk, interpret=False, seg=None):
+  """T = (I + A)^-1 of every chunk as bf16 hi + lo (`_split`), two [B*H, N, C, C] arrays, every
+  chunk in parallel (one warpgroup per (batch*head, chunk)). T without beta: the forward takes
+  T (beta * Y), the reverse pass T^T dX, from the same tiles. k [B, T, H, K] 16-bit, beta [B, T, H],
+  g [B, T, H] log decay or None, seg [B, T] integer segment ids or None."""
+  b, t, h, kd = k.shape
+  n = t // chunk
+  has_g, has_seg = g is not None, seg is not None
+  t_type = jax.ShapeDtypeStruct((b * h, n, chunk, chunk), jnp.bfloat16)
+  inputs = [k, _per_chunk_BHNC(beta, chunk)] + _per_chunk(g, seg, chunk)
+  return plgpu.kernel(
+      _named(_presolve_body, heads=h, has_g=has_g, has_seg=has_seg), out_type=(t_type, t_type),
+      scratch_types=_scratch_within("solve", _presolve_layout(chunk, kd, k.dtype, has_g, has_seg)),
+      grid=(b * h, n), grid_names=("bh", "n"), interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )(*inputs)
 
 
 def forward(q, k, v, beta, g, s0, *, scale, chunk, store_states, interpret=False, seg=None):
   """O [B, T, H, V] in v's dtype, the final state [B*H, K, V] float32 and, if `store_states`, the
   `Residuals` for `backward` (else None). q, k [B, T, H, K] and v [B, T, H, V] 16-bit with T a
   multiple of `chunk`; beta [B, T, H]; g [B, T, H] log decay or None; s0 [B*H, K, V] float32;
-  seg [B, T] integer segment ids or None."""
+  seg [B, T] integer segment ids or None. Under PRESOLVE T comes from `presolve`, which runs in
+  both modes (the walk needs T); `store_states` keeps it for the reverse pass too, which then
+  solves nothing (16 KiB a chunk and head at C 64, as much as X's hi + lo at V 64)."""
   _check(q, v, beta, g, chunk, seg=seg)
   b, t, h, kd = q.shape
   vd = v.shape[-1]
   n = t // chunk
   has_g, has_seg = g is not None, seg is not None
+  t_split = tuple(presolve(k, beta, g, chunk=chunk, interpret=interpret, seg=seg)) if PRESOLVE else ()
   out_type = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)]
   if store_states:
     out_type += [jax.ShapeDtypeStruct((b * h, n, kd, vd), q.dtype)] + [jax.ShapeDtypeStruct(v.shape, q.dtype)] * 2
-  inputs = [q, k, v, _per_chunk_BHNC(beta, chunk)] + _per_chunk(g, seg, chunk) + [s0]
-  body = _named(_forward_body, heads=h, scale=scale, has_g=has_g, store_states=store_states, has_seg=has_seg)
-  scratch = _scratch_within("forward", _forward_layout(chunk, kd, q.dtype, v.dtype, has_g, store_states, has_seg))
-  res = _call(body, tuple(out_type), scratch, (b * h, vd // BLOCK_V), interpret, *inputs)
-  return res[0], res[1], Residuals(*res[2:]) if store_states else None
+  inputs = [q, k, v, _per_chunk_BHNC(beta, chunk)] + _per_chunk(g, seg, chunk) + [*t_split, s0]
+  body = _named(_forward_body, heads=h, scale=scale, has_g=has_g, store_states=store_states, has_seg=has_seg,
+                presolve=PRESOLVE)
+  layout = _forward_layout(chunk, kd, q.dtype, v.dtype, has_g, store_states, has_seg, PRESOLVE)
+  res = _call(body, tuple(out_type), _scratch_within("forward", layout), (b * h, vd // BLOCK_V), interpret, *inputs)
+  return res[0], res[1], Residuals(*res[2:], *t_split) if store_states else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,37 +524,52 @@ def _entering_state_grad(h_KV, q_CK, k_CK, do_CV, mz_CV, edo_CV, geo, scale):
   return scale * _accumulate((lam / scale) * h_KV, (q_CK.transpose((1, 0)), x_CV), (k_CK.transpose((1, 0)), mz_CV))
 
 
-def _state_grad_body(*refs, heads, scale, has_g, has_seg=False):
+def _state_grad_body(*refs, heads, scale, has_g, has_seg=False, presolve=False):
   it = iter(refs)
   q, k, do, beta = next(it), next(it), next(it), next(it)
   cum_g = next(it) if has_g else None
   seg = next(it) if has_seg else None
+  t_split = (next(it), next(it)) if presolve else None
   ds_final, dv, r, ds_out, ds0 = (next(it) for _ in range(5))
   q_buf, k_buf, do_buf, beta_row_buf, beta_col_buf = (next(it) for _ in range(5))
   b_bufs = [next(it), next(it)] if has_g else []
   seg_bufs = [next(it), next(it)] if has_seg else []
-  h_s, dv_s, r_s, f32_s, cc_hi, cc_lo, mz_s = (next(it) for _ in range(7))
+  t_bufs = (next(it), next(it)) if presolve else ()
+  h_s = next(it)
+  # With `presolve` in bf16, dv and R go out through dX's split buffers once R's product has
+  # finished (its result was read): K 256 fits shared memory so.
+  dv_s, r_s = (None, None) if presolve and _reuses_split(q.dtype) else (next(it), next(it))
+  f32_s, cc_hi, cc_lo, mz_s = (next(it) for _ in range(4))
   edo_s = next(it) if has_g or has_seg else None
   bars = next(it)
+  # The split of dX: [C, 64] buffers of its own with `presolve`, else the solve's.
+  y_hi, y_lo = (cc_hi, cc_lo) if presolve else _split_columns(cc_hi, cc_lo)
+  if dv_s is None:
+    dv_s, r_s = y_hi, y_lo
   c = q_buf.shape[1]
   (bh, bi, hi, vcols, tok), sources = _walk_program(heads, c, q, k, do, [beta] + ([cum_g] if has_g else []),
                                                     [seg] if has_seg else [])
+  buffers = [q_buf, k_buf, do_buf, beta_row_buf, beta_col_buf, *b_bufs, *seg_bufs]
+  sources, buffers = _walk_solved(bh, sources, buffers, t_split, t_bufs)
   _fetch_one(ds_final.at[bh, :, vcols], f32_s, bars.at[bars.shape[0] - 1])
   h_init = plgpu.load(f32_s, layout=plgpu.Layout.WGMMA)
 
   def body(n, views, h):
     q_v, k_v, do_v = views[:3]
-    geo = _factors(views[5:], c, has_g, has_seg, transpose=True)
-    tt_CC = _transposed_solve(k_v, views[4], geo, cc_hi, cc_lo)
+    geo = _factors(views[5:5 + 2 * (has_g + has_seg)], c, has_g, has_seg, transpose=True)
+    tt_CC = None if presolve else _transposed_solve(k_v, views[4], geo, cc_hi, cc_lo)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last chunk's stores out of h_s, dv_s, r_s
     h_s[...] = h.astype(h_s.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(h_s, ds_out.at[bh, n, :, vcols])
     # R = T^T dX on split operands, as the forward's X = T diag(beta) Y: T^T is as ill-conditioned
-    # as T with correlated keys, and R carries every gradient through the solve.
-    y_hi, y_lo = _split_columns(cc_hi, cc_lo)
+    # as T with correlated keys, and R carries every gradient through the solve. With `presolve`
+    # T^T is the stored T's split read transposed (wgmma's transposed shared-memory A operand).
     _store_split(_value_grad(q_v, k_v, do_v, h_s, geo, scale), y_hi, y_lo)
-    r_CV = _precise_matmul(tt_CC, y_hi, y_lo)
+    if presolve:
+      r_CV = _split_product(*(t_v.transpose((1, 0)) for t_v in views[-2:]), y_hi, y_lo)
+    else:
+      r_CV = _precise_matmul(tt_CC, y_hi, y_lo)
     beta_C = plgpu.load(views[3], layout=plgpu.Layout.WGMMA.reduce(1))
     dv_s[...] = _rows(beta_C, r_CV).astype(dv_s.dtype)
     r_s[...] = r_CV.astype(r_s.dtype)
@@ -432,7 +580,6 @@ def _state_grad_body(*refs, heads, scale, has_g, has_seg=False):
     plgpu.copy_smem_to_gmem(r_s, r.at[bi, tok(n), hi, vcols])
     return _entering_state_grad(h, q_v, k_v, do_v, mz_s, edo_s, geo, scale)
 
-  buffers = [q_buf, k_buf, do_buf, beta_row_buf, beta_col_buf, *b_bufs, *seg_bufs]
   h = _walk(q.shape[1] // c, sources, buffers, bars, body, h_init, reverse=True)
   _stage_out(h, f32_s, ds0.at[bh, :, vcols])
   plgpu.wait_smem_to_gmem(0)
@@ -543,12 +690,13 @@ def _chunk_grad_body(*refs, heads, scale, has_g, has_seg=False):
   plgpu.wait_smem_to_gmem(0)
 
 
-def state_grads(q, k, beta, g, do, ds_final, *, scale, chunk, interpret=False, seg=None):
+def state_grads(q, k, beta, g, do, ds_final, *, scale, chunk, interpret=False, seg=None, t_split=None):
   """The reverse pass: dv [B, T, H, V] in do's dtype, R = T^T dX [B, T, H, V] and H = dL/dS of the
   state leaving every chunk [B*H, N, K, V], both in q's dtype, and the initial-state gradient
   [B*H, K, V] float32. q, k [B, T, H, K], do [B, T, H, V] in q's 16-bit dtype, T a multiple of
   `chunk`; beta [B, T, H]; g [B, T, H] log decay or None; ds_final [B*H, K, V] float32; seg [B, T]
-  integer segment ids or None."""
+  integer segment ids or None; t_split: `presolve`'s (T_hi, T_lo), read instead of solving, or
+  None."""
   _check(q, do, beta, g, chunk, "backward", seg)
   b, t, h, kd = q.shape
   vd = do.shape[-1]
@@ -556,10 +704,11 @@ def state_grads(q, k, beta, g, do, ds_final, *, scale, chunk, interpret=False, s
   mm = q.dtype
   out_type = (jax.ShapeDtypeStruct(do.shape, do.dtype), jax.ShapeDtypeStruct(do.shape, mm),
               jax.ShapeDtypeStruct((b * h, t // chunk, kd, vd), mm), jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32))
-  inputs = [q, k, do, _per_chunk_BHNC(beta, chunk)] + _per_chunk(g, seg, chunk) + [ds_final]
-  body = _named(_state_grad_body, heads=h, scale=scale, has_g=has_g, has_seg=has_seg)
-  return _call(body, out_type, _scratch_within("backward", _state_grad_layout(chunk, kd, mm, has_g, has_seg)),
-               (b * h, vd // BLOCK_V), interpret, *inputs)
+  has_t = t_split is not None
+  inputs = [q, k, do, _per_chunk_BHNC(beta, chunk)] + _per_chunk(g, seg, chunk) + [*(t_split or ()), ds_final]
+  body = _named(_state_grad_body, heads=h, scale=scale, has_g=has_g, has_seg=has_seg, presolve=has_t)
+  layout = _state_grad_layout(chunk, kd, mm, has_g, has_seg, has_t)
+  return _call(body, out_type, _scratch_within("backward", layout), (b * h, vd // BLOCK_V), interpret, *inputs)
 
 
 def chunk_grads(q, k, v, beta, g, do, residuals, r, ds_out, *, scale, chunk, interpret=False, seg=None):
@@ -596,8 +745,9 @@ def backward(q, k, v, beta, g, residuals, do, ds_final, *, scale, chunk, interpr
   """(dq, dk, dv in the inputs' dtype, dbeta [B, T, H] float32, dg [B, T, H] float32 or None, ds0
   [B*H, K, V] float32). residuals: what `forward(store_states=True)` returned; the other
   arguments as `forward`'s, do [B, T, H, V] in v's dtype, ds_final [B*H, K, V] float32."""
+  t_split = None if residuals.t_hi is None else (residuals.t_hi, residuals.t_lo)
   dv, r, ds_out, ds0 = state_grads(q, k, beta, g, do, ds_final, scale=scale, chunk=chunk, interpret=interpret,
-                                   seg=seg)
+                                   seg=seg, t_split=t_split)
   dq, dk, dbeta, dg = chunk_grads(q, k, v, beta, g, do, residuals, r, ds_out, scale=scale, chunk=chunk,
                                   interpret=interpret, seg=seg)
   return dq, dk, dv, dbeta, dg, ds0

@@ -2,9 +2,11 @@
 not) against the float32 scan under Mosaic GPU interpret mode: the forward's outputs, final state
 and stored states entering every chunk; forward and every gradient of `delta_rule(impl="pallas")`,
 which takes them under PALLAS_KERNELS_INTERPRET=mosaic_gpu; both with segment ids too; their
-lowering to the Mosaic GPU custom call for CUDA. The lowering needs jax >= 0.11 (older jax has no
-Mosaic GPU interpret mode, which `supports` asks for), interpret mode on the CPU jax >= 0.12 (jax
-0.11.2 fails there: no `eval_jaxpr` rule, no CPU rule for wgmma)."""
+lowering to the Mosaic GPU custom call for CUDA. The solve in the walks throughout and, in the cases
+marked presolve, under PRESOLVE (`delta_kernels_mosaic_gpu.presolve` solves T chunk-parallel, the
+walks read it). The lowering needs jax >= 0.11 (older jax has no Mosaic GPU interpret mode, which
+`supports` asks for), interpret mode on the CPU jax >= 0.12 (jax 0.11.2 fails there: no
+`eval_jaxpr` rule, no CPU rule for wgmma)."""
 from __future__ import annotations
 
 import zlib
@@ -31,6 +33,22 @@ interpret_mode = pytest.mark.skipif(
 
 BF16 = TOL[jnp.bfloat16]
 CHUNK = 64
+BOTH_SOLVES = pytest.mark.parametrize("presolve", [False, True], ids=["in-walk", "presolve"], indirect=True)
+
+
+@pytest.fixture
+def presolve(request, monkeypatch):
+  """Sets `delta_kernels_mosaic_gpu.PRESOLVE` (False unless parametrized, `BOTH_SOLVES`) for one
+  test. The kernels read it while tracing, and it is no part of jax's cache keys: a test turning
+  it on clears the caches around itself, as tests/kernels/test_fused_kernels.py's `kernel_flags`
+  (only then: the other tests share the reference's compiled scans)."""
+  value = getattr(request, "param", False)
+  monkeypatch.setattr(delta_kernels_mosaic_gpu, "PRESOLVE", value)
+  if value:
+    jax.clear_caches()
+  yield value
+  if value:
+    jax.clear_caches()
 
 
 def _flat_heads(x_BHKV):
@@ -78,12 +96,13 @@ def _check_against_scan(x, store_states=True, chunk=CHUNK, seg=None):
 
 
 @interpret_mode
-@pytest.mark.parametrize("store_states", [True, False], ids=["states", "no-states"])
+@pytest.mark.parametrize("store_states, presolve", [(True, False), (False, False), (True, True)],
+                         ids=["states", "no-states", "states-presolve"], indirect=["presolve"])
 @pytest.mark.parametrize("kd, vd", [(64, 128), (128, 64)], ids=["K64-V128", "K128-V64"])
 @pytest.mark.parametrize("variant", ["gated_delta", "delta"])
-def test_delta_forward_matches_scan(variant, kd, vd, store_states):
-  """Three chunks, two heads, two value blocks at V 128 (each solves the chunk's T itself), a
-  nonzero initial state, beta in (0, 1), normalised keys."""
+def test_delta_forward_matches_scan(variant, kd, vd, store_states, presolve):
+  """Three chunks, two heads, two value blocks at V 128 (each solves the chunk's T itself, or
+  reads `presolve`'s), a nonzero initial state, beta in (0, 1), normalised keys."""
   seed = zlib.crc32(f"mosaic-delta-{variant}-{kd}-{vd}-{store_states}".encode())
   _check_against_scan(make_inputs(seed, variant, b=1, t=3 * CHUNK, h=2, kd=kd, vd=vd, dtype=jnp.bfloat16),
                       store_states)
@@ -106,9 +125,10 @@ def _correlated_keys(x, seed):
   return x
 
 
+@BOTH_SOLVES
 @interpret_mode
 @pytest.mark.parametrize("variant", ["gated_delta", "delta"])
-def test_delta_forward_correlated_keys(variant):
+def test_delta_forward_correlated_keys(variant, presolve):
   """Keys sharing one direction (k = normalise(randn + 3 u)), beta near 1, no decay or a weak one
   (g = 0.1 logsigmoid(randn), so that A's far blocks still count): (I + A)^-1 is far from I and
   A's powers grow far past it, the case where a solve by the nilpotent product
@@ -117,9 +137,10 @@ def test_delta_forward_correlated_keys(variant):
                                                    dtype=jnp.bfloat16, gate_scale=0.1), 9))
 
 
+@BOTH_SOLVES
 @interpret_mode
 @pytest.mark.parametrize("variant", ["gated_delta", "delta"])
-def test_delta_forward_chunk_128(variant):
+def test_delta_forward_chunk_128(variant, presolve):
   """Six levels of the solve's doubling and two wgmma row groups per [C, *] product; a weak decay
   (g = 0.1 logsigmoid(randn)) leaves A's far blocks in play."""
   _check_against_scan(make_inputs(zlib.crc32(f"mosaic-delta-c128-{variant}".encode()), variant, b=1,
@@ -127,8 +148,9 @@ def test_delta_forward_chunk_128(variant):
                       chunk=2 * CHUNK)
 
 
+@BOTH_SOLVES
 @interpret_mode
-def test_delta_forward_strong_decay():
+def test_delta_forward_strong_decay(presolve):
   """g around -10 a token: the in-chunk decays underflow exp's float32 range, and exp(b_i - b_j)
   above the diagonal would overflow if it were not masked in the exponent."""
   _check_against_scan(make_inputs(5, "gated_delta", b=1, t=2 * CHUNK, h=2, kd=64, vd=64, dtype=jnp.bfloat16,
@@ -136,10 +158,12 @@ def test_delta_forward_strong_decay():
 
 
 @interpret_mode
-@pytest.mark.parametrize("kd, vd, store_states", [(64, 128, True), (128, 64, False)],
-                         ids=["K64-V128-states", "K128-V64-no-states"])
+@pytest.mark.parametrize("kd, vd, store_states, presolve",
+                         [(64, 128, True, False), (128, 64, False, False), (128, 64, False, True)],
+                         ids=["K64-V128-states", "K128-V64-no-states", "K128-V64-no-states-presolve"],
+                         indirect=["presolve"])
 @pytest.mark.parametrize("variant", ["gated_delta", "delta"])
-def test_delta_forward_segments_match_scan(variant, kd, vd, store_states):
+def test_delta_forward_segments_match_scan(variant, kd, vd, store_states, presolve):
   """`forward` with segment ids (`SEG_STARTS`: boundaries inside a chunk and at a chunk's first
   token, a chunk of three segments none of which the entering state feeds, segments starting at a
   chunk's last token) against the float32 scan with the same ids, the stored states entering the
@@ -178,15 +202,17 @@ def test_delta_forward_refusals():
     _forward(x, False, seg=jnp.zeros((1, CHUNK, 1), jnp.int32))
 
 
+@BOTH_SOLVES
 @pytest.mark.parametrize("kd, vd, gated, store_states, chunk",
                          [(64, 128, True, True, CHUNK), (128, 64, False, True, CHUNK), (128, 128, True, False, CHUNK),
                           (256, 64, True, True, CHUNK), (64, 64, True, True, 2 * CHUNK)],
                          ids=["K64-V128-g-states", "K128-V64-nodecay-states", "K128-V128-g", "K256-V64-g-states",
                               "C128-K64-V64-g-states"])
-def test_delta_forward_lowers_for_cuda(kd, vd, gated, store_states, chunk):
+def test_delta_forward_lowers_for_cuda(kd, vd, gated, store_states, chunk, presolve):
   """Interpret mode checks neither layouts, wgmma operand rules nor shared-memory size; the Mosaic
   GPU lowering does. Its rule registers only with a GPU plugin, so the test imports the
-  registration itself. K 256 and chunk 128 leave room for one buffer slot only."""
+  registration itself. K 256 and chunk 128 leave room for one buffer slot only. PRESOLVE adds the
+  `presolve` kernel."""
   import jax._src.pallas.mosaic_gpu.pallas_call_registration  # noqa: F401, PLC0415
 
   b, t, h = 2, 4 * CHUNK, 2
@@ -199,7 +225,7 @@ def test_delta_forward_lowers_for_cuda(kd, vd, gated, store_states, chunk):
                                             store_states=store_states)
 
   exported = export.export(jax.jit(f), platforms=["cuda"])(*args)
-  assert exported.mlir_module().count("mosaic_gpu_v2") == 1
+  assert exported.mlir_module().count("mosaic_gpu_v2") == 1 + presolve
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,10 +233,12 @@ def test_delta_forward_lowers_for_cuda(kd, vd, gated, store_states, chunk):
 
 
 @interpret_mode
-@pytest.mark.parametrize("t, kd, vd", [(128, 64, 64), (150, 64, 128), (100, 128, 64)],
-                         ids=["T128-K64-V64", "T150-K64-V128", "T100-K128-V64"])
+@pytest.mark.parametrize("t, kd, vd, presolve",
+                         [(128, 64, 64, False), (150, 64, 128, False), (100, 128, 64, False), (150, 64, 128, True)],
+                         ids=["T128-K64-V64", "T150-K64-V128", "T100-K128-V64", "T150-K64-V128-presolve"],
+                         indirect=["presolve"])
 @pytest.mark.parametrize("variant", ["gated_delta", "delta"])
-def test_delta_gradients_match_scan(variant, t, kd, vd):
+def test_delta_gradients_match_scan(variant, t, kd, vd, presolve):
   """`delta_rule(impl="pallas")` on the Mosaic GPU kernels: output, final state and dq, dk, dv,
   dbeta, dg, ds0 against the float32 scan, with a nonzero initial state; T 150 and 100 pad the last
   chunk (beta 0 there), V 128 has two value blocks, K 128 two key blocks (whose shares of dbeta
@@ -220,9 +248,10 @@ def test_delta_gradients_match_scan(variant, t, kd, vd):
   check_against_reference(variant, inputs, BF16, (CHUNK,), seed, impl="pallas:mosaic_gpu")
 
 
+@BOTH_SOLVES
 @interpret_mode
 @pytest.mark.parametrize("variant", ["gated_delta", "delta"])
-def test_delta_gradients_correlated_keys(variant):
+def test_delta_gradients_correlated_keys(variant, presolve):
   """Correlated keys (`_correlated_keys`) with a weak decay or none: T = (I + A)^-1 far from I,
   and dbeta's terms rowsum(R * (V - e * (K S))) and rowsum(dA * (K K^T) * Gamma) cancel down to
   rowsum(R * X) / beta (X in bf16 alone for dA = -R X^T: 7.9e-3 of the scan's dbeta in a jnp
@@ -250,11 +279,12 @@ def test_delta_gradients_strong_decay():
 
 
 
+@BOTH_SOLVES
 @interpret_mode
-def test_pallas_delta_rule_routes_to_the_fused_kernels(monkeypatch):
-  """Gated or not, with or without segment ids: the fused kernels, forward and backward; K 128 at
-  chunk 128 (over the shared memory of a block) or PALLAS_KERNELS_FUSED=0 keep the state-pass
-  kernels."""
+def test_pallas_delta_rule_routes_to_the_fused_kernels(monkeypatch, presolve):
+  """Gated or not, with or without segment ids: the fused kernels, forward and backward (under
+  PRESOLVE `presolve` first); K 128 at chunk 128 (over the shared memory of a block) or
+  PALLAS_KERNELS_FUSED=0 keep the state-pass kernels."""
   monkeypatch.setenv("PALLAS_KERNELS_INTERPRET", "mosaic_gpu")
   monkeypatch.delenv("PALLAS_KERNELS_FUSED", raising=False)
   x = make_inputs(3, "gated_delta", b=1, t=CHUNK, h=1, kd=64, vd=64, dtype=jnp.bfloat16)
@@ -265,7 +295,7 @@ def test_pallas_delta_rule_routes_to_the_fused_kernels(monkeypatch):
                                    chunk_size=chunk_size)[0].astype(jnp.float32).sum()
     return kernel_names(jax.grad(loss), x["q"])
 
-  fused = ["_forward_body", "_state_grad_body", "_chunk_grad_body"]
+  fused = ["_presolve_body"] * presolve + ["_forward_body", "_state_grad_body", "_chunk_grad_body"]
   assert names(x["g"]) == fused
   assert names(None) == fused
   assert names(x["g"], seg) == fused
@@ -298,10 +328,11 @@ def test_delta_backward_refusals():
     backward(256, 128)
 
 
+@BOTH_SOLVES
 @pytest.mark.parametrize("kd, vd, gated, chunk", [(64, 128, True, CHUNK), (128, 64, False, CHUNK),
                                                   (256, 64, True, CHUNK), (64, 64, True, 2 * CHUNK)],
                          ids=["K64-V128-g", "K128-V64-nodecay", "K256-V64-g", "C128-K64-V64-g"])
-def test_delta_backward_lowers_for_cuda(kd, vd, gated, chunk):
+def test_delta_backward_lowers_for_cuda(kd, vd, gated, chunk, presolve):
   """The forward (storing its residuals) and both backward kernels through the Mosaic GPU
   lowering (layout inference and the shared-memory limit included), as
   `test_delta_forward_lowers_for_cuda`; K 256 and chunk 128 are the tightest in shared memory."""
@@ -319,7 +350,7 @@ def test_delta_backward_lowers_for_cuda(kd, vd, gated, chunk):
   exported = export.export(jax.jit(grad), platforms=["cuda"])(
       spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h, dt=jnp.float32), g,
       spec(b, h, kd, vd, dt=jnp.float32))
-  assert exported.mlir_module().count("mosaic_gpu_v2") == 3
+  assert exported.mlir_module().count("mosaic_gpu_v2") == 3 + presolve
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,11 +358,13 @@ def test_delta_backward_lowers_for_cuda(kd, vd, gated, chunk):
 
 
 @interpret_mode
-@pytest.mark.parametrize("t, kd, vd, gate_scale, recurring",
-                         [(150, 64, 128, 1.0, False), (192, 128, 64, 0.02, True)],
-                         ids=["T150-K64-V128", "T192-K128-V64-weak-recurring"])
+@pytest.mark.parametrize("t, kd, vd, gate_scale, recurring, presolve",
+                         [(150, 64, 128, 1.0, False, False), (192, 128, 64, 0.02, True, False),
+                          (192, 128, 64, 0.02, True, True)],
+                         ids=["T150-K64-V128", "T192-K128-V64-weak-recurring", "T192-K128-V64-weak-recurring-presolve"],
+                         indirect=["presolve"])
 @pytest.mark.parametrize("variant", ["gated_delta", "delta"])
-def test_delta_gradients_segments_match_scan(variant, t, kd, vd, gate_scale, recurring):
+def test_delta_gradients_segments_match_scan(variant, t, kd, vd, gate_scale, recurring, presolve):
   """`delta_rule(impl="pallas", segment_ids=...)` on the Mosaic GPU kernels: output, final state
   and dq, dk, dv, dbeta, dg, ds0 against the float32 scan with the same ids (`SEG_STARTS`), a
   nonzero initial state; T 150 pads the last chunk (its ids repeat the last one), the weak decay
@@ -346,11 +379,13 @@ def test_delta_gradients_segments_match_scan(variant, t, kd, vd, gate_scale, rec
   check_against_reference(variant, inputs, BF16, (CHUNK,), seed, segment_ids=seg, impl="pallas:mosaic_gpu")
 
 
-@pytest.mark.parametrize("kd, vd, gated, chunk",
-                         [(64, 128, True, CHUNK), (128, 64, False, CHUNK), (256, 64, True, CHUNK),
-                          (64, 64, True, 2 * CHUNK), (64, 64, False, 2 * CHUNK)],
-                         ids=["K64-V128-g", "K128-V64-nodecay", "K256-V64-g", "C128-K64-V64-g", "C128-K64-V64-nodecay"])
-def test_delta_segments_lower_for_cuda(kd, vd, gated, chunk):
+@pytest.mark.parametrize("kd, vd, gated, chunk, presolve",
+                         [(64, 128, True, CHUNK, False), (128, 64, False, CHUNK, False), (256, 64, True, CHUNK, False),
+                          (64, 64, True, 2 * CHUNK, False), (64, 64, False, 2 * CHUNK, False),
+                          (256, 64, True, CHUNK, True)],
+                         ids=["K64-V128-g", "K128-V64-nodecay", "K256-V64-g", "C128-K64-V64-g", "C128-K64-V64-nodecay",
+                              "K256-V64-g-presolve"], indirect=["presolve"])
+def test_delta_segments_lower_for_cuda(kd, vd, gated, chunk, presolve):
   """The forward and both backward kernels with segment ids through the Mosaic GPU lowering, as
   `test_delta_backward_lowers_for_cuda`: K 256 and chunk 128 the tightest in shared memory with the
   segment counts' buffers (and, ungated, the e * dO tile) on top."""
@@ -367,6 +402,6 @@ def test_delta_segments_lower_for_cuda(kd, vd, gated, chunk):
   args = (spec(b, t, h, kd), spec(b, t, h, kd), spec(b, t, h, vd), spec(b, t, h, dt=jnp.float32), g,
           spec(b, h, kd, vd, dt=jnp.float32), spec(b, t, dt=jnp.int32))
   grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5) if gated else (0, 1, 2, 3, 5))
-  assert export.export(jax.jit(grad), platforms=["cuda"])(*args).mlir_module().count("mosaic_gpu_v2") == 3
+  assert export.export(jax.jit(grad), platforms=["cuda"])(*args).mlir_module().count("mosaic_gpu_v2") == 3 + presolve
   # The forward alone: no stored states.
-  assert export.export(jax.jit(loss), platforms=["cuda"])(*args).mlir_module().count("mosaic_gpu_v2") == 1
+  assert export.export(jax.jit(loss), platforms=["cuda"])(*args).mlir_module().count("mosaic_gpu_v2") == 1 + presolve
