@@ -117,8 +117,7 @@ def takes_mosaic_gpu(op: str, backend: str, dtype, kd: int, vd: int, chunk_size:
       _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) is not None:
     return False
   from pallas_kernels.common import chunk_kernels_mosaic_gpu  # noqa: PLC0415 (jax.experimental.pallas.mosaic_gpu is heavy)
-  return chunk_kernels_mosaic_gpu.forward_unsupported(chunk_size, kd) is None and \
-      chunk_kernels_mosaic_gpu.backward_unsupported(chunk_size, kd) is None
+  return chunk_kernels_mosaic_gpu.fused_unsupported(chunk_size, kd) is None
 
 
 def _hopper() -> bool:

@@ -257,16 +257,6 @@ def _scratch_within(what, per_chunk, fixed, n_barriers_extra=1):
   return _scratch(per_chunk, fixed, n_barriers_extra)
 
 
-def forward_unsupported(chunk, kd, dtype=jnp.bfloat16):
-  """Why `forward` (with a decay and segment ids, its largest shared memory) cannot take a chunk
-  and key size, or None; `supports` covers the rest."""
-  try:
-    _scratch_types(chunk, kd, dtype, dtype, has_g=True, has_seg=True)
-  except ValueError as e:
-    return str(e)
-  return None
-
-
 def _state_grad_scratch(c, kd, mm, do_dtype, has_g, has_seg):
   """`state_grads`' shared memory: per chunk the q, k, dO (and two cumulative-decay, two
   segment-count) buffers; H's 16-bit copy, the dv tile, a float32 staging buffer for dL/dS of the
@@ -292,10 +282,11 @@ def _chunk_grad_scratch(c, mm, has_g, has_seg):
   return _scratch_within("backward", per_chunk, fixed, n_once)
 
 
-def backward_unsupported(chunk, kd, dtype=jnp.bfloat16):
-  """Why `backward` (with a decay and segment ids, its largest shared memory) cannot take a chunk
-  and key size, or None; `supports` covers the rest."""
+def fused_unsupported(chunk, kd, dtype=jnp.bfloat16):
+  """Why `fused_gla` (forward and backward, each with a decay and segment ids, their largest shared
+  memory) cannot take a chunk and key size, or None; `supports` covers the rest."""
   try:
+    _scratch_types(chunk, kd, dtype, dtype, has_g=True, has_seg=True)
     _state_grad_scratch(chunk, kd, dtype, dtype, has_g=True, has_seg=True)
     _chunk_grad_scratch(chunk, dtype, has_g=True, has_seg=True)
   except ValueError as e:
