@@ -99,25 +99,31 @@ def _gpu_choice() -> str:
 
 
 # The ops whose fused Mosaic GPU kernels beat the Triton ones on Hopper, forward and backward together,
-# measured in one process (bf16, 8x2048x16x128, experiments/NOTES.md sessions 13-14). GLA with a
-# scalar decay (H100 run 35, `experiments/mosaic_check.py`): fwd+bwd 0.74 ms on the Mosaic GPU
-# kernels against Triton's 0.87, the forward alone 0.25 against 0.29 (runs 32-33: with the states
-# stored, 0.32 / 0.36 against 0.50 / 0.56). Mixing backends per direction lost: the Mosaic GPU
-# forward before the Triton backward took 0.92 ms (run 35). The delta rule's Mosaic GPU forward lost
-# too (run 35: 1.27 against 0.73 ms). Under PALLAS_KERNELS_GPU=auto (the default) these ops run the
-# Mosaic GPU kernels.
-MOSAIC_GPU_FASTER = ("gla",)
+# measured in one process (bf16, 8x2048x16x128, experiments/mosaic_check.py, experiments/NOTES.md
+# sessions 13-15). GLA with a scalar decay (H100 run 35): fwd+bwd 0.74 ms on the Mosaic GPU kernels
+# against Triton's 0.87, the forward alone 0.25 against 0.29. Mixing backends per direction lost: the
+# Mosaic GPU forward before the Triton backward took 0.92 ms (run 35). The delta rule with T solved
+# chunk-parallel (`delta_kernels_mosaic_gpu.PRESOLVE`, H100 run 40): fwd+bwd 1.29 ms against Triton's
+# 1.91, gated 1.66 against 2.25. Under PALLAS_KERNELS_GPU=auto (the default) these ops run the Mosaic
+# GPU kernels.
+MOSAIC_GPU_FASTER = ("gla", "delta_rule", "gated_delta_rule")
 
 
-def takes_mosaic_gpu(op: str, backend: str, dtype, kd: int, vd: int, chunk_size: int) -> bool:
+def takes_mosaic_gpu(op: str, backend: str, dtype, kd: int, vd: int, chunk_size: int,
+                     segments: bool = False) -> bool:
   """Whether `op` (a FUSED_BY_DEFAULT key) runs its fused Mosaic GPU kernels while `backend` is
   Triton's: a MOSAIC_GPU_FASTER op, on sm90+ under PALLAS_KERNELS_GPU=auto, where the Mosaic GPU
-  kernels take the inputs (shared memory included)."""
+  kernels take the inputs (shared memory, with segment ids or not, included)."""
   if op not in MOSAIC_GPU_FASTER or backend != "triton" or _gpu_choice() != "auto" or not _hopper() or \
       _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) is not None:
     return False
-  from pallas_kernels.common import chunk_kernels_mosaic_gpu  # noqa: PLC0415 (jax.experimental.pallas.mosaic_gpu is heavy)
-  return chunk_kernels_mosaic_gpu.fused_unsupported(chunk_size, kd) is None
+  # jax.experimental.pallas.mosaic_gpu is heavy: imported only here.
+  from pallas_kernels.common import chunk_kernels_mosaic_gpu, delta_kernels_mosaic_gpu  # noqa: PLC0415
+  if op == "gla":
+    return chunk_kernels_mosaic_gpu.fused_unsupported(chunk_size, kd) is None
+  # The delta-rule kernels are tested (interpret mode) and timed in bf16 only: float16 stays on Triton.
+  return jax.numpy.dtype(dtype) == jax.numpy.bfloat16 and delta_kernels_mosaic_gpu.fused_unsupported(
+      dtype, chunk_size, kd, op == "gated_delta_rule", segments) is None
 
 
 def _hopper() -> bool:

@@ -189,8 +189,9 @@ def test_an_id_that_comes_back_starts_a_new_segment(variant, impl):
 
 
 def test_hopper_takes_mosaic_gpu_for_the_ops_measured_faster(monkeypatch):
-  """GLA (scalar or no decay) goes to the fused Mosaic GPU kernels on Hopper under
-  PALLAS_KERNELS_GPU=auto where they take the inputs, nothing else does, and =triton keeps Triton."""
+  """GLA (scalar or no decay) and the (gated) delta rule in bf16 go to the fused Mosaic GPU kernels
+  on Hopper under PALLAS_KERNELS_GPU=auto where they take the inputs, nothing else does, and
+  =triton keeps Triton."""
   from pallas_kernels import dispatch
 
   monkeypatch.setattr(dispatch, "_hopper", lambda: True)
@@ -205,7 +206,10 @@ def test_hopper_takes_mosaic_gpu_for_the_ops_measured_faster(monkeypatch):
   assert takes(kd=64, vd=2048)                                    # the Rodimus shape, scalar decay
   assert takes(kd=128, chunk=128)
   assert not takes(op="gla_perdim")
-  assert not takes(op="delta_rule")
+  assert takes(op="delta_rule") and takes(op="gated_delta_rule")
+  assert not takes(op="delta_rule", dtype=jnp.float16)            # timed and tested in bf16 only
+  assert takes(op="gla", dtype=jnp.float16)
+  assert not takes(op="delta_rule", kd=256, chunk=128)            # over the shared memory
   assert not takes(backend="interpret")
   assert not takes(dtype=jnp.float32)                             # wgmma wants 16-bit operands
   assert not takes(kd=96)

@@ -36,18 +36,22 @@ CHUNK = 64
 BOTH_SOLVES = pytest.mark.parametrize("presolve", [False, True], ids=["in-walk", "presolve"], indirect=True)
 
 
+DEFAULT_PRESOLVE = delta_kernels_mosaic_gpu.PRESOLVE
+
+
 @pytest.fixture
 def presolve(request, monkeypatch):
-  """Sets `delta_kernels_mosaic_gpu.PRESOLVE` (False unless parametrized, `BOTH_SOLVES`) for one
-  test. The kernels read it while tracing, and it is no part of jax's cache keys: a test turning
-  it on clears the caches around itself, as tests/kernels/test_fused_kernels.py's `kernel_flags`
-  (only then: the other tests share the reference's compiled scans)."""
-  value = getattr(request, "param", False)
+  """Sets `delta_kernels_mosaic_gpu.PRESOLVE` (the module's default unless parametrized,
+  `BOTH_SOLVES`) for one test. The kernels read it while tracing, and it is no part of jax's cache
+  keys: a test moving it off the default clears the caches around itself, as
+  tests/kernels/test_fused_kernels.py's `kernel_flags` (only then: the other tests share the
+  reference's compiled scans)."""
+  value = getattr(request, "param", DEFAULT_PRESOLVE)
   monkeypatch.setattr(delta_kernels_mosaic_gpu, "PRESOLVE", value)
-  if value:
+  if value != DEFAULT_PRESOLVE:
     jax.clear_caches()
   yield value
-  if value:
+  if value != DEFAULT_PRESOLVE:
     jax.clear_caches()
 
 
@@ -405,3 +409,35 @@ def test_delta_segments_lower_for_cuda(kd, vd, gated, chunk, presolve):
   assert export.export(jax.jit(grad), platforms=["cuda"])(*args).mlir_module().count("mosaic_gpu_v2") == 3 + presolve
   # The forward alone: no stored states.
   assert export.export(jax.jit(loss), platforms=["cuda"])(*args).mlir_module().count("mosaic_gpu_v2") == 1 + presolve
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hopper default (dispatch.MOSAIC_GPU_FASTER)
+
+
+def test_hopper_default_takes_the_mosaic_gpu_delta_rule(monkeypatch):
+  """On a (pretended) H100 under PALLAS_KERNELS_GPU=auto, `delta_rule(impl="pallas")` in bf16,
+  gated or not, with segment ids or not, traces the presolve and the fused Mosaic GPU walks forward
+  and backward; =triton and float16 keep the Triton kernels."""
+  from pallas_kernels import _compat, dispatch
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(dispatch, "_hopper", lambda: True)
+  monkeypatch.setattr(_compat, "has_triton_backend", lambda: True)
+  monkeypatch.delenv("PALLAS_KERNELS_GPU", raising=False)
+  monkeypatch.delenv("PALLAS_KERNELS_FUSED", raising=False)
+  seg = jnp.repeat(jnp.arange(2, dtype=jnp.int32), CHUNK // 2)[None]
+
+  def names(variant, dtype=jnp.bfloat16, segment_ids=None):
+    x = make_inputs(5, variant, b=1, t=CHUNK, h=1, kd=64, vd=64, dtype=dtype)
+    loss = lambda q: pk.delta_rule(q, x["k"], x["v"], x["beta"], g=x.get("g"), impl="pallas",
+                                   segment_ids=segment_ids)[0].astype(jnp.float32).sum()
+    return kernel_names(jax.grad(loss), x["q"])
+
+  for variant in ("delta", "gated_delta"):
+    for segment_ids in (None, seg):
+      mosaic = names(variant, segment_ids=segment_ids)
+      assert mosaic[:2] == ["_presolve_body", "_forward_body"], mosaic
+      assert "_state_grad_body" in mosaic and "_chunk_grad_body" in mosaic and "_wy_kernel" not in mosaic
+  assert "_forward_body" not in names("delta", jnp.float16) and "_wy_kernel" in names("delta", jnp.float16)
+  monkeypatch.setenv("PALLAS_KERNELS_GPU", "triton")
+  assert "_forward_body" not in names("delta") and "_wy_kernel" in names("delta")
