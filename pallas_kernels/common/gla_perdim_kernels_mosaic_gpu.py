@@ -28,24 +28,26 @@ operand is <= 1: the discarded entries are bounded, never inf). The diagonal P_i
 no decay. So log2(C) wgmmas of [C, 64] x [64, C] per 64 key columns, no run-time range check,
 no fallback: exact under any decay up to the operands' 16-bit rounding, as the Triton matmul
 blocks round theirs. A factor underflows only where the term it belongs to is below e^-87 of the
-undecayed ones (float16 operands: e^-17, under their rounding of the output too). Per level the rows need r from a row of b that depends on the row: a gather,
-which wgmma does as G_s (b_hi + b_lo) with G_s the 0/1 [C, C] selection (a register operand) and
-b split into bf16 hi + lo; r need only be near b's row (the same r, bit for bit, enters both
-factors of a pair, so it cancels exactly), so the split's 2^-17 is plenty. Each row is odd or even
-at a level, so one exp per element serves both factors: exp(+-(b - r)).
+undecayed ones (float16 operands: e^-17, under their rounding of the output too). Per level the
+rows need r from a row of b that depends on the row: a gather, which wgmma does as
+G_s (b_hi + b_lo) with G_s the 0/1 [C, C] selection (a register operand) and b split into bf16
+hi + lo; r need only be near b's row (the same r, bit for bit, enters both factors of a pair, so
+it cancels exactly), so the split's 2^-17 is plenty. Each row is odd or even at a level, so one
+exp per element serves both factors: exp(+-(b - r)).
 
 Kernels (16-bit q, k, v, float32 accumulation; C a power of two, 64 or 128; K, V multiples of 64):
-  `_scores_body` (B*H, N): P (scaled, in q's dtype), e * Q and d * K (q's dtype) and lambda
-      (float32), segment masks included, for the walks (the Triton `scores`' outputs).
-  `_forward_body` (B*H, V/64): walks the chunks with the float32 state in registers (WGMMA layout):
-      O = scale (e * Q) S + P V,  S' = lambda S + (d * K)^T V;  with `store_states` the state
-      entering every chunk in q's dtype.
-  `_state_grad_body` (B*H, V/64): walks the chunks in reverse with H = dL/dS' in registers,
-      storing H of every chunk in q's dtype:
+  `_perdim_scores_body` (B*H, N): P (scaled, in q's dtype), e * Q and d * K (q's dtype) and
+      lambda (float32), segment masks included, for the walks (the Triton `scores`' outputs).
+  `_perdim_forward_body` (B*H, V/64): walks the chunks with the float32 state in registers
+      (WGMMA layout): O = scale (e * Q) S + P V,  S' = lambda S + (d * K)^T V;  with
+      `store_states` the state entering every chunk in q's dtype.
+  `_perdim_state_grad_body` (B*H, V/64): walks the chunks in reverse with H = dL/dS' in
+      registers, storing H of every chunk in q's dtype:
         dV = P^T dO + (d * K) H,   dS = lambda H + scale (e * Q)^T dO.
-  `_chunk_grad_body` (B*H, N, K/64): sums over the value blocks dP = dO V^T, dO S^T, V H^T and
-      H S^T (whose diagonal is sum_v H_kv S_kv), then, with P's gradient taken back through the
-      levels (dQ'_s = dP_s K'_s, dK'_s = dP_s^T Q'_s, dP_s: scale dP on level s's pairs):
+  `_perdim_chunk_grad_body` (B*H, N, K/64): sums over the value blocks dP = dO V^T, dO S^T,
+      V H^T and H S^T (whose diagonal is sum_v H_kv S_kv), then, with P's gradient taken back
+      through the levels (dQ'_s = dP_s K'_s, dK'_s = dP_s^T Q'_s, dP_s: scale dP on level s's
+      pairs):
         dQ = scale e * (dO S^T) + sum_s e^(b - r_s) * dQ'_s + diag(dP) K
         dK = d * (V H^T)        + sum_s e^(r_s - b) * dK'_s + diag(dP) Q
         db = Q * dQ - K * dK + [i = C] (colsum(K * d * (V H^T)) + lambda * diag(H S^T))
@@ -191,7 +193,7 @@ def _dim_factors(b_CK, segs):
 # Forward
 
 
-def _scores_body(*refs, heads, scale, has_seg):
+def _perdim_scores_body(*refs, heads, scale, has_seg):
   it = iter(refs)
   q, k, cum_g = next(it), next(it), next(it)
   seg = next(it) if has_seg else None
@@ -246,8 +248,8 @@ def _scores_body(*refs, heads, scale, has_seg):
 
 
 def _scores_layout(c, mm, has_seg):
-  """`_scores_body`'s shared memory: per key block the q, k tiles and b (float32); the segment
-  counts' two copies; b's bf16 split, K'_s, the e * Q and d * K tiles, lambda's share and P."""
+  """`_perdim_scores_body`'s shared memory: per key block the q, k tiles and b (float32); the
+  segment counts' two copies; b's bf16 split, K'_s, the e * Q and d * K tiles, lambda's share and P."""
   per_chunk = [((c, BLOCK_K), mm, True), ((c, BLOCK_K), mm, True), ((c, BLOCK_K), jnp.float32, False)]
   fixed = [((c,), jnp.float32, False)] * 2 * has_seg
   fixed += [((c, BLOCK_K), jnp.bfloat16, True)] * 2 + [((c, BLOCK_K), mm, True)] * 3
@@ -255,7 +257,7 @@ def _scores_layout(c, mm, has_seg):
   return per_chunk, fixed, 2 * has_seg
 
 
-def _forward_body(*refs, heads, scale, store_states):
+def _perdim_forward_body(*refs, heads, scale, store_states):
   it = iter(refs)
   qe, kd, v, p, lam = (next(it) for _ in range(5))
   s0, o, s_final = next(it), next(it), next(it)
@@ -358,8 +360,8 @@ def _kernel(body, out_type, layout_what, layout, grid, grid_names, interpret, *i
 
 
 def scores(q, k, cum_g, seg, *, scale, chunk, interpret=False):
-  """`_scores_body`: scale P [B*H, N, C, C], e * Q and d * K [B, T, H, K] (q's dtype) and lambda
-  [B*H, N, K] float32. cum_g: `chunk_cumsum` of g; seg: [B, T] integer ids or None."""
+  """`_perdim_scores_body`: scale P [B*H, N, C, C], e * Q and d * K [B, T, H, K] (q's dtype) and
+  lambda [B*H, N, K] float32. cum_g: `chunk_cumsum` of g; seg: [B, T] integer ids or None."""
   b, t, h, kd = q.shape
   n = t // chunk
   mm = q.dtype
@@ -367,7 +369,7 @@ def scores(q, k, cum_g, seg, *, scale, chunk, interpret=False):
   out_type = [jax.ShapeDtypeStruct((b * h, n, chunk, chunk), mm), jax.ShapeDtypeStruct(q.shape, mm),
               jax.ShapeDtypeStruct(q.shape, mm), jax.ShapeDtypeStruct((b * h, n, kd), jnp.float32)]
   inputs = [q, k, cum_g] + ([chunk_segments_BNC(seg, chunk)] if has_seg else [])
-  body = _named(_scores_body, heads=h, scale=scale, has_seg=has_seg)
+  body = _named(_perdim_scores_body, heads=h, scale=scale, has_seg=has_seg)
   return _kernel(body, out_type, "scores", _scores_layout(chunk, mm, has_seg), (b * h, n), ("bh", "n"),
                  interpret, *inputs)
 
@@ -388,7 +390,7 @@ def forward(q, k, v, g, s0, *, scale, chunk, store_states, interpret=False, seg=
   out_type = [jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32)]
   if store_states:
     out_type.append(jax.ShapeDtypeStruct((b * h, n, kd, vd), q.dtype))
-  body = _named(_forward_body, heads=h, scale=scale, store_states=store_states)
+  body = _named(_perdim_forward_body, heads=h, scale=scale, store_states=store_states)
   res = _kernel(body, out_type, "forward", _walk_layout(chunk, kd, q.dtype, v.dtype), (b * h, vd // BLOCK_V),
                 ("bh", "v"), interpret, qe, kdk, v, p, lam, s0)
   return res[0], res[1], (res[2], decayed, cum_g) if store_states else None
@@ -398,7 +400,7 @@ def forward(q, k, v, g, s0, *, scale, chunk, store_states, interpret=False, seg=
 # Backward
 
 
-def _state_grad_body(*refs, heads, scale):
+def _perdim_state_grad_body(*refs, heads, scale):
   it = iter(refs)
   qe, kd, do, p, lam = (next(it) for _ in range(5))
   ds_final, dv, ds_out, ds0 = next(it), next(it), next(it), next(it)
@@ -428,7 +430,7 @@ def _state_grad_body(*refs, heads, scale):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _chunk_grad_body(*refs, heads, scale, has_seg):
+def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
   it = iter(refs)
   q, k, v, do, cum_g = (next(it) for _ in range(5))
   seg = next(it) if has_seg else None
@@ -547,7 +549,7 @@ def state_grads(decayed, do, ds_final, *, scale, chunk, interpret=False):
   mm = qe.dtype
   out_type = (jax.ShapeDtypeStruct(do.shape, do.dtype), jax.ShapeDtypeStruct((b * h, t // chunk, kd, vd), mm),
               jax.ShapeDtypeStruct((b * h, kd, vd), jnp.float32))
-  body = _named(_state_grad_body, heads=h, scale=scale)
+  body = _named(_perdim_state_grad_body, heads=h, scale=scale)
   return _kernel(body, out_type, "backward", _walk_layout(chunk, kd, mm, do.dtype), (b * h, vd // BLOCK_V),
                  ("bh", "v"), interpret, qe, kdk, do, p, lam, ds_final)
 
@@ -565,7 +567,7 @@ def chunk_grads(q, k, v, cum_g, do, states, ds_out, *, scale, chunk, interpret=F
   out_type = [jax.ShapeDtypeStruct(q.shape, mm), jax.ShapeDtypeStruct(k.shape, mm),
               jax.ShapeDtypeStruct(q.shape, jnp.float32)]
   inputs = [q, k, v, do, cum_g] + ([chunk_segments_BNC(seg, chunk)] if has_seg else []) + [states, ds_out]
-  body = _named(_chunk_grad_body, heads=h, scale=scale, has_seg=has_seg)
+  body = _named(_perdim_chunk_grad_body, heads=h, scale=scale, has_seg=has_seg)
   return _kernel(body, out_type, "backward", _chunk_grad_layout(chunk, mm, has_seg), (b * h, n, kd // BLOCK_K),
                  ("bh", "n", "kb"), interpret, *inputs)
 
