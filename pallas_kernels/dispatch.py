@@ -150,9 +150,10 @@ FUSED_BY_DEFAULT = {"delta_rule": True, "gated_delta_rule": True, "gla": True, "
 
 
 # The ops with fused kernels on the Mosaic GPU backend (`chunk_kernels_mosaic_gpu`: GLA with a
-# scalar decay or none; `delta_kernels_mosaic_gpu`: the delta rule, gated by a scalar decay or
-# not, where shared memory fits; the callers check those).
-MOSAIC_GPU_FUSED = ("gla", "delta_rule", "gated_delta_rule")
+# scalar decay or none; `gla_perdim_kernels_mosaic_gpu`: GLA with a per-dimension decay;
+# `delta_kernels_mosaic_gpu`: the delta rule, gated by a scalar decay or not; each where shared
+# memory fits, which the callers check).
+MOSAIC_GPU_FUSED = ("gla", "gla_perdim", "delta_rule", "gated_delta_rule")
 
 
 def fused_kernels(backend: str, op: str) -> bool:

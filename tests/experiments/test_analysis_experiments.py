@@ -193,14 +193,29 @@ def test_dijiang_quick(quick_dirs, tmp_path_factory):
   v = dijiang_conversion.VERSIONS["quick"]
   assert res["teacher"]["steps"] == v["teacher_steps"] and math.isfinite(res["teacher"]["val_loss"])
   assert math.isfinite(res["converted_before"]["val_loss"])
-  for kind in ("finetune", "scratch"):
+  # The default recipe: a fifth of the budget on attention transfer, the rest distilled from the teacher.
+  transfer = v["ft_steps"] // 5
+  assert transfer >= 1 and (res["config"]["transfer_steps"], res["config"]["objective"]) == (transfer, "kl")
+  for kind, steps in (("finetune", v["ft_steps"] - transfer), ("scratch", v["ft_steps"])):
     assert [r["lr"] for r in res[kind]] == list(v["lrs"])
-    assert all(math.isfinite(r["val_loss"]) and r["steps"] == v["ft_steps"] for r in res[kind])
+    assert all(math.isfinite(r["val_loss"]) and r["steps"] == steps for r in res[kind])
   s = res["summary"]
   assert {"teacher", "converted_before", "converted_after", "scratch", "gap_after", "target_met"} <= set(s)
   assert res["finetune"][0]["val_curve"][0] == [0, res["converted_before"]["val_loss"]]
   md = dijiang_conversion.markdown(out)
-  assert "quick version" in md and "converted + fine-tuned" in md and "Target" in md
+  assert "quick version" in md and f"+ {transfer} attention-transfer steps + KL-distilled" in md and "Target" in md
+
+
+def test_dijiang_quick_cross_entropy_recipe(tmp_path):
+  """`--objective ce --transfer-steps 0`: the plain fine-tune, the whole budget on cross-entropy."""
+  require_shared_data("tinyshakespeare.txt")
+  out = str(tmp_path)
+  dijiang_conversion.main(["--quick", "--out", out, "--objective", "ce", "--transfer-steps", "0"])
+  res = read_json(os.path.join(out, "dijiang.json"))
+  v = dijiang_conversion.VERSIONS["quick"]
+  assert (res["config"]["transfer_steps"], res["config"]["objective"]) == (0, "ce") and "transfer" not in res
+  assert all(r["steps"] == v["ft_steps"] and math.isfinite(r["val_loss"]) for r in res["finetune"])
+  assert "converted + fine-tuned" in dijiang_conversion.markdown(out)
 
 
 def test_dijiang_quick_transfer_and_kl_variant(tmp_path):

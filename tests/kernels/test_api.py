@@ -224,6 +224,28 @@ def test_hopper_takes_mosaic_gpu_for_the_ops_measured_faster(monkeypatch):
     takes()
 
 
+@pytest.mark.parametrize("fits", [True, False])
+@pytest.mark.parametrize("per_dim", [False, True])
+def test_gla_pallas_on_mosaic_gpu_takes_the_fused_kernels_where_they_fit(monkeypatch, per_dim, fits):
+  """`gla_pallas` on the Mosaic GPU backend: the fused kernels of the decay's kind (scalar or per
+  dimension) where they fit shared memory, else the state-pass kernels; never Triton's."""
+  from pallas_kernels.ops.gla import pallas as gla_pallas_module
+
+  calls, asked = [], []
+  monkeypatch.setattr(gla_pallas_module, "pallas_backend", lambda *a: "mosaic_gpu")
+  monkeypatch.setattr(gla_pallas_module, "check_pallas_shapes", lambda *a: None)
+  monkeypatch.delenv("PALLAS_KERNELS_FUSED", raising=False)
+  module = gla_pallas_module.gla_perdim_kernels_mosaic_gpu if per_dim else gla_pallas_module.chunk_kernels_mosaic_gpu
+  monkeypatch.setattr(module, "fused_unsupported", lambda *a: asked.append(a) or (None if fits else "too big"))
+  for name in ("gla_fused_mosaic_gpu", "gla_fused", "gla_state_pass"):
+    monkeypatch.setattr(gla_pallas_module, name, lambda *a, name=name, **kw: calls.append(name))
+  x = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+  g = jnp.zeros((1, 64, 1, 64) if per_dim else (1, 64, 1))
+  gla_pallas_module.gla_pallas(x, x, x, g, scale=1.0, s0=None, segment_ids=None, chunk_size=64)
+  assert asked == [(64, 64, jnp.bfloat16)]
+  assert calls == ["gla_fused_mosaic_gpu" if fits else "gla_state_pass"]
+
+
 @pytest.mark.parametrize("mosaic", [True, False])
 @pytest.mark.parametrize("per_dim", [False, True])
 def test_gla_pallas_routes_by_the_measured_choice(monkeypatch, mosaic, per_dim):
