@@ -1,21 +1,19 @@
 """Issue 12 on a GPU: the Mosaic GPU fused kernels against the Triton fused kernels, one process.
 
-    python experiments/mosaic_check.py --out DIR [--ops delta,delta_gated,gla_scalar,gla_no_decay]
+    python experiments/mosaic_check.py --out DIR [--ops delta,delta_gated,gla_scalar,gla_no_decay,gla_perdim]
         [--shape 8x2048x16x128] [--check-shape 1x1024x4x128]
 
-Per op (the delta rule ungated and gated, GLA with a scalar decay and without) through the public
-op with impl="pallas" under PALLAS_KERNELS_GPU=triton (Triton alone), =auto (the default:
-`dispatch.takes_mosaic_gpu` picks per op) and =mosaic_gpu (the fused Mosaic GPU kernels), for the
-delta rule also "mosaic_gpu+presolve" (=mosaic_gpu with `delta_kernels_mosaic_gpu.PRESOLVE`: T solved
-once per chunk, chunk-parallel): the output and every gradient against the float32 scan at the check
+Per op (the delta rule ungated and gated, GLA with a scalar decay, without, and with a
+per-dimension decay) through the public op with impl="pallas" under PALLAS_KERNELS_GPU=triton
+(Triton alone), =auto (the default: `dispatch.takes_mosaic_gpu` picks per op) and =mosaic_gpu (the
+fused Mosaic GPU kernels): the output and every gradient against the float32 scan at the check
 shape, then fwd and fwd+bwd median ms at the timing shape; for GLA beside flash-linear-attention's
-`chunk_simple_gla` when it imports.
+`chunk_simple_gla` (scalar or no decay) or `chunk_gla` (per dimension) when it imports.
 Rows print as JSON lines and go to DIR/mosaic_check.json after each op.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 
@@ -25,34 +23,10 @@ import numpy as np
 
 import pallas_kernels as pk
 from experiments.gpu_check_fused import inputs, median_ms, rel
-from pallas_kernels.common import delta_kernels_mosaic_gpu
 
 CHUNK = 64
-OPS = ("delta", "delta_gated", "gla_scalar", "gla_no_decay")
+OPS = ("delta", "delta_gated", "gla_scalar", "gla_no_decay", "gla_perdim")
 BACKENDS = ("triton", "auto", "mosaic_gpu")
-PRESOLVE_BACKEND = "mosaic_gpu+presolve"   # the delta rule's only
-
-
-def _backends(name):
-  return BACKENDS + (PRESOLVE_BACKEND,) if name.startswith("delta") else BACKENDS
-
-
-@contextlib.contextmanager
-def _presolve(backend):
-  """PRESOLVE on for PRESOLVE_BACKEND while its functions trace and compile, then restored. It is
-  read while tracing and no part of jax's cache keys: the caches are cleared on both sides, so no
-  trace of the other setting is reused."""
-  if backend != PRESOLVE_BACKEND:
-    yield
-    return
-  before = delta_kernels_mosaic_gpu.PRESOLVE
-  delta_kernels_mosaic_gpu.PRESOLVE = True
-  jax.clear_caches()
-  try:
-    yield
-  finally:
-    delta_kernels_mosaic_gpu.PRESOLVE = before
-    jax.clear_caches()
 
 
 def _op(name, backend):
@@ -60,8 +34,7 @@ def _op(name, backend):
   impl = "scan" if backend == "scan" else "pallas"
 
   def f(x):
-    # Read when the op is traced; PRESOLVE_BACKEND is =mosaic_gpu under `_presolve`.
-    os.environ["PALLAS_KERNELS_GPU"] = "auto" if backend == "scan" else backend.split("+")[0]
+    os.environ["PALLAS_KERNELS_GPU"] = "auto" if backend == "scan" else backend   # read when the op is traced
     if name.startswith("delta"):
       return pk.delta_rule(x["q"], x["k"], x["v"], x["beta"], g=x.get("g"), initial_state=x["s0"],
                            return_final_state=True, impl=impl, chunk_size=CHUNK)
@@ -71,8 +44,8 @@ def _op(name, backend):
 
 
 def _inputs(name, b, t, h, d, seed=0):
-  x = inputs("delta" if name.startswith("delta") else "gla_scalar", b, t, h, d, d, jnp.bfloat16,
-             name == "delta_gated", seed=seed)
+  kind = "delta" if name.startswith("delta") else "gla" if name == "gla_perdim" else "gla_scalar"
+  x = inputs(kind, b, t, h, d, d, jnp.bfloat16, name == "delta_gated", seed=seed)
   if name == "gla_no_decay":
     x.pop("g")
   return x
@@ -92,12 +65,11 @@ def op_rows(report, name, check_shape, shape, out):
   x32 = {n: a.astype(jnp.float32) for n, a in x.items()}
   g_ref = _loss_grads(_op(name, "scan"), do)(x32)
   o_ref = _op(name, "scan")(x32)[0]
-  for backend in _backends(name):
+  for backend in BACKENDS:
     row = {"op": name, "backend": backend, "check_shape": list(check_shape)}
     try:
-      with _presolve(backend):
-        row["o"] = rel(jax.jit(_op(name, backend))(x)[0], o_ref)
-        grads = _loss_grads(_op(name, backend), do)(x)
+      row["o"] = rel(jax.jit(_op(name, backend))(x)[0], o_ref)
+      grads = _loss_grads(_op(name, backend), do)(x)
       row.update({f"d{n}": rel(grads[n], g_ref[n]) for n in grads})
       row["pass"] = all(v < 1e-2 for k, v in row.items() if k == "o" or k.startswith("d"))
     except Exception as e:  # a failing path must not hide the others
@@ -107,12 +79,11 @@ def op_rows(report, name, check_shape, shape, out):
   b, t, h, d = shape
   x = _inputs(name, b, t, h, d)
   do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.float32)
-  for backend in _backends(name):
+  for backend in BACKENDS:
     row = {"op": name, "backend": backend, "shape": list(shape)}
     try:
-      with _presolve(backend):   # compiled executables keep the setting they were traced with
-        fwd = jax.jit(lambda x, f=_op(name, backend): f(x)[0]).lower(x).compile()
-        fb = _loss_grads(_op(name, backend), do).lower(x).compile()
+      fwd = jax.jit(lambda x, f=_op(name, backend): f(x)[0]).lower(x).compile()
+      fb = _loss_grads(_op(name, backend), do).lower(x).compile()
       row["fwd_ms"] = median_ms(fwd, x)
       row["fwd_bwd_ms"] = median_ms(fb, x)
     except Exception as e:
@@ -120,23 +91,24 @@ def op_rows(report, name, check_shape, shape, out):
     print(json.dumps(row), flush=True)
     report["timing"].append(row)
   if name.startswith("gla"):
-    report["timing"].append(_fla_simple_gla(name, x, do, "g" in x))
+    report["timing"].append(_fla_gla(name, x, do))
   write(report, out)
 
 
-def _fla_simple_gla(name, x, do, with_decay):
-  row = {"op": name, "backend": "fla", "shape": list(x["q"].shape) }
+def _fla_gla(name, x, do):
+  row = {"op": name, "backend": "fla", "shape": list(x["q"].shape)}
   try:
     import torch
+    from fla.ops.gla import chunk_gla
     from fla.ops.simple_gla import chunk_simple_gla
     t = lambda a, grad=True: torch.tensor(np.asarray(a.astype(jnp.float32)), device="cuda").to(
         torch.bfloat16 if a.dtype == jnp.bfloat16 else torch.float32).requires_grad_(grad)
     q, k, v = t(x["q"]), t(x["k"]), t(x["v"])
-    g = torch.tensor(np.asarray(x["g"].astype(jnp.float32)), device="cuda").requires_grad_(True) if with_decay else None
+    g = torch.tensor(np.asarray(x["g"].astype(jnp.float32)), device="cuda").requires_grad_(True) if "g" in x else None
     s0 = torch.tensor(np.asarray(x["s0"]), device="cuda")
     dot = torch.tensor(np.asarray(do), device="cuda").to(torch.bfloat16)
-    run = lambda: chunk_simple_gla(q, k, v, g=g, scale=x["q"].shape[-1] ** -0.5, initial_state=s0,
-                                   output_final_state=True)[0]
+    fla_op = chunk_gla if name == "gla_perdim" else chunk_simple_gla
+    run = lambda: fla_op(q, k, v, g=g, scale=x["q"].shape[-1] ** -0.5, initial_state=s0, output_final_state=True)[0]
     def fb():
       run().backward(dot)
     sync = lambda _: torch.cuda.synchronize()

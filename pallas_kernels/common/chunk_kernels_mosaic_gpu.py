@@ -49,10 +49,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.state_pass_mosaic_gpu import (
-    BLOCK_V, _call, _fetch_one, _matmul, _nbytes, _scratch, _stage_out, _walk, plgpu, supports)
+    BLOCK_V, _call, _fetch_one, _matmul, _stage_out, _walk, plgpu, scratch_within, supports)
 
 BLOCK_K = 64   # key columns per program of the chunk-parallel gradient kernel
-SMEM_LIMIT = 227 * 1024   # shared memory per block on the H100
 
 
 class _Geometry(NamedTuple):
@@ -238,23 +237,13 @@ def _scratch_types(c, kd, mm, out_dtype, has_g, has_seg=False):
   per_chunk += [((c,), jnp.float32, False)] * 2 * (has_g + has_seg)
   fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), out_dtype, True), ((kd, BLOCK_V), jnp.float32, False)]
   fixed += [((c, BLOCK_V), mm, True)] if has_g or has_seg else []
-  return _scratch_within("forward", per_chunk, fixed)
+  return scratch_within("Mosaic GPU fused GLA forward", per_chunk, fixed)
 
 
 def _named(body, **params):
   """body with `params` bound, keeping its name: Mosaic GPU names the kernel after it (jaxprs,
   profiles), else "anonymous"."""
   return functools.update_wrapper(functools.partial(body, **params), body)
-
-
-def _scratch_within(what, per_chunk, fixed, n_barriers_extra=1):
-  """`state_pass_mosaic_gpu._scratch`, or a ValueError where even one buffer slot overflows shared
-  memory (large K with a large chunk), which the Mosaic GPU compiler would only report on the GPU."""
-  need = sum(_nbytes(shape, dtype) for shape, dtype, _ in per_chunk + fixed)
-  if need > SMEM_LIMIT:
-    raise ValueError(f"Mosaic GPU fused GLA {what}: {need // 1024} KiB of shared memory per block, over the "
-                     f"{SMEM_LIMIT // 1024} KiB of the H100; a smaller chunk_size fits")
-  return _scratch(per_chunk, fixed, n_barriers_extra)
 
 
 def _state_grad_scratch(c, kd, mm, do_dtype, has_g, has_seg):
@@ -265,7 +254,7 @@ def _state_grad_scratch(c, kd, mm, do_dtype, has_g, has_seg):
   per_chunk += [((c,), jnp.float32, False)] * 2 * (has_g + has_seg)
   fixed = [((kd, BLOCK_V), mm, True), ((c, BLOCK_V), do_dtype, True), ((kd, BLOCK_V), jnp.float32, False)]
   fixed += [((c, BLOCK_V), mm, True)] if has_g or has_seg else []
-  return _scratch_within("backward", per_chunk, fixed)
+  return scratch_within("Mosaic GPU fused GLA backward", per_chunk, fixed)
 
 
 def _chunk_grad_scratch(c, mm, has_g, has_seg):
@@ -279,7 +268,7 @@ def _chunk_grad_scratch(c, mm, has_g, has_seg):
   fixed += [((c, c), mm, True), ((c, BLOCK_K), mm, True), ((c, BLOCK_K), mm, True)]
   fixed += [((c,), jnp.float32, False)] * 2 if has_g else []
   n_once = 2 + 2 * (has_g + has_seg)   # q, k, the decay's, the counts'
-  return _scratch_within("backward", per_chunk, fixed, n_once)
+  return scratch_within("Mosaic GPU fused GLA backward", per_chunk, fixed, n_once)
 
 
 def fused_unsupported(chunk, kd, dtype=jnp.bfloat16):

@@ -104,10 +104,8 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common.chunk_kernels_mosaic_gpu import (
     BLOCK_K, _accumulate, _chunk_output, _factors, _per_chunk, _rows, _start_copies, _value_grad, _walk_program)
 from pallas_kernels.common.state_pass_mosaic_gpu import (
-    BLOCK_V, _call, _fetch_one, _matmul, _nbytes, _scratch, _stage_out, _walk, plgpu, supports)
+    BLOCK_V, _call, _fetch_one, _matmul, _stage_out, _walk, plgpu, scratch_within, smem_overflow, supports)
 
-SMEM_LIMIT = 227 * 1024   # shared memory per block on the H100
-REDUCTION_SCRATCH = 128 * 4 * 4   # Mosaic GPU's default reduction_scratch_bytes (jax 0.12)
 # Solve T = (I + A)^-1 once per chunk in a chunk-parallel kernel (`presolve`) and let the walks read
 # it (hi + lo) by TMA, instead of every walk program solving it on its critical path. H100 run 40
 # (experiments/mosaic_check.py, bf16 8x2048x16x128): fwd+bwd 1.29 ms with it against 4.07 without
@@ -297,24 +295,6 @@ def _reuses_split(mm):
   return jnp.dtype(mm) == jnp.bfloat16
 
 
-def _smem_need(per_chunk, fixed, n_barriers_extra):
-  """Bytes of shared memory a block asks for, at most: one buffer slot's worth of the per-chunk
-  buffers, the fixed ones and, as the compiler reserves besides, REDUCTION_SCRATCH and 8 bytes a
-  barrier (measured: the gated forward at K 128, chunk 128 asked for its buffers plus 2112)."""
-  need = sum(_nbytes(shape, dtype) for shape, dtype, _ in per_chunk + fixed)
-  return need + REDUCTION_SCRATCH + 8 * (2 * len(per_chunk) + n_barriers_extra)
-
-
-def _scratch_within(what, layout):
-  """`state_pass_mosaic_gpu._scratch` for a (per_chunk, fixed, n_barriers_extra) layout, or a
-  ValueError where even one buffer slot overflows shared memory (a large K with chunk 128), which
-  the Mosaic GPU compiler would only report on the GPU."""
-  need = _smem_need(*layout)
-  if need > SMEM_LIMIT:
-    raise ValueError(f"Mosaic GPU fused delta-rule {what}: {need // 1024} KiB of shared memory per block, over "
-                     f"the {SMEM_LIMIT // 1024} KiB of the H100; a smaller chunk_size fits")
-  return _scratch(*layout)
-
 
 def _forward_layout(c, kd, mm, out_dtype, has_g, store_states, has_seg=False, presolve=False):
   """Shared memory (`state_pass_mosaic_gpu._scratch`): per chunk the q, k, v buffers and two
@@ -383,11 +363,8 @@ def fused_unsupported(dtype, chunk, kd, gated, segments=False) -> str | None:
              "chunk gradients": _chunk_grad_layout(chunk, dtype, gated, segments)}
   if PRESOLVE:
     layouts["solve"] = _presolve_layout(chunk, kd, dtype, gated, segments)
-  for what, layout in layouts.items():
-    need = _smem_need(*layout)
-    if need > SMEM_LIMIT:
-      return f"the {what} needs {need // 1024} KiB of shared memory per block at K {kd}, chunk {chunk}"
-  return None
+  return smem_overflow({f"Mosaic GPU fused delta-rule {what}": layout for what, layout in layouts.items()},
+                       f" at K {kd}, chunk {chunk}")
 
 
 def _check(q, v, beta, g, chunk, what="forward", seg=None):
@@ -467,7 +444,8 @@ def presolve(k, beta, g, *, chunk, interpret=False, seg=None):
   inputs = [k, _per_chunk_BHNC(beta, chunk)] + _per_chunk(g, seg, chunk)
   return plgpu.kernel(
       _named(_presolve_body, heads=h, has_g=has_g, has_seg=has_seg), out_type=(t_type, t_type),
-      scratch_types=_scratch_within("solve", _presolve_layout(chunk, kd, k.dtype, has_g, has_seg)),
+      scratch_types=scratch_within("Mosaic GPU fused delta-rule solve",
+                                   *_presolve_layout(chunk, kd, k.dtype, has_g, has_seg)),
       grid=(b * h, n), grid_names=("bh", "n"), interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*inputs)
 
@@ -492,7 +470,8 @@ def forward(q, k, v, beta, g, s0, *, scale, chunk, store_states, interpret=False
   body = _named(_forward_body, heads=h, scale=scale, has_g=has_g, store_states=store_states, has_seg=has_seg,
                 presolve=PRESOLVE)
   layout = _forward_layout(chunk, kd, q.dtype, v.dtype, has_g, store_states, has_seg, PRESOLVE)
-  res = _call(body, tuple(out_type), _scratch_within("forward", layout), (b * h, vd // BLOCK_V), interpret, *inputs)
+  scratch = scratch_within("Mosaic GPU fused delta-rule forward", *layout)
+  res = _call(body, tuple(out_type), scratch, (b * h, vd // BLOCK_V), interpret, *inputs)
   return res[0], res[1], Residuals(*res[2:], *t_split) if store_states else None
 
 
@@ -709,7 +688,8 @@ def state_grads(q, k, beta, g, do, ds_final, *, scale, chunk, interpret=False, s
   inputs = [q, k, do, _per_chunk_BHNC(beta, chunk)] + _per_chunk(g, seg, chunk) + [*(t_split or ()), ds_final]
   body = _named(_state_grad_body, heads=h, scale=scale, has_g=has_g, has_seg=has_seg, presolve=has_t)
   layout = _state_grad_layout(chunk, kd, mm, has_g, has_seg, has_t)
-  return _call(body, out_type, _scratch_within("backward", layout), (b * h, vd // BLOCK_V), interpret, *inputs)
+  scratch = scratch_within("Mosaic GPU fused delta-rule backward", *layout)
+  return _call(body, out_type, scratch, (b * h, vd // BLOCK_V), interpret, *inputs)
 
 
 def chunk_grads(q, k, v, beta, g, do, residuals, r, ds_out, *, scale, chunk, interpret=False, seg=None):
@@ -729,7 +709,7 @@ def chunk_grads(q, k, v, beta, g, do, residuals, r, ds_out, *, scale, chunk, int
   inputs = [q, k, v, do, residuals.x_hi, residuals.x_lo, r, _per_chunk_BHNC(beta, chunk)]
   inputs += _per_chunk(g, seg, chunk) + [residuals.states, ds_out]
   body = _named(_chunk_grad_body, heads=h, scale=scale, has_g=has_g, has_seg=has_seg)
-  scratch = _scratch_within("backward", _chunk_grad_layout(chunk, mm, has_g, has_seg))
+  scratch = scratch_within("Mosaic GPU fused delta-rule backward", *_chunk_grad_layout(chunk, mm, has_g, has_seg))
   res = plgpu.kernel(
       body, out_type=tuple(out_type), scratch_types=scratch, grid=(b * h, n, kd // BLOCK_K),
       grid_names=("bh", "n", "kb"), interpret=plgpu.InterpretGPUParams() if interpret else None,

@@ -77,12 +77,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.chunk_kernels_mosaic_gpu import (
-    SMEM_LIMIT, _accumulate, _named, _rows, _start_copies, chunk_segments_BNC)
+    _accumulate, _named, _rows, _start_copies, chunk_segments_BNC)
 from pallas_kernels.common.state_pass_mosaic_gpu import (
-    BLOCK_V, _fetch_one, _matmul, _nbytes, _scratch, _stage_out, _walk, plgpu, supports)
+    BLOCK_V, _fetch_one, _matmul, _stage_out, _walk, plgpu, scratch_within, smem_overflow, supports)
 
 BLOCK_K = 64   # key columns per step of the score kernels (and per program of `chunk_grads`)
-REDUCTION_SCRATCH = 128 * 4 * 4   # Mosaic GPU's default reduction_scratch_bytes (jax 0.12)
 WGMMA = None if plgpu is None else plgpu.Layout.WGMMA
 
 
@@ -310,24 +309,6 @@ def _walk_layout(c, kd, mm, out_dtype):
   return per_chunk, fixed, 1
 
 
-def _scratch_within(what, layout):
-  """`state_pass_mosaic_gpu._scratch` for a (per_chunk, fixed, n_barriers_extra) layout, or a
-  ValueError where even one buffer slot overflows shared memory, which the Mosaic GPU compiler
-  would only report on the GPU."""
-  need = _smem_need(*layout)
-  if need > SMEM_LIMIT:
-    raise ValueError(f"Mosaic GPU fused per-dimension GLA {what}: {need // 1024} KiB of shared memory per "
-                     f"block, over the {SMEM_LIMIT // 1024} KiB of the H100; a smaller chunk_size fits")
-  return _scratch(*layout)
-
-
-
-def _smem_need(per_chunk, fixed, n_barriers_extra):
-  """Bytes of shared memory a block asks for with one buffer slot, the compiler's reduction
-  scratch and barriers included (`delta_kernels_mosaic_gpu._smem_need`)."""
-  need = sum(_nbytes(shape, dtype) for shape, dtype, _ in per_chunk + fixed)
-  return need + REDUCTION_SCRATCH + 8 * (2 * len(per_chunk) + n_barriers_extra)
-
 
 def _check(q, v, g, chunk, what="forward", seg=None):
   why = supports(q.dtype, chunk, q.shape[-1], v.shape[-1])
@@ -354,7 +335,7 @@ def chunk_cumsum(g, chunk):
 
 def _kernel(body, out_type, layout_what, layout, grid, grid_names, interpret, *inputs):
   return plgpu.kernel(
-      body, out_type=tuple(out_type), scratch_types=_scratch_within(layout_what, layout), grid=grid,
+      body, out_type=tuple(out_type), scratch_types=scratch_within(f"Mosaic GPU fused per-dimension GLA {layout_what}", *layout), grid=grid,
       grid_names=grid_names, interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*inputs)
 
@@ -596,14 +577,10 @@ def fused_unsupported(chunk, kd, dtype=jnp.bfloat16):
   take a chunk and key size, or None; `supports` covers the rest (dtype, multiples of 64)."""
   if chunk & (chunk - 1):
     return f"chunk_size must be a power of two (the score levels), got {chunk}"
-  for what, layout in (("scores", _scores_layout(chunk, dtype, True)),
-                       ("forward", _walk_layout(chunk, kd, dtype, dtype)),
-                       ("backward", _chunk_grad_layout(chunk, dtype, True))):
-    need = _smem_need(*layout)
-    if need > SMEM_LIMIT:
-      return (f"Mosaic GPU fused per-dimension GLA {what}: {need // 1024} KiB of shared memory per block at "
-              f"K {kd}, chunk {chunk}, over the {SMEM_LIMIT // 1024} KiB of the H100")
-  return None
+  layouts = {"scores": _scores_layout(chunk, dtype, True), "forward": _walk_layout(chunk, kd, dtype, dtype),
+             "backward": _chunk_grad_layout(chunk, dtype, True)}
+  return smem_overflow({f"Mosaic GPU fused per-dimension GLA {what}": layout for what, layout in layouts.items()},
+                       f" at K {kd}, chunk {chunk}")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

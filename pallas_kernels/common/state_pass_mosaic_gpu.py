@@ -30,6 +30,8 @@ except ImportError:  # jax builds without Mosaic GPU
 BLOCK_V = 64
 SWIZZLE = 128  # bytes
 SMEM_BUDGET = 200 * 1024  # of the H100's 227 KB per block
+SMEM_LIMIT = 227 * 1024   # shared memory per block on the H100
+REDUCTION_SCRATCH = 128 * 4 * 4   # Mosaic GPU's default reduction_scratch_bytes (jax 0.12)
 
 
 def supports(dtype, c, kd, vd) -> str | None:
@@ -216,6 +218,35 @@ def _scratch(per_chunk, fixed, n_barriers_extra=1):
   buffers = [smem((slots, *shape), dtype, swizzled) for shape, dtype, swizzled in per_chunk]
   rest = [smem(*buffer) for buffer in fixed]
   return buffers + rest + [plgpu.Barrier(num_barriers=slots * len(per_chunk) + n_barriers_extra)]
+
+
+def smem_need(per_chunk, fixed, n_barriers_extra=1):
+  """Bytes of shared memory a block asks for, at most: one buffer slot's worth of the per-chunk
+  buffers, the fixed ones and, as the compiler reserves besides, REDUCTION_SCRATCH and 8 bytes a
+  barrier (measured on the H100: the gated delta-rule forward at K 128, chunk 128 asked for its
+  buffers plus 2112)."""
+  need = sum(_nbytes(shape, dtype) for shape, dtype, _ in per_chunk + fixed)
+  return need + REDUCTION_SCRATCH + 8 * (2 * len(per_chunk) + n_barriers_extra)
+
+
+def smem_overflow(layouts, where=""):
+  """The first of `layouts` ({what: (per_chunk, fixed, n_barriers_extra)}) whose one buffer slot
+  overflows a block's shared memory, as a reason naming it (and `where`), or None."""
+  for what, layout in layouts.items():
+    need = smem_need(*layout)
+    if need > SMEM_LIMIT:
+      return (f"{what}: {need // 1024} KiB of shared memory per block{where}, over the {SMEM_LIMIT // 1024} KiB "
+              "of the H100")
+  return None
+
+
+def scratch_within(what, per_chunk, fixed, n_barriers_extra=1):
+  """`_scratch`, or a ValueError naming `what` where even one buffer slot overflows shared memory
+  (a large K with a large chunk), which the Mosaic GPU compiler would only report on the GPU."""
+  why = smem_overflow({what: (per_chunk, fixed, n_barriers_extra)})
+  if why is not None:
+    raise ValueError(f"{why}; a smaller chunk_size fits")
+  return _scratch(per_chunk, fixed, n_barriers_extra)
 
 
 def _call(body, out_type, scratch, grid, interpret, *args):
