@@ -533,30 +533,35 @@ def backward(q, k, v, g, states, do, ds_final, *, scale, chunk, interpret=False,
   return dq, dk, dv, dg, ds0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def fused_gla(scale, chunk, interpret, q, k, v, g, s0, seg=None):
-  """(O [B, T, H, V], final state [B, H, K, V] float32) with `forward`'s contract (s0 [B, H, K, V]
-  float32, seg [B, T] integer segment ids or None), differentiable through `backward`."""
-  b, _, h, _ = q.shape
-  o, s_final, _ = forward(q, k, v, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
-                          store_states=False, interpret=interpret, seg=seg)
-  return o, s_final.reshape(s0.shape)
+def make_fused_gla(forward, backward):
+  """`forward` and `backward` (this module's contract; the per-dimension module's too) as one op
+  under jax.custom_vjp: (scale, chunk, interpret, q, k, v, g, s0, seg=None) -> (O [B, T, H, V],
+  final state [B, H, K, V] float32), with s0 [B, H, K, V] float32 and seg [B, T] integer segment
+  ids or None; g's gradient comes back in g's dtype (`backward`)."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+  def fused(scale, chunk, interpret, q, k, v, g, s0, seg=None):
+    b, _, h, _ = q.shape
+    o, s_final, _ = forward(q, k, v, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
+                            store_states=False, interpret=interpret, seg=seg)
+    return o, s_final.reshape(s0.shape)
+
+  def fused_fwd(scale, chunk, interpret, q, k, v, g, s0, seg=None):
+    b, _, h, _ = q.shape
+    o, s_final, saved = forward(q, k, v, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
+                                store_states=True, interpret=interpret, seg=seg)
+    return (o, s_final.reshape(s0.shape)), (q, k, v, g, seg, saved)
+
+  def fused_bwd(scale, chunk, interpret, residuals, cotangents):
+    q, k, v, g, seg, saved = residuals
+    do, ds_final = cotangents
+    b, _, h, _ = q.shape
+    dq, dk, dv, dg, ds0 = backward(q, k, v, g, saved, do.astype(v.dtype),
+                                   ds_final.reshape(b * h, *ds_final.shape[2:]), scale=scale, chunk=chunk,
+                                   interpret=interpret, seg=seg)
+    return dq, dk, dv, dg, ds0.reshape(ds_final.shape), None   # None: integer ids have no cotangent
+
+  fused.defvjp(fused_fwd, fused_bwd)
+  return fused
 
 
-def _fused_gla_fwd(scale, chunk, interpret, q, k, v, g, s0, seg=None):
-  b, _, h, _ = q.shape
-  o, s_final, states = forward(q, k, v, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
-                               store_states=True, interpret=interpret, seg=seg)
-  return (o, s_final.reshape(s0.shape)), (q, k, v, g, seg, states)
-
-
-def _fused_gla_bwd(scale, chunk, interpret, residuals, cotangents):
-  q, k, v, g, seg, states = residuals
-  do, ds_final = cotangents
-  b, _, h, _ = q.shape
-  dq, dk, dv, dg, ds0 = backward(q, k, v, g, states, do.astype(v.dtype), ds_final.reshape(b * h, *ds_final.shape[2:]),
-                                 scale=scale, chunk=chunk, interpret=interpret, seg=seg)
-  return dq, dk, dv, dg, ds0.reshape(ds_final.shape), None   # None: integer ids have no cotangent
-
-
-fused_gla.defvjp(_fused_gla_fwd, _fused_gla_bwd)
+fused_gla = make_fused_gla(forward, backward)

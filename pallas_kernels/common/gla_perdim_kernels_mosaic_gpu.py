@@ -69,15 +69,13 @@ the last row's is 0. Every formula above, the db terms included, then holds as w
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.chunk_kernels_mosaic_gpu import (
-    _accumulate, _named, _rows, _start_copies, chunk_segments_BNC)
+    _accumulate, _named, _rows, _start_copies, chunk_segments_BNC, make_fused_gla)
 from pallas_kernels.common.state_pass_mosaic_gpu import (
     BLOCK_V, _fetch_one, _matmul, _stage_out, _walk, plgpu, scratch_within, smem_overflow, supports)
 
@@ -583,31 +581,5 @@ def fused_unsupported(chunk, kd, dtype=jnp.bfloat16):
                        f" at K {kd}, chunk {chunk}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def fused_gla_perdim(scale, chunk, interpret, q, k, v, g, s0, seg=None):
-  """(O [B, T, H, V], final state [B, H, K, V] float32) with `forward`'s contract (g [B, T, H, K]
-  in any float dtype, dg comes back in it; s0 [B, H, K, V] float32; seg [B, T] integer segment
-  ids or None), differentiable through `backward`."""
-  b, _, h, _ = q.shape
-  o, s_final, _ = forward(q, k, v, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
-                          store_states=False, interpret=interpret, seg=seg)
-  return o, s_final.reshape(s0.shape)
-
-
-def _fused_fwd(scale, chunk, interpret, q, k, v, g, s0, seg=None):
-  b, _, h, _ = q.shape
-  o, s_final, saved = forward(q, k, v, g, s0.reshape(b * h, *s0.shape[2:]), scale=scale, chunk=chunk,
-                              store_states=True, interpret=interpret, seg=seg)
-  return (o, s_final.reshape(s0.shape)), (q, k, v, g, seg, saved)
-
-
-def _fused_bwd(scale, chunk, interpret, residuals, cotangents):
-  q, k, v, g, seg, saved = residuals
-  do, ds_final = cotangents
-  b, _, h, _ = q.shape
-  dq, dk, dv, dg, ds0 = backward(q, k, v, g, saved, do.astype(v.dtype), ds_final.reshape(b * h, *ds_final.shape[2:]),
-                                 scale=scale, chunk=chunk, interpret=interpret, seg=seg)
-  return dq, dk, dv, dg, ds0.reshape(ds_final.shape), None   # None: integer ids have no cotangent
-
-
-fused_gla_perdim.defvjp(_fused_fwd, _fused_bwd)
+# g [B, T, H, K] in any float dtype; dg comes back in it.
+fused_gla_perdim = make_fused_gla(forward, backward)
