@@ -53,9 +53,9 @@ Time on one H100 (estimate, not measured yet): minimum version about 3-4 minutes
 `--full` about 6-8 minutes. `--quick`: about 20 s on 2 CPU cores. Measured: the minimum version
 without calibration took 125 s wall on the H100; calibration itself took 4-6 s on 2 CPU cores at
 the CPU study's scale (4 layers, 16 x 128 tokens, 14 decays a layer; one compilation); the
-calibrated default took 177 s beside two MQAR processes on the H100 (session 13). A variant
-compiles its own fine-tune step, and the transfer step or the teacher's logits: add about 30-60 s
-(estimate), plus a third more compute a fine-tune step with `--objective kl`.
+calibrated CE recipe took 177 s beside two MQAR processes on the H100 (session 13); the default
+(transfer + KL, which compiles its own tuning step, the transfer step and the teacher's logits,
+and computes a third more a tuning step) 191-196 s, two processes sharing the H100 (session 15).
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def default_transfer_steps(ft_steps: int) -> int:
 
 
 def variant(cfg: dict) -> str:
-  """How the converted model was tuned, in the table's words ("fine-tuned": the default)."""
+  """How the converted model was tuned, in the table's words ("fine-tuned": cross-entropy)."""
   transfer, objective = cfg.get("transfer_steps", 0), cfg.get("objective", "ce")
   tuned = "fine-tuned" if objective == "ce" else "KL-distilled from the teacher"
   return (f"{transfer} attention-transfer steps + " if transfer else "") + tuned
@@ -243,7 +243,7 @@ def run(version: str, out: str, seed: int = 0, learn_decay: bool = False, teache
     save("transfer")
 
   # 3b. fine-tune (the rest of the budget) vs scratch (all of it), same lr grid; interleaved so a
-  # cut-off run has both. The default variant reuses the scratch runs' compiled step.
+  # cut-off run has both. Cross-entropy without transfer reuses the scratch runs' compiled step.
   tune_steps = ft_steps - transfer_steps
   tune = ftrain
   if (objective, transfer_steps) != ("ce", 0):

@@ -83,7 +83,8 @@ def _gpu_backend(dtype, kd, vd, chunk_size) -> tuple[str | None, str | None]:
   choice = _gpu_choice()
   if choice in ("auto", "triton") and _compat.has_triton_backend():
     return "triton", None
-  why = _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) if _hopper() else "the Mosaic GPU kernels need sm90+"
+  why = _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) if _hopper() else \
+      "the Mosaic GPU kernels need sm90 (Hopper: wgmma)"
   if why is None:
     return "mosaic_gpu", None
   if _compat.has_triton_backend():
@@ -104,16 +105,18 @@ def _gpu_choice() -> str:
 # against Triton's 0.87, the forward alone 0.25 against 0.29. Mixing backends per direction lost: the
 # Mosaic GPU forward before the Triton backward took 0.92 ms (run 35). The delta rule with T solved
 # chunk-parallel (`delta_kernels_mosaic_gpu.PRESOLVE`, H100 run 40): fwd+bwd 1.29 ms against Triton's
-# 1.91, gated 1.66 against 2.25. Under PALLAS_KERNELS_GPU=auto (the default) these ops run the Mosaic
-# GPU kernels.
+# 1.91, gated 1.66 against 2.25 (run 41, 1x32768x16x128: 4.48 against 6.27); taken in bf16 only, the
+# dtype timed and tested. Under PALLAS_KERNELS_GPU=auto (the default) these ops run the Mosaic GPU
+# kernels.
 MOSAIC_GPU_FASTER = ("gla", "delta_rule", "gated_delta_rule")
 
 
 def takes_mosaic_gpu(op: str, backend: str, dtype, kd: int, vd: int, chunk_size: int,
                      segments: bool = False) -> bool:
   """Whether `op` (a FUSED_BY_DEFAULT key) runs its fused Mosaic GPU kernels while `backend` is
-  Triton's: a MOSAIC_GPU_FASTER op, on sm90+ under PALLAS_KERNELS_GPU=auto, where the Mosaic GPU
-  kernels take the inputs (shared memory, with segment ids or not, included)."""
+  Triton's: a MOSAIC_GPU_FASTER op (the delta rule in bf16 only), on sm90 under
+  PALLAS_KERNELS_GPU=auto, where the Mosaic GPU kernels take the inputs (shared memory, with
+  segment ids or not, included)."""
   if op not in MOSAIC_GPU_FASTER or backend != "triton" or _gpu_choice() != "auto" or not _hopper() or \
       _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) is not None:
     return False
@@ -127,8 +130,9 @@ def takes_mosaic_gpu(op: str, backend: str, dtype, kd: int, vd: int, chunk_size:
 
 
 def _hopper() -> bool:
+  """sm90 only: the Mosaic GPU kernels use wgmma, which later architectures (sm100+) lack."""
   capability = getattr(jax.devices()[0], "compute_capability", "0")
-  return float(capability) >= 9.0
+  return 9.0 <= float(capability) < 10.0
 
 
 def _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) -> str | None:

@@ -19,7 +19,7 @@ X in that form takes K S and one [C, C] x [C, V] product; U - W S would take W =
 forward solves it once in a separate kernel (`_wy_kernel`), at the price of W and U going
 through HBM.
 
-PRESOLVE (the default, 3.2x faster fwd+bwd on the H100): `presolve`, one warpgroup per
+PRESOLVE (the default; H100 fwd+bwd 3.2x faster ungated, 2.3x gated): `presolve`, one warpgroup per
 (batch*head, chunk), solves T once per chunk off the walk's critical path and stores it as bf16
 hi + lo (`_split`), two [B*H, N, C, C] arrays (16 KiB a chunk and head at C 64). T, not
 T diag(beta): the reverse pass needs T^T alone, and T^T = diag(1/beta) (T diag(beta))^T fails
@@ -27,8 +27,9 @@ where beta is 0 (padding). The walks copy T's tiles by TMA as per-chunk inputs: 
 takes X = T (beta * Y) as T_hi Y_hi + T_hi Y_lo + T_lo Y_hi (Y's split taken after the beta
 scaling), `state_grads` R = T^T dX from the same tiles read transposed (wgmma's transposed
 shared-memory A operand); neither needs the solve's [C, C] buffers any more, and in bf16 their
-[C, 64] outputs reuse the product's split operand buffers, so every configuration that fitted
-shared memory still fits. `forward(store_states=True)` keeps T in its `Residuals` for the
+[C, 64] outputs reuse the product's split operand buffers, so every bf16 configuration that fitted
+shared memory still fits (float16 ones gated or with segment ids at K 64 / chunk 128 and K 256 /
+chunk 64 no longer do: they take the state-pass kernels). `forward(store_states=True)` keeps T in its `Residuals` for the
 reverse pass (the forward computes it in any case).
 
 The solve. wgmma has no triangular solve, so T is built by recursive doubling: with T_s the
@@ -293,7 +294,6 @@ def _reuses_split(mm):
   """Whether a PRESOLVE walk's 16-bit [C, 64] outputs reuse the bf16 split buffers of its product's
   operand (they must share its dtype)."""
   return jnp.dtype(mm) == jnp.bfloat16
-
 
 
 def _forward_layout(c, kd, mm, out_dtype, has_g, store_states, has_seg=False, presolve=False):

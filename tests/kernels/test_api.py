@@ -224,6 +224,16 @@ def test_hopper_takes_mosaic_gpu_for_the_ops_measured_faster(monkeypatch):
     takes()
 
 
+@pytest.mark.parametrize("capability, hopper", [("9.0", True), ("10.0", False), ("12.0", False), ("8.0", False)])
+def test_mosaic_gpu_default_is_hopper_only(monkeypatch, capability, hopper):
+  """The fused Mosaic GPU kernels use wgmma, which only sm90 has: other GPUs keep Triton."""
+  from types import SimpleNamespace
+
+  from pallas_kernels import dispatch
+  monkeypatch.setattr(jax, "devices", lambda: [SimpleNamespace(compute_capability=capability)])
+  assert dispatch._hopper() is hopper
+
+
 @pytest.mark.parametrize("fits", [True, False])
 @pytest.mark.parametrize("per_dim", [False, True])
 def test_gla_pallas_on_mosaic_gpu_takes_the_fused_kernels_where_they_fit(monkeypatch, per_dim, fits):

@@ -37,14 +37,14 @@ def test_mosaic_gpu_matches_scan(variant, t, kd, vd, chunk):
   """Forward, final state and every gradient (q, k, v, beta / g, initial state); T not a multiple
   of the chunk, several value blocks, K != V."""
   inputs = make_inputs(41, variant, b=1, t=t, h=2, kd=kd, vd=vd, dtype=jnp.bfloat16)
-  check_against_reference(variant, inputs, BF16, (chunk,), 41, impl="pallas:mosaic_gpu")
+  check_against_reference(variant, inputs, BF16, (chunk,), 41, impl="pallas:mosaic_gpu:state_pass")
 
 
 @pytest.mark.parametrize("variant", ["gla_perdim", "gated_delta"])
 def test_mosaic_gpu_segments_and_strong_decay(variant):
   inputs = make_inputs(43, variant, b=2, t=90, h=1, kd=64, vd=64, dtype=jnp.bfloat16, gate_scale=10.0)
   seg = jnp.asarray(random_segments(np.random.default_rng(43), 2, 90, 3))
-  check_against_reference(variant, inputs, BF16, (64,), 43, segment_ids=seg, impl="pallas:mosaic_gpu")
+  check_against_reference(variant, inputs, BF16, (64,), 43, segment_ids=seg, impl="pallas:mosaic_gpu:state_pass")
 
 
 def _fwd_bwd(family, kd):

@@ -2,9 +2,9 @@
 not) against the float32 scan under Mosaic GPU interpret mode: the forward's outputs, final state
 and stored states entering every chunk; forward and every gradient of `delta_rule(impl="pallas")`,
 which takes them under PALLAS_KERNELS_INTERPRET=mosaic_gpu; both with segment ids too; their
-lowering to the Mosaic GPU custom call for CUDA. The solve in the walks throughout and, in the cases
-marked presolve, under PRESOLVE (`delta_kernels_mosaic_gpu.presolve` solves T chunk-parallel, the
-walks read it). The lowering needs jax >= 0.11 (older jax has no Mosaic GPU interpret mode, which
+lowering to the Mosaic GPU custom call for CUDA. Under PRESOLVE (the module's default:
+`delta_kernels_mosaic_gpu.presolve` solves T chunk-parallel, the walks read it) unless a case is
+marked in-walk (PRESOLVE off: every walk program solves T itself). The lowering needs jax >= 0.11 (older jax has no Mosaic GPU interpret mode, which
 `supports` asks for), interpret mode on the CPU jax >= 0.12 (jax 0.11.2 fails there: no
 `eval_jaxpr` rule, no CPU rule for wgmma)."""
 from __future__ import annotations

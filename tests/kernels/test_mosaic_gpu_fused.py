@@ -150,7 +150,8 @@ def test_fused_gradients_strong_decay():
 
 def test_pallas_gla_routes_scalar_decay_to_the_fused_kernels(monkeypatch):
   """Scalar or no decay, with or without segment ids: the fused kernels, forward and backward; a
-  per-dimension decay or PALLAS_KERNELS_FUSED=0 keep the state-pass kernels."""
+  per-dimension decay the per-dimension module's fused kernels; PALLAS_KERNELS_FUSED=0 the
+  state-pass kernels."""
   monkeypatch.setenv("PALLAS_KERNELS_INTERPRET", "mosaic_gpu")
   monkeypatch.delenv("PALLAS_KERNELS_FUSED", raising=False)
   x = make_inputs(3, "gla_scalar", b=1, t=CHUNK, h=1, kd=64, vd=64, dtype=jnp.bfloat16)
@@ -166,7 +167,8 @@ def test_pallas_gla_routes_scalar_decay_to_the_fused_kernels(monkeypatch):
   assert names(None) == fused
   assert names(x["g"], seg) == fused
   assert names(None, seg) == fused
-  assert "_state_grad_body" not in names(per_dim)
+  assert names(per_dim) == ["_perdim_scores_body", "_perdim_forward_body", "_perdim_state_grad_body",
+                            "_perdim_chunk_grad_body"]
   monkeypatch.setenv("PALLAS_KERNELS_FUSED", "0")
   assert "_state_grad_body" not in names(x["g"])
 

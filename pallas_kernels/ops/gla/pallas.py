@@ -2,9 +2,9 @@
 
 On GPU (and the generic interpreter) GLA can run every stage as a kernel (`pallas_chunked.make_fused_op`)
 when `dispatch.fused_kernels` picks it; on the Mosaic GPU backend (and its interpret mode) so can
-GLA with a scalar decay or none (`chunk_kernels_mosaic_gpu.fused_gla`) and, where its kernels fit
-shared memory, with a per-dimension decay (`gla_perdim_kernels_mosaic_gpu.fused_gla_perdim`),
-segment ids or not.
+GLA with a scalar decay or none (`chunk_kernels_mosaic_gpu.fused_gla`) and with a per-dimension
+decay (`gla_perdim_kernels_mosaic_gpu.fused_gla_perdim`), segment ids or not, where the kernels
+fit shared memory.
 Otherwise, and always on TPU, the passes over chunks are kernels over XLA-built terms
 (`pallas_chunked.make_pallas_op`). On Hopper the Triton path may hand GLA to the fused Mosaic GPU
 kernels, where `dispatch.takes_mosaic_gpu` measured them faster.
