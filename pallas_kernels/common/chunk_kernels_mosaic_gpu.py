@@ -283,16 +283,23 @@ def fused_unsupported(chunk, kd, dtype=jnp.bfloat16):
   return None
 
 
-def _check(q, v, g, chunk, what="forward", seg=None):
+def input_problem(q, v, chunk, seg):
+  """Why the fused Mosaic GPU kernels (this module's and the other fused modules') cannot take q and
+  v (or do) at this chunk with these segment ids, or None; each op adds its own gates' checks."""
   why = supports(q.dtype, chunk, q.shape[-1], v.shape[-1])
   if why is None and q.shape[1] % chunk:
     why = f"T must be a multiple of the chunk (callers pad), got T={q.shape[1]}, chunk {chunk}"
   if why is None and seg is not None and seg.shape != q.shape[:2]:
     why = f"segment ids must be [B, T] = {q.shape[:2]}, got {seg.shape}"
+  if why is None and v.dtype != q.dtype:
+    why = f"q and v (or do) must share one dtype (their tiles go to buffers of q's), got {q.dtype} and {v.dtype}"
+  return why
+
+
+def _check(q, v, g, chunk, what="forward", seg=None):
+  why = input_problem(q, v, chunk, seg)
   if why is None and g is not None and g.ndim != 3:
     why = f"only a scalar [B, T, H] decay or none, got g of shape {g.shape}"
-  if why is None and v.dtype != q.dtype:
-    why = f"q and v (or do) must share one dtype, got {q.dtype} and {v.dtype}"
   if why:
     raise ValueError(f"Mosaic GPU fused GLA {what}: {why}")
 

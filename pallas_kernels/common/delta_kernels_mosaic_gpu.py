@@ -103,9 +103,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.chunk_kernels_mosaic_gpu import (
-    BLOCK_K, _accumulate, _chunk_output, _factors, _per_chunk, _rows, _start_copies, _value_grad, _walk_program)
+    BLOCK_K, _accumulate, _chunk_output, _factors, _per_chunk, _rows, _start_copies, _value_grad, _walk_program,
+    input_problem)
 from pallas_kernels.common.state_pass_mosaic_gpu import (
-    BLOCK_V, _call, _fetch_one, _matmul, _stage_out, _walk, plgpu, scratch_within, smem_overflow, supports)
+    BLOCK_V, _call, _fetch_one, _matmul, _stage_out, _walk, plgpu, scratch_within, smem_overflow)
 
 # Solve T = (I + A)^-1 once per chunk in a chunk-parallel kernel (`presolve`) and let the walks read
 # it (hi + lo) by TMA, instead of every walk program solving it on its critical path. H100 run 40
@@ -368,17 +369,11 @@ def fused_unsupported(dtype, chunk, kd, gated, segments=False) -> str | None:
 
 
 def _check(q, v, beta, g, chunk, what="forward", seg=None):
-  why = supports(q.dtype, chunk, q.shape[-1], v.shape[-1])
-  if why is None and q.shape[1] % chunk:
-    why = f"T must be a multiple of the chunk (callers pad), got T={q.shape[1]}, chunk {chunk}"
-  if why is None and v.dtype != q.dtype:
-    why = f"q and v (or do) must share one dtype (their tiles go to buffers of q's), got {q.dtype} and {v.dtype}"
+  why = input_problem(q, v, chunk, seg)
   if why is None and beta.shape != q.shape[:3]:
     why = f"beta must be [B, T, H] = {q.shape[:3]}, got {beta.shape}"
   if why is None and g is not None and g.shape != q.shape[:3]:
     why = f"only a scalar [B, T, H] decay or none, got g of shape {g.shape}"
-  if why is None and seg is not None and seg.shape != q.shape[:2]:
-    why = f"segment ids must be [B, T] = {q.shape[:2]}, got {seg.shape}"
   if why:
     raise ValueError(f"Mosaic GPU fused delta-rule {what}: {why}")
 

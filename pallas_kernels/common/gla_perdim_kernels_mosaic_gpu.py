@@ -75,9 +75,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.chunk_kernels_mosaic_gpu import (
-    _accumulate, _named, _rows, _start_copies, chunk_segments_BNC, make_fused_gla)
+    _accumulate, _named, _rows, _start_copies, chunk_segments_BNC, input_problem, make_fused_gla)
 from pallas_kernels.common.state_pass_mosaic_gpu import (
-    BLOCK_V, _fetch_one, _matmul, _stage_out, _walk, plgpu, scratch_within, smem_overflow, supports)
+    BLOCK_V, _fetch_one, _matmul, _stage_out, _walk, plgpu, scratch_within, smem_overflow)
 
 BLOCK_K = 64   # key columns per step of the score kernels (and per program of `chunk_grads`)
 WGMMA = None if plgpu is None else plgpu.Layout.WGMMA
@@ -309,17 +309,11 @@ def _walk_layout(c, kd, mm, out_dtype):
 
 
 def _check(q, v, g, chunk, what="forward", seg=None):
-  why = supports(q.dtype, chunk, q.shape[-1], v.shape[-1])
+  why = input_problem(q, v, chunk, seg)
   if why is None and chunk & (chunk - 1):
     why = f"chunk_size must be a power of two (the score levels), got {chunk}"
-  if why is None and q.shape[1] % chunk:
-    why = f"T must be a multiple of the chunk (callers pad), got T={q.shape[1]}, chunk {chunk}"
-  if why is None and seg is not None and seg.shape != q.shape[:2]:
-    why = f"segment ids must be [B, T] = {q.shape[:2]}, got {seg.shape}"
   if why is None and g.shape != q.shape:
     why = f"only a per-dimension [B, T, H, K] = {q.shape} decay, got g of shape {g.shape}"
-  if why is None and v.dtype != q.dtype:
-    why = f"q and v (or do) must share one dtype, got {q.dtype} and {v.dtype}"
   if why:
     raise ValueError(f"Mosaic GPU fused per-dimension GLA {what}: {why}")
 
