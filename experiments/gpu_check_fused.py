@@ -82,7 +82,7 @@ def delta_fn(impl):
   def f(x):
     kd = x["q"].shape[-1]
     g = x.get("g")
-    if impl in ("scan", "chunk"):
+    if impl in ("scan", "chunk", "pallas"):
       return pk.delta_rule(x["q"], x["k"], x["v"], x["beta"], g=g, initial_state=x["s0"],
                            return_final_state=True, impl=impl, chunk_size=CHUNK)
     common = dict(scale=kd ** -0.5, s0=x["s0"], segment_ids=None, chunk_size=CHUNK)
@@ -94,7 +94,7 @@ def delta_fn(impl):
 
 def gla_fn(impl):
   def f(x):
-    if impl in ("scan", "chunk"):
+    if impl in ("scan", "chunk", "pallas"):
       return pk.gla(x["q"], x["k"], x["v"], x["g"], initial_state=x["s0"], return_final_state=True,
                     impl=impl, chunk_size=CHUNK)
     kd = x["q"].shape[-1]

@@ -12,7 +12,9 @@ ms per call, calls per call, share of the track, source: the op_name in the opti
 metadata, which names the jax operation a fusion came from) and hlo_<target>.txt, and prints each
 track's top kernels. The output is kept live beside the gradients, as in training.
 Targets, bf16 (gpu_check_fused's and bench_fastpaths' inputs):
-- gla, delta: per-dim GLA / the delta rule through the fused Pallas kernels, 8x2048x16x128;
+- gla, delta: per-dim GLA / the delta rule through the fused Triton-backend kernels, 8x2048x16x128;
+- gla_default, delta_default: the same through `impl="pallas"`, the kernels the dispatch picks for
+  this device (on an H100 the delta rule's are Mosaic GPU's);
 - moe_tokamax, moe_xla: the MoE layer of rmoe-paper shape (8x2048 tokens, top-4 of 16, d 1280,
   expert hidden 448) with tokamax's ragged_dot / jax.lax.ragged_dot.
 """
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-TARGETS = ("gla", "delta", "moe_tokamax", "moe_xla")
+TARGETS = ("gla", "delta", "gla_default", "delta_default", "moe_tokamax", "moe_xla")
 
 
 def _with_output(f, cotangent, *args):
@@ -44,16 +46,17 @@ def _with_output(f, cotangent, *args):
   return out, vjp(cotangent)
 
 
-def recurrence_target(op, smoke):
+def recurrence_target(op, path, smoke):
+  """op: "gla" or "delta"; path: "fused" (the Triton-backend fused kernels) or "pallas" (the dispatch)."""
   from experiments import gpu_check_fused as g  # noqa: PLC0415
   g.SMOKE = smoke
   b, t, h, d = (1, 128, 2, 32) if smoke else (8, 2048, 16, 128)
   x = g.inputs(op, b, t, h, d, d, jnp.bfloat16, gated=False if op == "delta" else None)
-  f = (g.delta_fn if op == "delta" else g.gla_fn)("fused")
+  f = (g.delta_fn if op == "delta" else g.gla_fn)(path)
   do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.bfloat16)
   ds = jnp.zeros((b, h, d, d), jnp.float32)
   fn = jax.jit(lambda x: _with_output(f, (do, ds), x))
-  return fn, (x,), f"{op} fused fwd+bwd {b}x{t}x{h}x{d}"
+  return fn, (x,), f"{op} {path} fwd+bwd {b}x{t}x{h}x{d}"
 
 
 def moe_target(impl, smoke):
@@ -67,7 +70,9 @@ def moe_target(impl, smoke):
 
 def make_target(name, smoke):
   if name in ("gla", "delta"):
-    return recurrence_target(name, smoke)
+    return recurrence_target(name, "fused", smoke)
+  if name in ("gla_default", "delta_default"):
+    return recurrence_target(name[:-len("_default")], "pallas", smoke)
   return moe_target(name[len("moe_"):], smoke)
 
 
