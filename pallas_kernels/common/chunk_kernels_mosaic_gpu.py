@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.common.state_pass_mosaic_gpu import (
     BLOCK_V, _call, _fetch_one, _matmul, _stage_out, _walk, plgpu, scratch_within, supports)
 
-BLOCK_K = 64   # key columns per program of the chunk-parallel gradient kernel
+BLOCK_K = 64   # key columns per program of the gradient kernels (and per step of the per-dim GLA scores)
 
 
 class _Geometry(NamedTuple):
@@ -169,6 +169,28 @@ def _walk_program(heads, c, q, k, x, per_chunk_BH=(), per_chunk_B=()):
   for ref in per_chunk_B:
     sources += [lambda n, ref=ref: ref.at[bi, n]] * 2
   return _Program(bh, bi, hi, vcols, tok), sources
+
+
+class _GradientProgram(NamedTuple):
+  """A chunk-parallel gradient program (grid (B*H, N, K/64)): its batch*head index, chunk, key block,
+  batch and head, its key columns and the chunk's tokens."""
+  bh: jax.Array
+  n: jax.Array
+  kb: jax.Array
+  bi: jax.Array
+  hi: jax.Array
+  kcols: pl.Slice
+  tok: pl.Slice
+
+
+def _gradient_program(heads, c):
+  bh, n, kb = lax.axis_index("bh"), lax.axis_index("n"), lax.axis_index("kb")
+  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
+  return _GradientProgram(bh, n, kb, bi, hi, pl.ds(kb * BLOCK_K, BLOCK_K), pl.ds(n * c, c))
+
+
+def _value_block(j):
+  return pl.ds(j * BLOCK_V, BLOCK_V)
 
 
 def _start_copies(pairs, bars):
@@ -424,13 +446,9 @@ def _chunk_grad_body(*refs, heads, scale, has_g, has_seg=False):
   dpg_s, dq_s, dk_s = next(it), next(it), next(it)
   rows_s, cols_s = (next(it), next(it)) if has_g else (None, None)
   bars = next(it)
-  bh, n = lax.axis_index("bh"), lax.axis_index("n")
-  kb = lax.axis_index("kb")
-  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
-  kcols = pl.ds(kb * BLOCK_K, BLOCK_K)
   c = q_s.shape[0]
-  tok = pl.ds(n * c, c)
-  vcols = lambda j: pl.ds(j * BLOCK_V, BLOCK_V)
+  bh, n, kb, bi, hi, kcols, tok = _gradient_program(heads, c)
+  vcols = _value_block
   # The chunk's key block, decay and segment counts, once: their copies run beside the walk over
   # value blocks.
   once = [(q.at[bi, tok, hi, kcols], q_s), (k.at[bi, tok, hi, kcols], k_s)]

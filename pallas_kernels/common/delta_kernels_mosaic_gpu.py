@@ -103,8 +103,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.chunk_kernels_mosaic_gpu import (
-    BLOCK_K, _accumulate, _chunk_output, _factors, _per_chunk, _rows, _start_copies, _value_grad, _walk_program,
-    input_problem)
+    BLOCK_K, _accumulate, _chunk_output, _factors, _gradient_program, _per_chunk, _rows, _start_copies,
+    _value_block, _value_grad, _walk_program, input_problem)
 from pallas_kernels.common.state_pass_mosaic_gpu import (
     BLOCK_V, _call, _fetch_one, _matmul, _stage_out, _walk, plgpu, scratch_within, smem_overflow)
 
@@ -574,13 +574,9 @@ def _chunk_grad_body(*refs, heads, scale, has_g, has_seg=False):
   dpg_s, g_s, dbeta_s = (next(it) for _ in range(3))
   rows_s, cols_s = (next(it), next(it)) if has_g else (None, None)
   bars = next(it)
-  bh, n = lax.axis_index("bh"), lax.axis_index("n")
-  kb = lax.axis_index("kb")
-  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
-  kcols = pl.ds(kb * BLOCK_K, BLOCK_K)
   c = q_s.shape[0]
-  tok = pl.ds(n * c, c)
-  vcols = lambda j: pl.ds(j * BLOCK_V, BLOCK_V)
+  bh, n, kb, bi, hi, kcols, tok = _gradient_program(heads, c)
+  vcols = _value_block
   # The chunk's key block, beta, decay and segment counts, once: their copies run beside the walk
   # over value blocks.
   once = [(q.at[bi, tok, hi, kcols], q_s), (k.at[bi, tok, hi, kcols], k_s), (beta.at[bh, n], beta_s)]

@@ -75,11 +75,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common.chunk_kernels_mosaic_gpu import (
-    _accumulate, _named, _rows, _start_copies, chunk_segments_BNC, input_problem, make_fused_gla)
+    BLOCK_K, _accumulate, _gradient_program, _named, _rows, _start_copies, _value_block, chunk_segments_BNC,
+    input_problem, make_fused_gla)
 from pallas_kernels.common.state_pass_mosaic_gpu import (
     BLOCK_V, _fetch_one, _matmul, _stage_out, _walk, plgpu, scratch_within, smem_overflow)
 
-BLOCK_K = 64   # key columns per step of the score kernels (and per program of `chunk_grads`)
 WGMMA = None if plgpu is None else plgpu.Layout.WGMMA
 
 
@@ -413,13 +413,9 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
   seg_bufs = [next(it), next(it)] if has_seg else []
   dpm_s, qp_hi, qp_lo, kp_hi, kp_lo = (next(it) for _ in range(5))
   bars = next(it)
-  bh, n = lax.axis_index("bh"), lax.axis_index("n")
-  kb = lax.axis_index("kb")
-  bi, hi = lax.div(bh, heads), lax.rem(bh, heads)
-  kcols = pl.ds(kb * BLOCK_K, BLOCK_K)
   c = q_s.shape[0]
-  tok = pl.ds(n * c, c)
-  vcols = lambda j: pl.ds(j * BLOCK_V, BLOCK_V)
+  bh, n, _, bi, hi, kcols, tok = _gradient_program(heads, c)
+  vcols = _value_block
   # The chunk's key block, decay and segment counts, once: their copies run beside the walk over
   # value blocks.
   once = [(q.at[bi, tok, hi, kcols], q_s), (k.at[bi, tok, hi, kcols], k_s), (cum_g.at[bi, tok, hi, kcols], b_s)]
