@@ -1,0 +1,3 @@
+# Session 16, chained after run 43 on the same warm H100: the per-dimension GLA profile again, but on the
+# fused Mosaic GPU kernels (PALLAS_KERNELS_GPU=mosaic_gpu), to see where run 42's 8.67 ms goes.
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; PALLAS_KERNELS_GPU=mosaic_gpu timeout 200 python3 experiments/profile_ops.py --targets gla_default --iters 20 --top 14 --out $OUT 2>&1 | grep -v "Autotuning cache miss" > $OUT/log.txt; rm -f $OUT/hlo_*.txt; grep -E "^==|ms " $OUT/log.txt | cut -c1-200; tail -n 2 $OUT/log.txt | cut -c1-300

@@ -1,0 +1,3 @@
+# Session 16, chained after run 44: run 42's mosaic_check hit its 260 s limit inside gla_scalar (the
+# =mosaic_gpu and fla rows missing); gla_scalar alone.
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton_cache; mkdir -p $TRITON_CACHE_DIR $OUT/c; tar -xzf .triton_autotune.tgz -C $TRITON_CACHE_DIR; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; timeout 280 python3 experiments/mosaic_check.py --out $OUT/c --ops gla_scalar 2>&1 | grep -v "Autotuning cache miss" | grep -v "^E12\|onstant\|^$" > $OUT/c/log.txt; echo "done at $SECONDS"; grep '^{' $OUT/c/log.txt | cut -c1-300; tail -n 3 $OUT/c/log.txt | cut -c1-300
