@@ -1,7 +1,7 @@
 """Issue 12 on a GPU: the Mosaic GPU fused kernels against the Triton fused kernels, one process.
 
     python experiments/mosaic_check.py --out DIR [--ops delta,delta_gated,gla_scalar,gla_no_decay,gla_perdim]
-        [--shape 8x2048x16x128] [--check-shape 1x1024x4x128]
+        [--shape 8x2048x16x128] [--check-shape 1x1024x4x128] [--backends triton,auto,mosaic_gpu,fla]
 
 Per op (the delta rule ungated and gated, GLA with a scalar decay, without, and with a
 per-dimension decay) through the public op with impl="pallas" under PALLAS_KERNELS_GPU=triton
@@ -58,14 +58,15 @@ def _loss_grads(f, do):
   return jax.jit(jax.grad(loss))
 
 
-def op_rows(report, name, check_shape, shape, out):
+def op_rows(report, name, check_shape, shape, out, backends=BACKENDS + ("fla",)):
   b, t, h, d = check_shape
   x = _inputs(name, b, t, h, d, seed=1)
   do = jnp.asarray(np.random.default_rng(2).standard_normal((b, t, h, d)), jnp.float32)
   x32 = {n: a.astype(jnp.float32) for n, a in x.items()}
   g_ref = _loss_grads(_op(name, "scan"), do)(x32)
   o_ref = _op(name, "scan")(x32)[0]
-  for backend in BACKENDS:
+  ours = [b for b in backends if b != "fla"]
+  for backend in ours:
     row = {"op": name, "backend": backend, "check_shape": list(check_shape)}
     try:
       row["o"] = rel(jax.jit(_op(name, backend))(x)[0], o_ref)
@@ -79,7 +80,7 @@ def op_rows(report, name, check_shape, shape, out):
   b, t, h, d = shape
   x = _inputs(name, b, t, h, d)
   do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.float32)
-  for backend in BACKENDS:
+  for backend in ours:
     row = {"op": name, "backend": backend, "shape": list(shape)}
     try:
       fwd = jax.jit(lambda x, f=_op(name, backend): f(x)[0]).lower(x).compile()
@@ -90,7 +91,7 @@ def op_rows(report, name, check_shape, shape, out):
       row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
     print(json.dumps(row), flush=True)
     report["timing"].append(row)
-  if name.startswith("gla"):
+  if name.startswith("gla") and "fla" in backends:
     report["timing"].append(_fla_gla(name, x, do))
   write(report, out)
 
@@ -131,7 +132,12 @@ def main():
   ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {OPS}")
   ap.add_argument("--shape", default="8x2048x16x128")
   ap.add_argument("--check-shape", default="1x1024x4x128")
+  ap.add_argument("--backends", default=",".join(BACKENDS + ("fla",)),
+                  help=f"comma-separated, of {BACKENDS + ('fla',)} (fla: the peer, for the GLA ops)")
   args = ap.parse_args()
+  backends = tuple(args.backends.split(","))
+  if unknown := [b for b in backends if b not in BACKENDS + ("fla",)]:
+    ap.error(f"--backends: unknown {unknown}; expected some of {BACKENDS + ('fla',)}")
   ops = args.ops.split(",")
   unknown = [o for o in ops if o not in OPS]
   if unknown:
@@ -140,7 +146,7 @@ def main():
   dims = lambda s: tuple(int(v) for v in s.split("x"))
   report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "check": [], "timing": []}
   for name in ops:
-    op_rows(report, name, dims(args.check_shape), dims(args.shape), args.out)
+    op_rows(report, name, dims(args.check_shape), dims(args.shape), args.out, backends)
 
 
 if __name__ == "__main__":

@@ -103,22 +103,23 @@ def _shr(x, n):
 class _Levels:
   """One chunk's decay in the level form (module docstring), for one block of 64 key columns:
   `factor(l)` is exp(+-(b - r_l)) [C, 64] (the odd rows' factor of Q'_l, the even rows' of K'_l)
-  and the row parity, `pairs(l)` the [C, C] mask of level l's pairs. b_hi, b_lo: bf16 [C, 64]
-  shared memory for the gather's split operand, written here once or, if `rewrite` (the caller
-  reuses the buffers between levels), before every level's gather."""
+  and the row parity, `pairs(l)` the [C, C] mask of level l's pairs. b_ref: b [C, 64] float32 in
+  shared memory, read at every level rather than held (the levels are unrolled: what they hold
+  stays live in registers through all of them, as do the index arrays, made at each use for the
+  same reason). b_hi, b_lo: bf16 [C, 64] shared memory for the gather's split operand, written
+  here once or, if `rewrite` (the caller reuses the buffers between levels), before every
+  level's gather."""
 
-  def __init__(self, b_CK, b_hi, b_lo, rewrite=False):
-    self.b_CK = b_CK
-    self.c = b_CK.shape[0]
+  def __init__(self, b_ref, b_hi, b_lo, rewrite=False):
+    self.b_ref = b_ref
+    self.c = b_ref.shape[0]
     self.b_hi, self.b_lo, self.rewrite = b_hi, b_lo, rewrite
     self.n_levels = self.c.bit_length() - 1
-    self.rows_CC, self.cols_CC = _iota((self.c, self.c), 0), _iota((self.c, self.c), 1)
-    self.rows_CK = _iota(b_CK.shape, 0)
     if not rewrite:
       self._store()
 
   def _store(self):
-    _store_split(self.b_CK, self.b_hi, self.b_lo)
+    _store_split(_load(self.b_ref), self.b_hi, self.b_lo)
     plgpu.commit_smem()
 
   def factor(self, level):
@@ -126,21 +127,24 @@ class _Levels:
     s = 1 << level
     if self.rewrite:
       self._store()
+    c = self.c
     # r's row for row i: the last row of the even s-block of i's 2s-block.
-    target_C = jnp.left_shift(_shr(self.rows_CC, level + 1), jnp.int32(level + 1)) + (s - 1)
-    gather_CC = jnp.where(self.cols_CC == target_C, 1.0, 0.0).astype(self.b_hi.dtype)
+    target_CC = jnp.left_shift(_shr(_iota((c, c), 0), level + 1), jnp.int32(level + 1)) + (s - 1)
+    gather_CC = jnp.where(_iota((c, c), 1) == target_CC, 1.0, 0.0).astype(self.b_hi.dtype)
     # The gather's result was read: its wgmmas are done with b_hi, b_lo before the next level's.
-    r_CK = _accumulate(_zeros(*self.b_CK.shape), (gather_CC, self.b_hi), (gather_CC, self.b_lo))
-    odd_CK = (_shr(self.rows_CK, level) & 1) == 1
-    return jnp.exp(jnp.where(odd_CK, self.b_CK - r_CK, r_CK - self.b_CK)), odd_CK
+    r_CK = _accumulate(_zeros(*self.b_ref.shape), (gather_CC, self.b_hi), (gather_CC, self.b_lo))
+    b_CK = _load(self.b_ref)
+    odd_CK = (_shr(_iota(b_CK.shape, 0), level) & 1) == 1
+    return jnp.exp(jnp.where(odd_CK, b_CK - r_CK, r_CK - b_CK)), odd_CK
 
   def pairs(self, level):
     """[C, C] bool: (i, j) a pair of level `level`: the same 2s-block, i in its odd half, j in its even."""
-    same = _shr(self.rows_CC, level + 1) == _shr(self.cols_CC, level + 1)
-    return same & ((_shr(self.rows_CC, level) & 1) == 1) & ((_shr(self.cols_CC, level) & 1) == 0)
+    rows_CC, cols_CC = _iota((self.c, self.c), 0), _iota((self.c, self.c), 1)
+    same = _shr(rows_CC, level + 1) == _shr(cols_CC, level + 1)
+    return same & ((_shr(rows_CC, level) & 1) == 1) & ((_shr(cols_CC, level) & 1) == 0)
 
   def diagonal(self):
-    return self.rows_CC == self.cols_CC
+    return _iota((self.c, self.c), 0) == _iota((self.c, self.c), 1)
 
 
 class _Segments:
@@ -213,7 +217,7 @@ def _perdim_scores_body(*refs, heads, scale, has_seg):
   def body(j, views, p_CC):
     """P's share of key block j, e * Q, d * K and lambda of its columns."""
     q_CK, k_CK, b_CK = (_load(v) for v in views)
-    levels = _Levels(b_CK, b_hi, b_lo)
+    levels = _Levels(views[2], b_hi, b_lo)
     e_CK, d_CK, lam_K = _dim_factors(b_CK, segs)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's stores out of qe_s, kd_s, lam_s
     qe_s[...] = (q_CK * e_CK).astype(qe_s.dtype)
@@ -225,11 +229,12 @@ def _perdim_scores_body(*refs, heads, scale, has_seg):
     plgpu.copy_smem_to_gmem(lam_s, lam.at[bh, n, kcols(j)])
     diag_C = jnp.sum(q_CK * k_CK, axis=1)
     p_CC = p_CC + jnp.where(levels.diagonal(), lax.broadcast_in_dim(diag_C, (c, c), [0]), 0.0)
+    # q and k are read again at every level rather than held through the unrolled levels.
     for level in range(levels.n_levels):
       f_CK, odd_CK = levels.factor(level)
-      kp_s[...] = jnp.where(odd_CK, 0.0, k_CK * f_CK).astype(kp_s.dtype)
+      kp_s[...] = jnp.where(odd_CK, 0.0, _load(views[1]) * f_CK).astype(kp_s.dtype)
       plgpu.commit_smem()
-      qp_CK = jnp.where(odd_CK, q_CK * f_CK, 0.0).astype(kp_s.dtype)
+      qp_CK = jnp.where(odd_CK, _load(views[0]) * f_CK, 0.0).astype(kp_s.dtype)
       # Reading the product waited for its wgmma: kp_s is free for the next level.
       prod_CC = _accumulate(_zeros(c, c), (qp_CK, kp_s.transpose((1, 0))))
       p_CC = p_CC + jnp.where(levels.pairs(level), prod_CC, 0.0)
@@ -438,19 +443,19 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
                                       sums, reverse=False)
   wait_once()
   segs = _Segments(seg_bufs, c) if has_seg else None
-  q_CK, k_CK, b_CK = _load(q_s), _load(k_s), _load(b_s)
-  # b's split for the gathers goes through Q'_l's buffers (each level's gather has finished,
-  # its result read, before Q'_l is stored): chunk 128 fits shared memory so.
-  levels = _Levels(b_CK, qp_hi, qp_lo, rewrite=True)
-  e_CK, d_CK, lam_K = _dim_factors(b_CK, segs)
-  dq_state_CK = scale * e_CK * dos_CK
-  dk_state_CK = d_CK * vh_CK
+  # What the unrolled levels below keep in registers is held through all of them: dP, the two
+  # accumulators and V H^T; q, k and b are read from shared memory where used.
+  # <H, S> per key row: H S^T's diagonal, as a column vector.
+  hs_K = jnp.sum(jnp.where(_iota(hs_KK.shape, 0) == _iota(hs_KK.shape, 1), hs_KK, 0.0), axis=0)
+  e_CK, _, _ = _dim_factors(_load(b_s), segs)
+  dq_CK = scale * e_CK * dos_CK   # dQ's state term; the levels' shares add to it
   dp_CC = scale * dp_CC
   if has_seg:
     dp_CC = jnp.where(segs.same_CC(), dp_CC, 0.0)
-  # The levels' shares of dQ and dK (without the diagonal, below).
-  dq_CK = _zeros(c, BLOCK_K)
-  dk_CK = _zeros(c, BLOCK_K)
+  # b's split for the gathers goes through Q'_l's buffers (each level's gather has finished,
+  # its result read, before Q'_l is stored): chunk 128 fits shared memory so.
+  levels = _Levels(b_s, qp_hi, qp_lo, rewrite=True)
+  dk_CK = _zeros(c, BLOCK_K)   # the levels' shares of dK (without the diagonal, below)
   mm = dpm_s.dtype   # bf16
   for level in range(levels.n_levels):
     f_CK, odd_CK = levels.factor(level)
@@ -460,28 +465,29 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
     # adds them up: with K' and Q' rounded to 16 bits alone the twins round apart, and dg's error
     # against the scan tripled (bf16: 2.5e-3 -> 8e-3 at g around -20 a step; 1e-2 is the tolerance).
     dpm_s[...] = jnp.where(levels.pairs(level), dp_CC, 0.0).astype(mm)
-    _store_split(jnp.where(odd_CK, 0.0, k_CK * f_CK), kp_hi, kp_lo)
-    _store_split(jnp.where(odd_CK, q_CK * f_CK, 0.0), qp_hi, qp_lo)
+    _store_split(jnp.where(odd_CK, 0.0, _load(k_s) * f_CK), kp_hi, kp_lo)
+    _store_split(jnp.where(odd_CK, _load(q_s) * f_CK, 0.0), qp_hi, qp_lo)
     plgpu.commit_smem()
     dqp_CK = _matmul((c, BLOCK_K), (dpm_s, kp_hi), (dpm_s, kp_lo))
     dpt_CC = dpm_s.transpose((1, 0))
     dkp_CK = _matmul((c, BLOCK_K), (dpt_CC, qp_hi), (dpt_CC, qp_lo))
     dq_CK = dq_CK + jnp.where(odd_CK, f_CK * dqp_CK, 0.0)
     dk_CK = dk_CK + jnp.where(odd_CK, 0.0, f_CK * dkp_CK)
+  q_CK, k_CK = _load(q_s), _load(k_s)
+  _, d_CK, lam_K = _dim_factors(_load(b_s), segs)
+  dk_state_CK = d_CK * vh_CK
   # db without the terms that cancel exactly: P's diagonal (no decay) gives dQ_i dP_ii K_i and
   # dK_i dP_ii Q_i, the same q_i k_i dP_ii in Q * dQ and K * dK; the last row's -k_C (d * V H^T)_C
   # is the C-th term of its column sum. Under a strong decay both are O(1) while db is e^-20 of
   # that: left in, their float32 rounding was all of dg (relative error 46 against the scan).
-  # <H, S> per key row: H S^T's diagonal, as a column vector.
-  hs_K = jnp.sum(jnp.where(_iota(hs_KK.shape, 0) == _iota(hs_KK.shape, 1), hs_KK, 0.0), axis=0)
-  last_CK = _iota(b_CK.shape, 0) == c - 1
+  last_CK = _iota(k_CK.shape, 0) == c - 1
   kdk_CK = jnp.where(last_CK, 0.0, k_CK * dk_state_CK)
   last_K = jnp.sum(kdk_CK, axis=0) + lam_K * hs_K
-  db_CK = (q_CK * (dq_state_CK + dq_CK) - k_CK * dk_CK - kdk_CK
-           + jnp.where(last_CK, lax.broadcast_in_dim(last_K, b_CK.shape, [1]), 0.0))
+  db_CK = (q_CK * dq_CK - k_CK * dk_CK - kdk_CK
+           + jnp.where(last_CK, lax.broadcast_in_dim(last_K, k_CK.shape, [1]), 0.0))
   # P's diagonal has no decay: dQ_i += dP_ii K_i, dK_i += dP_ii Q_i.
   dpd_C = jnp.sum(jnp.where(levels.diagonal(), dp_CC, 0.0), axis=1)
-  dq_CK = dq_state_CK + dq_CK + _rows(dpd_C, k_CK)
+  dq_CK = dq_CK + _rows(dpd_C, k_CK)
   dk_CK = dk_state_CK + dk_CK + _rows(dpd_C, q_CK)
   # q_s, k_s, b_s were last read into registers above: they take dq, dk, db on their way out.
   q_s[...] = dq_CK.astype(q_s.dtype)
