@@ -81,6 +81,12 @@ from pallas_kernels.common.state_pass_mosaic_gpu import (
     BLOCK_V, _fetch_one, _matmul, _stage_out, _walk, plgpu, scratch_within, smem_overflow)
 
 WGMMA = None if plgpu is None else plgpu.Layout.WGMMA
+# Buffer slots of the chunk-parallel kernels (`scores`, `chunk_grads`), read at trace time. Two let
+# a program's next key or value block load while it works on this one; one halves those buffers,
+# so that two programs share an SM (at chunk 64 a block then asks for 80 and 104 KiB, against 112
+# and 136 with two, of the SM's 228): their time is the latency of short wgmma chains, which a
+# second program on the SM can hide. Two until a GPU run times both (experiments/NOTES.md, run 46).
+CHUNK_PARALLEL_SLOTS = 2
 
 
 def _iota(shape, dim):
@@ -330,9 +336,10 @@ def chunk_cumsum(g, chunk):
   return jnp.cumsum(g.astype(jnp.float32).reshape(b, t // chunk, chunk, h, kd), axis=2).reshape(g.shape)
 
 
-def _kernel(body, out_type, layout_what, layout, grid, grid_names, interpret, *inputs):
+def _kernel(body, out_type, layout_what, layout, grid, grid_names, interpret, *inputs, max_slots=2):
+  scratch = scratch_within(f"Mosaic GPU fused per-dimension GLA {layout_what}", *layout, max_slots=max_slots)
   return plgpu.kernel(
-      body, out_type=tuple(out_type), scratch_types=scratch_within(f"Mosaic GPU fused per-dimension GLA {layout_what}", *layout), grid=grid,
+      body, out_type=tuple(out_type), scratch_types=scratch, grid=grid,
       grid_names=grid_names, interpret=plgpu.InterpretGPUParams() if interpret else None,
   )(*inputs)
 
@@ -349,7 +356,7 @@ def scores(q, k, cum_g, seg, *, scale, chunk, interpret=False):
   inputs = [q, k, cum_g] + ([chunk_segments_BNC(seg, chunk)] if has_seg else [])
   body = _named(_perdim_scores_body, heads=h, scale=scale, has_seg=has_seg)
   return _kernel(body, out_type, "scores", _scores_layout(chunk, mm, has_seg), (b * h, n), ("bh", "n"),
-                 interpret, *inputs)
+                 interpret, *inputs, max_slots=CHUNK_PARALLEL_SLOTS)
 
 
 def forward(q, k, v, g, s0, *, scale, chunk, store_states, interpret=False, seg=None):
@@ -544,7 +551,7 @@ def chunk_grads(q, k, v, cum_g, do, states, ds_out, *, scale, chunk, interpret=F
   inputs = [q, k, v, do, cum_g] + ([chunk_segments_BNC(seg, chunk)] if has_seg else []) + [states, ds_out]
   body = _named(_perdim_chunk_grad_body, heads=h, scale=scale, has_seg=has_seg)
   return _kernel(body, out_type, "backward", _chunk_grad_layout(chunk, mm, has_seg), (b * h, n, kd // BLOCK_K),
-                 ("bh", "n", "kb"), interpret, *inputs)
+                 ("bh", "n", "kb"), interpret, *inputs, max_slots=CHUNK_PARALLEL_SLOTS)
 
 
 def chunk_reverse_cumsum(x, chunk, dtype):

@@ -206,14 +206,14 @@ def _nbytes(shape, dtype):
   return size
 
 
-def _scratch(per_chunk, fixed, n_barriers_extra=1):
-  """Shared memory: the per-chunk input buffers (two slots when both fit in SMEM_BUDGET, so the
-  next chunk's copies overlap this chunk's work; else one), the fixed buffers, and the TMA
-  barriers (one per input and slot, plus `n_barriers_extra`). Buffers are (shape, dtype,
-  swizzled): swizzled ones are laid out for wgmma (`_smem`), the others plain."""
+def _scratch(per_chunk, fixed, n_barriers_extra=1, max_slots=2):
+  """Shared memory: the per-chunk input buffers (two slots when both fit in SMEM_BUDGET and
+  `max_slots` allows, so the next chunk's copies overlap this chunk's work; else one), the fixed
+  buffers, and the TMA barriers (one per input and slot, plus `n_barriers_extra`). Buffers are
+  (shape, dtype, swizzled): swizzled ones are laid out for wgmma (`_smem`), the others plain."""
   per_slot = sum(_nbytes(shape, dtype) for shape, dtype, _ in per_chunk)
   fixed_bytes = sum(_nbytes(shape, dtype) for shape, dtype, _ in fixed)
-  slots = 2 if 2 * per_slot + fixed_bytes <= SMEM_BUDGET else 1
+  slots = 2 if max_slots > 1 and 2 * per_slot + fixed_bytes <= SMEM_BUDGET else 1
   smem = lambda shape, dtype, swizzled: _smem(shape, dtype) if swizzled else plgpu.SMEM(shape, dtype)
   buffers = [smem((slots, *shape), dtype, swizzled) for shape, dtype, swizzled in per_chunk]
   rest = [smem(*buffer) for buffer in fixed]
@@ -240,13 +240,13 @@ def smem_overflow(layouts, where=""):
   return None
 
 
-def scratch_within(what, per_chunk, fixed, n_barriers_extra=1):
+def scratch_within(what, per_chunk, fixed, n_barriers_extra=1, max_slots=2):
   """`_scratch`, or a ValueError naming `what` where even one buffer slot overflows shared memory
   (a large K with a large chunk), which the Mosaic GPU compiler would only report on the GPU."""
   why = smem_overflow({what: (per_chunk, fixed, n_barriers_extra)})
   if why is not None:
     raise ValueError(f"{why}; a smaller chunk_size fits")
-  return _scratch(per_chunk, fixed, n_barriers_extra)
+  return _scratch(per_chunk, fixed, n_barriers_extra, max_slots)
 
 
 def _call(body, out_type, scratch, grid, interpret, *args):

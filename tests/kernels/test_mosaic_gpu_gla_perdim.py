@@ -210,6 +210,13 @@ def test_gradients_chunk_128_match_scan():
   _check_gradients(_inputs(23, t=200, h=1, kd=64, vd=64, decay="weak"), 23, chunk=128)
 
 
+def test_one_buffer_slot_matches_scan(monkeypatch):
+  """CHUNK_PARALLEL_SLOTS = 1: the scores and chunk-gradient walks over two key / value blocks
+  through one buffer slot (each block's copies wait for the last block's reads)."""
+  monkeypatch.setattr(gla_perdim_kernels_mosaic_gpu, "CHUNK_PARALLEL_SLOTS", 1)
+  _check_gradients(_inputs(31, t=128, kd=128, vd=128, decay="mixed"), 31)
+
+
 def test_gradients_float16_match_scan():
   """float16 inputs: 16-bit operands in float16, the scores gradient's in bf16 (float16 holds b only
   to -65504). The bf16 tolerance (float16 rounds finer)."""
