@@ -85,7 +85,9 @@ WGMMA = None if plgpu is None else plgpu.Layout.WGMMA
 # a program's next key or value block load while it works on this one; one halves those buffers,
 # so that two programs share an SM (at chunk 64 a block then asks for 80 and 104 KiB, against 112
 # and 136 with two, of the SM's 228): their time is the latency of short wgmma chains, which a
-# second program on the SM can hide. Two until a GPU run times both (experiments/NOTES.md, run 46).
+# second program on the SM can hide. At chunk 128 both kernels take one slot either way (two would
+# not fit). Two until a GPU run times both (experiments/NOTES.md, run 46). jit caches keep the value
+# a function was traced with.
 CHUNK_PARALLEL_SLOTS = 2
 
 
@@ -235,12 +237,13 @@ def _perdim_scores_body(*refs, heads, scale, has_seg):
     plgpu.copy_smem_to_gmem(lam_s, lam.at[bh, n, kcols(j)])
     diag_C = jnp.sum(q_CK * k_CK, axis=1)
     p_CC = p_CC + jnp.where(levels.diagonal(), lax.broadcast_in_dim(diag_C, (c, c), [0]), 0.0)
-    # q and k are read again at every level rather than held through the unrolled levels.
+    # q and k are read again at every level rather than held through the unrolled levels, both
+    # before the commit's barrier: the next block's copy into these views follows the body with none.
     for level in range(levels.n_levels):
       f_CK, odd_CK = levels.factor(level)
+      qp_CK = jnp.where(odd_CK, _load(views[0]) * f_CK, 0.0).astype(kp_s.dtype)
       kp_s[...] = jnp.where(odd_CK, 0.0, _load(views[1]) * f_CK).astype(kp_s.dtype)
       plgpu.commit_smem()
-      qp_CK = jnp.where(odd_CK, _load(views[0]) * f_CK, 0.0).astype(kp_s.dtype)
       # Reading the product waited for its wgmma: kp_s is free for the next level.
       prod_CC = _accumulate(_zeros(c, c), (qp_CK, kp_s.transpose((1, 0))))
       p_CC = p_CC + jnp.where(levels.pairs(level), prod_CC, 0.0)
@@ -451,7 +454,8 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
   wait_once()
   segs = _Segments(seg_bufs, c) if has_seg else None
   # What the unrolled levels below keep in registers is held through all of them: dP, the two
-  # accumulators and V H^T; q, k and b are read from shared memory where used.
+  # accumulators, V H^T and the vectors <H, S> (and the segment counts); q, k and b are read from
+  # shared memory where used.
   # <H, S> per key row: H S^T's diagonal, as a column vector.
   hs_K = jnp.sum(jnp.where(_iota(hs_KK.shape, 0) == _iota(hs_KK.shape, 1), hs_KK, 0.0), axis=0)
   e_CK, _, _ = _dim_factors(_load(b_s), segs)

@@ -214,7 +214,16 @@ def test_one_buffer_slot_matches_scan(monkeypatch):
   """CHUNK_PARALLEL_SLOTS = 1: the scores and chunk-gradient walks over two key / value blocks
   through one buffer slot (each block's copies wait for the last block's reads)."""
   monkeypatch.setattr(gla_perdim_kernels_mosaic_gpu, "CHUNK_PARALLEL_SLOTS", 1)
+  slots = []
+  scratch_within = gla_perdim_kernels_mosaic_gpu.scratch_within
+
+  def counting_slots(what, *layout, **kw):
+    scratch = scratch_within(what, *layout, **kw)
+    slots.append((what.rsplit(" ", 1)[-1], scratch[0].shape[0]))
+    return scratch
+  monkeypatch.setattr(gla_perdim_kernels_mosaic_gpu, "scratch_within", counting_slots)
   _check_gradients(_inputs(31, t=128, kd=128, vd=128, decay="mixed"), 31)
+  assert ("scores", 1) in slots and ("backward", 1) in slots and ("forward", 2) in slots, slots
 
 
 def test_gradients_float16_match_scan():
