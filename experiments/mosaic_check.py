@@ -7,7 +7,8 @@ Per op (the delta rule ungated and gated, GLA with a scalar decay, without, and 
 per-dimension decay) through the public op with impl="pallas" under PALLAS_KERNELS_GPU=triton
 (Triton alone), =auto (the default: `dispatch.takes_mosaic_gpu` picks per op) and =mosaic_gpu (the
 fused Mosaic GPU kernels): the output and every gradient against the float32 scan at the check
-shape, then fwd and fwd+bwd median ms at the timing shape; for GLA beside flash-linear-attention's
+shape, then fwd and fwd+bwd ms at the timing shape (the median of ROUNDS interleaved rounds, each
+round's median kept); for GLA beside flash-linear-attention's
 `chunk_simple_gla` (scalar or no decay) or `chunk_gla` (per dimension) when it imports.
 Rows print as JSON lines and go to DIR/mosaic_check.json after each op.
 """
@@ -27,6 +28,7 @@ from experiments.gpu_check_fused import inputs, median_ms, rel
 CHUNK = 64
 OPS = ("delta", "delta_gated", "gla_scalar", "gla_no_decay", "gla_perdim")
 BACKENDS = ("triton", "auto", "mosaic_gpu")
+ROUNDS, ITERS = 3, 10   # timing: each backend's median of ITERS calls per round, backends in turn
 
 
 def _op(name, backend):
@@ -80,15 +82,23 @@ def op_rows(report, name, check_shape, shape, out, backends=BACKENDS + ("fla",))
   b, t, h, d = shape
   x = _inputs(name, b, t, h, d)
   do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.float32)
+  rows, compiled = {}, {}
   for backend in ours:
-    row = {"op": name, "backend": backend, "shape": list(shape)}
+    rows[backend] = {"op": name, "backend": backend, "shape": list(shape)}
     try:
-      fwd = jax.jit(lambda x, f=_op(name, backend): f(x)[0]).lower(x).compile()
-      fb = _loss_grads(_op(name, backend), do).lower(x).compile()
-      row["fwd_ms"] = median_ms(fwd, x)
-      row["fwd_bwd_ms"] = median_ms(fb, x)
+      compiled[backend] = (jax.jit(lambda x, f=_op(name, backend): f(x)[0]).lower(x).compile(),
+                           _loss_grads(_op(name, backend), do).lower(x).compile())
     except Exception as e:
-      row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+      rows[backend]["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+  # Interleaved rounds: the GPU's clock drifts over a run (run 45 timed one function twice, 0.82 and
+  # 0.93 ms, backends in turn), which then shows as the rounds' spread, not as a backend's difference.
+  for _ in range(ROUNDS):
+    for backend, (fwd, fb) in compiled.items():
+      rows[backend].setdefault("fwd_rounds", []).append(median_ms(fwd, x, iters=ITERS))
+      rows[backend].setdefault("fwd_bwd_rounds", []).append(median_ms(fb, x, iters=ITERS))
+  for row in rows.values():
+    if "fwd_rounds" in row:
+      row["fwd_ms"], row["fwd_bwd_ms"] = float(np.median(row["fwd_rounds"])), float(np.median(row["fwd_bwd_rounds"]))
     print(json.dumps(row), flush=True)
     report["timing"].append(row)
   if name.startswith("gla") and "fla" in backends:
@@ -126,7 +136,7 @@ def write(report, out):
     json.dump(report, f, indent=1)
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
   ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {OPS}")
@@ -134,7 +144,7 @@ def main():
   ap.add_argument("--check-shape", default="1x1024x4x128")
   ap.add_argument("--backends", default=",".join(BACKENDS + ("fla",)),
                   help=f"comma-separated, of {BACKENDS + ('fla',)} (fla: the peer, for the GLA ops)")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   backends = tuple(args.backends.split(","))
   if unknown := [b for b in backends if b not in BACKENDS + ("fla",)]:
     ap.error(f"--backends: unknown {unknown}; expected some of {BACKENDS + ('fla',)}")
@@ -147,6 +157,7 @@ def main():
   report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "check": [], "timing": []}
   for name in ops:
     op_rows(report, name, dims(args.check_shape), dims(args.shape), args.out, backends)
+  return report
 
 
 if __name__ == "__main__":

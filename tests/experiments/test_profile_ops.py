@@ -44,6 +44,14 @@ def test_smoke_profile_writes_rows_and_reports_a_bad_target(tmp_path):
     profile_ops.main(["--targets", "moe_xla,flash", "--out", str(tmp_path)])
 
 
+def test_smoke_profile_of_the_dispatched_delta_rule(tmp_path):
+  """delta_default goes through impl="pallas" (the dispatch; interpret-mode kernels on the CPU)."""
+  rows, failed = profile_ops.main(["--smoke", "--targets", "delta_default", "--iters", "1", "--top", "3",
+                                   "--out", str(tmp_path)])
+  assert rows and not failed
+  assert {r["label"] for r in rows} == {"delta pallas fwd+bwd 1x128x2x32"}
+
+
 def test_hlo_sources_names_a_fusion_by_its_own_metadata_or_by_what_it_calls():
   hlo = "\n".join([
       "%fused_computation.3 (param_0: f32[8]) -> f32[8] {",
