@@ -28,6 +28,7 @@ from experiments.gpu_check_fused import inputs, median_ms, rel
 CHUNK = 64
 OPS = ("delta", "delta_gated", "gla_scalar", "gla_no_decay", "gla_perdim")
 BACKENDS = ("triton", "auto", "mosaic_gpu")
+CHOICES = BACKENDS + ("fla",)   # --backends: ours and the peer
 ROUNDS, ITERS = 3, 10   # timing: each backend's median of ITERS calls per round, backends in turn
 
 
@@ -60,14 +61,14 @@ def _loss_grads(f, do):
   return jax.jit(jax.grad(loss))
 
 
-def op_rows(report, name, check_shape, shape, out, backends=BACKENDS + ("fla",)):
+def op_rows(report, name, check_shape, shape, out, backends=CHOICES):
   b, t, h, d = check_shape
   x = _inputs(name, b, t, h, d, seed=1)
   do = jnp.asarray(np.random.default_rng(2).standard_normal((b, t, h, d)), jnp.float32)
   x32 = {n: a.astype(jnp.float32) for n, a in x.items()}
   g_ref = _loss_grads(_op(name, "scan"), do)(x32)
   o_ref = _op(name, "scan")(x32)[0]
-  ours = [b for b in backends if b != "fla"]
+  ours = [backend for backend in backends if backend != "fla"]
   for backend in ours:
     row = {"op": name, "backend": backend, "check_shape": list(check_shape)}
     try:
@@ -142,12 +143,12 @@ def main(argv=None):
   ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {OPS}")
   ap.add_argument("--shape", default="8x2048x16x128")
   ap.add_argument("--check-shape", default="1x1024x4x128")
-  ap.add_argument("--backends", default=",".join(BACKENDS + ("fla",)),
-                  help=f"comma-separated, of {BACKENDS + ('fla',)} (fla: the peer, for the GLA ops)")
+  ap.add_argument("--backends", default=",".join(CHOICES),
+                  help=f"comma-separated, of {CHOICES} (fla: the peer, for the GLA ops)")
   args = ap.parse_args(argv)
   backends = tuple(args.backends.split(","))
-  if unknown := [b for b in backends if b not in BACKENDS + ("fla",)]:
-    ap.error(f"--backends: unknown {unknown}; expected some of {BACKENDS + ('fla',)}")
+  if unknown := [backend for backend in backends if backend not in CHOICES]:
+    ap.error(f"--backends: unknown {unknown}; expected some of {CHOICES}")
   ops = args.ops.split(",")
   unknown = [o for o in ops if o not in OPS]
   if unknown:

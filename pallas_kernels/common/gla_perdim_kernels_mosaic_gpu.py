@@ -179,23 +179,29 @@ def _store_split(x, hi_s, lo_s):
   lo_s[...] = (x - x_hi.astype(jnp.float32)).astype(lo_s.dtype)
 
 
-def _dim_factors(b_CK, segs):
-  """e = exp(b), d = exp(b_C - b) [C, 64] and lambda = exp(b_C) [64] (a column vector), segment
-  masks selected in (exactly zero whatever the decay)."""
+def _decay_in(b_CK, segs):
+  """e = exp(b) [C, 64], zero outside the segment of the state entering the chunk (exactly zero
+  whatever the decay)."""
+  e_CK = jnp.exp(b_CK)
+  if segs is None:
+    return e_CK
+  return jnp.where(lax.broadcast_in_dim(segs.row_C, b_CK.shape, [0]) == 0, e_CK, 0.0)
+
+
+def _decay_out(b_CK, segs):
+  """d = exp(b_C - b) [C, 64] and lambda = exp(b_C) [64] (a column vector), zero outside the segment
+  of the chunk's last row (exactly zero whatever the decay)."""
   c, kd = b_CK.shape
-  rows_CK = _iota(b_CK.shape, 0)
   # b_C as a column vector: the last row summed out (b's own load in the WGMMA layout; a second
   # load of the same buffer as a vector would conflict in layout inference).
-  last_K = jnp.sum(jnp.where(rows_CK == c - 1, b_CK, 0.0), axis=0)
-  last_CK = lax.broadcast_in_dim(last_K, (c, kd), [1])
-  e_CK, d_CK, lam_K = jnp.exp(b_CK), jnp.exp(last_CK - b_CK), jnp.exp(last_K)
+  last_K = jnp.sum(jnp.where(_iota(b_CK.shape, 0) == c - 1, b_CK, 0.0), axis=0)
+  d_CK, lam_K = jnp.exp(lax.broadcast_in_dim(last_K, (c, kd), [1]) - b_CK), jnp.exp(last_K)
   if segs is None:
-    return e_CK, d_CK, lam_K
+    return d_CK, lam_K
   seg_CK = lax.broadcast_in_dim(segs.row_C, (c, kd), [0])
   # lambda <= 1 is finite: a 0 / 1 factor zeroes it (Mosaic GPU selects on no scalar predicate
   # with a vector operand).
-  return (jnp.where(seg_CK == 0, e_CK, 0.0), jnp.where(seg_CK == segs.last, d_CK, 0.0),
-          lam_K * jnp.where(segs.last == 0, 1.0, 0.0))
+  return jnp.where(seg_CK == segs.last, d_CK, 0.0), lam_K * jnp.where(segs.last == 0, 1.0, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +232,7 @@ def _perdim_scores_body(*refs, heads, scale, has_seg):
     """P's share of key block j, e * Q, d * K and lambda of its columns."""
     q_CK, k_CK, b_CK = (_load(v) for v in views)
     levels = _Levels(views[2], b_hi, b_lo)
-    e_CK, d_CK, lam_K = _dim_factors(b_CK, segs)
+    e_CK, (d_CK, lam_K) = _decay_in(b_CK, segs), _decay_out(b_CK, segs)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's stores out of qe_s, kd_s, lam_s
     qe_s[...] = (q_CK * e_CK).astype(qe_s.dtype)
     kd_s[...] = (k_CK * d_CK).astype(kd_s.dtype)
@@ -458,8 +464,7 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
   # shared memory where used.
   # <H, S> per key row: H S^T's diagonal, as a column vector.
   hs_K = jnp.sum(jnp.where(_iota(hs_KK.shape, 0) == _iota(hs_KK.shape, 1), hs_KK, 0.0), axis=0)
-  e_CK, _, _ = _dim_factors(_load(b_s), segs)
-  dq_CK = scale * e_CK * dos_CK   # dQ's state term; the levels' shares add to it
+  dq_CK = scale * _decay_in(_load(b_s), segs) * dos_CK   # dQ's state term; the levels' shares add to it
   dp_CC = scale * dp_CC
   if has_seg:
     dp_CC = jnp.where(segs.same_CC(), dp_CC, 0.0)
@@ -485,7 +490,7 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
     dq_CK = dq_CK + jnp.where(odd_CK, f_CK * dqp_CK, 0.0)
     dk_CK = dk_CK + jnp.where(odd_CK, 0.0, f_CK * dkp_CK)
   q_CK, k_CK = _load(q_s), _load(k_s)
-  _, d_CK, lam_K = _dim_factors(_load(b_s), segs)
+  d_CK, lam_K = _decay_out(_load(b_s), segs)
   dk_state_CK = d_CK * vh_CK
   # db without the terms that cancel exactly: P's diagonal (no decay) gives dQ_i dP_ii K_i and
   # dK_i dP_ii Q_i, the same q_i k_i dP_ii in Q * dQ and K * dK; the last row's -k_C (d * V H^T)_C
