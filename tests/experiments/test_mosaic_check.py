@@ -16,7 +16,8 @@ def test_rows_and_interleaved_rounds(tmp_path, monkeypatch):
   for row in report["timing"]:
     assert len(row["fwd_rounds"]) == len(row["fwd_bwd_rounds"]) == mosaic_check.ROUNDS
     assert row["fwd_bwd_ms"] == sorted(row["fwd_bwd_rounds"])[mosaic_check.ROUNDS // 2] > 0
-  assert json.load(open(os.path.join(tmp_path, "mosaic_check.json")))["timing"] == report["timing"]
+  with open(os.path.join(tmp_path, "mosaic_check.json")) as f:
+    assert json.load(f)["timing"] == report["timing"]
 
 
 def test_unknown_backend_is_refused(tmp_path):
