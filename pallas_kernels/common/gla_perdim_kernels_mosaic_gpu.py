@@ -89,6 +89,10 @@ WGMMA = None if plgpu is None else plgpu.Layout.WGMMA
 # not fit). Two until a GPU run times both (experiments/NOTES.md, run 46). jit caches keep the value
 # a function was traced with.
 CHUNK_PARALLEL_SLOTS = 2
+# The score levels unrolled (False) or as a loop over a traced level (True): unrolled, every level
+# is straight-line code of its own, some thousands of instructions each. Read at trace time, as
+# CHUNK_PARALLEL_SLOTS; both until a GPU run times them (experiments/NOTES.md, run 46).
+LEVEL_LOOP = False
 
 
 def _iota(shape, dim):
@@ -106,6 +110,15 @@ def _load(ref):
 
 def _shr(x, n):
   return lax.shift_right_logical(x, jnp.int32(n))
+
+
+def _over_levels(n_levels, step, carry):
+  """carry = step(level, carry) for level 0 .. n_levels - 1 (`LEVEL_LOOP`)."""
+  if LEVEL_LOOP:
+    return lax.fori_loop(0, n_levels, step, carry)
+  for level in range(n_levels):
+    carry = step(level, carry)
+  return carry
 
 
 class _Levels:
@@ -243,16 +256,19 @@ def _perdim_scores_body(*refs, heads, scale, has_seg):
     plgpu.copy_smem_to_gmem(lam_s, lam.at[bh, n, kcols(j)])
     diag_C = jnp.sum(q_CK * k_CK, axis=1)
     p_CC = p_CC + jnp.where(levels.diagonal(), lax.broadcast_in_dim(diag_C, (c, c), [0]), 0.0)
-    # q and k are read again at every level rather than held through the unrolled levels, both
-    # before the commit's barrier: the next block's copy into these views follows the body with none.
-    for level in range(levels.n_levels):
+    # q and k are read again at every level rather than held through the levels, both before the
+    # commit's barrier: the next block's copy into these views follows the body with none.
+
+    def level_step(level, p_CC):
       f_CK, odd_CK = levels.factor(level)
       qp_CK = jnp.where(odd_CK, _load(views[0]) * f_CK, 0.0).astype(kp_s.dtype)
       kp_s[...] = jnp.where(odd_CK, 0.0, _load(views[1]) * f_CK).astype(kp_s.dtype)
       plgpu.commit_smem()
       # Reading the product waited for its wgmma: kp_s is free for the next level.
       prod_CC = _accumulate(_zeros(c, c), (qp_CK, kp_s.transpose((1, 0))))
-      p_CC = p_CC + jnp.where(levels.pairs(level), prod_CC, 0.0)
+      return p_CC + jnp.where(levels.pairs(level), prod_CC, 0.0)
+
+    p_CC = _over_levels(levels.n_levels, level_step, p_CC)
     return p_CC
 
   p_CC = _walk(q.shape[-1] // BLOCK_K, sources, [q_buf, k_buf, b_buf], bars, body, _zeros(c, c), reverse=False)
@@ -459,52 +475,57 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
                                       sums, reverse=False)
   wait_once()
   segs = _Segments(seg_bufs, c) if has_seg else None
-  # What the unrolled levels below keep in registers is held through all of them: dP, the two
-  # accumulators, V H^T and the vectors <H, S> (and the segment counts); q, k and b are read from
-  # shared memory where used.
+  # The unrolled levels below hold what is live across them through all of them: dQ, dK, dP (in
+  # 16 bits, as they use it) and vectors. Everything V H^T and H S^T give is formed before them;
+  # q, k and b are read from shared memory where used.
+  last_CK = _iota(dos_CK.shape, 0) == c - 1
+  d_CK, lam_K = _decay_out(_load(b_s), segs)
+  # dK's state term d * (V H^T) starts dK's accumulator on every row but the last: db's -K * dK
+  # then takes it, and the last row's share, k_C (V H^T)_C (d_C = 1), is the C-th term of the column
+  # sum in db's last row. Both cancel exactly, so neither enters: under a strong decay they are O(1)
+  # while db is e^-20 of that, and their float32 rounding was all of dg (relative error 46 against
+  # the scan). The last row's share joins dK after db.
+  dk_CK = jnp.where(last_CK, 0.0, d_CK * vh_CK)
+  vh_last_K = jnp.sum(jnp.where(last_CK, vh_CK, 0.0), axis=0)
   # <H, S> per key row: H S^T's diagonal, as a column vector.
   hs_K = jnp.sum(jnp.where(_iota(hs_KK.shape, 0) == _iota(hs_KK.shape, 1), hs_KK, 0.0), axis=0)
+  db_last_K = jnp.sum(_load(k_s) * dk_CK, axis=0) + lam_K * hs_K
   dq_CK = scale * _decay_in(_load(b_s), segs) * dos_CK   # dQ's state term; the levels' shares add to it
   dp_CC = scale * dp_CC
   if has_seg:
     dp_CC = jnp.where(segs.same_CC(), dp_CC, 0.0)
+  # P's diagonal has no decay: dQ_i += dP_ii K_i, dK_i += dP_ii Q_i, after db, which leaves out the
+  # q_i k_i dP_ii that Q * dQ and K * dK would both take.
+  dpd_C = jnp.sum(jnp.where(_iota(dp_CC.shape, 0) == _iota(dp_CC.shape, 1), dp_CC, 0.0), axis=1)
+  mm = dpm_s.dtype   # bf16
+  dp_CC = dp_CC.astype(mm)   # each level's dP is stored in 16 bits: the rounding is the same here
   # b's split for the gathers goes through Q'_l's buffers (each level's gather has finished,
   # its result read, before Q'_l is stored): chunk 128 fits shared memory so.
   levels = _Levels(b_s, qp_hi, qp_lo, rewrite=True)
-  dk_CK = _zeros(c, BLOCK_K)   # the levels' shares of dK (without the diagonal, below)
-  mm = dpm_s.dtype   # bf16
-  for level in range(levels.n_levels):
+
+  def level_step(level, grads):
+    dq_CK, dk_CK = grads
     f_CK, odd_CK = levels.factor(level)
     # Level l's dP in 16 bits, K'_l and Q'_l as 16-bit hi + lo (the last level's products were
     # read: their wgmmas are done with the buffers). db = Q * dQ - K * dK pairs each term
     # q_i dP_ij k_j e^(b_i - b_j) of row i's dQ with its twin in row j's dK, and dg's reverse cumsum
     # adds them up: with K' and Q' rounded to 16 bits alone the twins round apart, and dg's error
     # against the scan tripled (bf16: 2.5e-3 -> 8e-3 at g around -20 a step; 1e-2 is the tolerance).
-    dpm_s[...] = jnp.where(levels.pairs(level), dp_CC, 0.0).astype(mm)
+    dpm_s[...] = jnp.where(levels.pairs(level), dp_CC, jnp.zeros((), mm))
     _store_split(jnp.where(odd_CK, 0.0, _load(k_s) * f_CK), kp_hi, kp_lo)
     _store_split(jnp.where(odd_CK, _load(q_s) * f_CK, 0.0), qp_hi, qp_lo)
     plgpu.commit_smem()
     dqp_CK = _matmul((c, BLOCK_K), (dpm_s, kp_hi), (dpm_s, kp_lo))
     dpt_CC = dpm_s.transpose((1, 0))
     dkp_CK = _matmul((c, BLOCK_K), (dpt_CC, qp_hi), (dpt_CC, qp_lo))
-    dq_CK = dq_CK + jnp.where(odd_CK, f_CK * dqp_CK, 0.0)
-    dk_CK = dk_CK + jnp.where(odd_CK, 0.0, f_CK * dkp_CK)
+    return (dq_CK + jnp.where(odd_CK, f_CK * dqp_CK, 0.0), dk_CK + jnp.where(odd_CK, 0.0, f_CK * dkp_CK))
+
+  dq_CK, dk_CK = _over_levels(levels.n_levels, level_step, (dq_CK, dk_CK))
   q_CK, k_CK = _load(q_s), _load(k_s)
-  d_CK, lam_K = _decay_out(_load(b_s), segs)
-  dk_state_CK = d_CK * vh_CK
-  # db without the terms that cancel exactly: P's diagonal (no decay) gives dQ_i dP_ii K_i and
-  # dK_i dP_ii Q_i, the same q_i k_i dP_ii in Q * dQ and K * dK; the last row's -k_C (d * V H^T)_C
-  # is the C-th term of its column sum. Under a strong decay both are O(1) while db is e^-20 of
-  # that: left in, their float32 rounding was all of dg (relative error 46 against the scan).
   last_CK = _iota(k_CK.shape, 0) == c - 1
-  kdk_CK = jnp.where(last_CK, 0.0, k_CK * dk_state_CK)
-  last_K = jnp.sum(kdk_CK, axis=0) + lam_K * hs_K
-  db_CK = (q_CK * dq_CK - k_CK * dk_CK - kdk_CK
-           + jnp.where(last_CK, lax.broadcast_in_dim(last_K, k_CK.shape, [1]), 0.0))
-  # P's diagonal has no decay: dQ_i += dP_ii K_i, dK_i += dP_ii Q_i.
-  dpd_C = jnp.sum(jnp.where(levels.diagonal(), dp_CC, 0.0), axis=1)
+  db_CK = q_CK * dq_CK - k_CK * dk_CK + jnp.where(last_CK, lax.broadcast_in_dim(db_last_K, k_CK.shape, [1]), 0.0)
   dq_CK = dq_CK + _rows(dpd_C, k_CK)
-  dk_CK = dk_state_CK + dk_CK + _rows(dpd_C, q_CK)
+  dk_CK = dk_CK + _rows(dpd_C, q_CK) + jnp.where(last_CK, lax.broadcast_in_dim(vh_last_K, k_CK.shape, [1]), 0.0)
   # q_s, k_s, b_s were last read into registers above: they take dq, dk, db on their way out.
   q_s[...] = dq_CK.astype(q_s.dtype)
   k_s[...] = dk_CK.astype(k_s.dtype)
