@@ -1,13 +1,14 @@
 """Issue 12 on a GPU: the Mosaic GPU fused kernels against the Triton fused kernels, one process.
 
     python experiments/mosaic_check.py --out DIR [--ops delta,delta_gated,gla_scalar,gla_no_decay,gla_perdim]
-        [--shape 8x2048x16x128] [--check-shape 1x1024x4x128] [--backends triton,auto,mosaic_gpu,fla]
+        [--shape 8x2048x16x128[,BxTxHxKxV...]|none] [--check-shape 1x1024x4x128|none]
+        [--backends triton,auto,mosaic_gpu,fla]
 
 Per op (the delta rule ungated and gated, GLA with a scalar decay, without, and with a
 per-dimension decay) through the public op with impl="pallas" under PALLAS_KERNELS_GPU=triton
 (Triton alone), =auto (the default: `dispatch.takes_mosaic_gpu` picks per op) and =mosaic_gpu (the
 fused Mosaic GPU kernels): the output and every gradient against the float32 scan at the check
-shape, then fwd and fwd+bwd ms at the timing shape (the median of ROUNDS interleaved rounds, each
+shape, then fwd and fwd+bwd ms at each timing shape (BxTxHxD, or BxTxHxKxV where K and V differ; the median of ROUNDS interleaved rounds, each
 round's median kept); for GLA beside flash-linear-attention's
 `chunk_simple_gla` (scalar or no decay) or `chunk_gla` (per dimension) when it imports.
 Rows print as JSON lines and go to DIR/mosaic_check.json after each op.
@@ -46,9 +47,9 @@ def _op(name, backend):
   return f
 
 
-def _inputs(name, b, t, h, d, seed=0):
+def _inputs(name, b, t, h, kd, vd, seed=0):
   kind = "delta" if name.startswith("delta") else "gla" if name == "gla_perdim" else "gla_scalar"
-  x = inputs(kind, b, t, h, d, d, jnp.bfloat16, name == "delta_gated", seed=seed)
+  x = inputs(kind, b, t, h, kd, vd, jnp.bfloat16, name == "delta_gated", seed=seed)
   if name == "gla_no_decay":
     x.pop("g")
   return x
@@ -61,15 +62,23 @@ def _loss_grads(f, do):
   return jax.jit(jax.grad(loss))
 
 
-def op_rows(report, name, check_shape, shape, out, backends=CHOICES):
-  b, t, h, d = check_shape
-  x = _inputs(name, b, t, h, d, seed=1)
-  do = jnp.asarray(np.random.default_rng(2).standard_normal((b, t, h, d)), jnp.float32)
+def _dims(shape):
+  """(B, T, H, K, V) from BxTxHxD (K = V = D) or BxTxHxKxV."""
+  dims = tuple(int(v) for v in shape.split("x"))
+  if len(dims) not in (4, 5):
+    raise ValueError(f"shape: expected BxTxHxD or BxTxHxKxV, got {shape!r}")
+  return dims if len(dims) == 5 else dims + dims[-1:]
+
+
+def check_rows(report, name, check_shape, backends):
+  """Output and every gradient against the float32 scan at check_shape (B, T, H, K, V)."""
+  b, t, h, kd, vd = check_shape
+  x = _inputs(name, b, t, h, kd, vd, seed=1)
+  do = jnp.asarray(np.random.default_rng(2).standard_normal((b, t, h, vd)), jnp.float32)
   x32 = {n: a.astype(jnp.float32) for n, a in x.items()}
   g_ref = _loss_grads(_op(name, "scan"), do)(x32)
   o_ref = _op(name, "scan")(x32)[0]
-  ours = [backend for backend in backends if backend != "fla"]
-  for backend in ours:
+  for backend in backends:
     row = {"op": name, "backend": backend, "check_shape": list(check_shape)}
     try:
       row["o"] = rel(jax.jit(_op(name, backend))(x)[0], o_ref)
@@ -80,11 +89,15 @@ def op_rows(report, name, check_shape, shape, out, backends=CHOICES):
       row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
     print(json.dumps(row), flush=True)
     report["check"].append(row)
-  b, t, h, d = shape
-  x = _inputs(name, b, t, h, d)
-  do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, d)), jnp.float32)
+
+
+def timing_rows(report, name, shape, backends):
+  """fwd and fwd+bwd ms of each backend at shape (B, T, H, K, V), the backends in interleaved rounds."""
+  b, t, h, kd, vd = shape
+  x = _inputs(name, b, t, h, kd, vd)
+  do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, vd)), jnp.float32)
   rows, compiled = {}, {}
-  for backend in ours:
+  for backend in (backend for backend in backends if backend != "fla"):
     rows[backend] = {"op": name, "backend": backend, "shape": list(shape)}
     try:
       compiled[backend] = (jax.jit(lambda x, f=_op(name, backend): f(x)[0]).lower(x).compile(),
@@ -104,7 +117,6 @@ def op_rows(report, name, check_shape, shape, out, backends=CHOICES):
     report["timing"].append(row)
   if name.startswith("gla") and "fla" in backends:
     report["timing"].append(_fla_gla(name, x, do))
-  write(report, out)
 
 
 def _fla_gla(name, x, do):
@@ -141,8 +153,8 @@ def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", required=True)
   ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {OPS}")
-  ap.add_argument("--shape", default="8x2048x16x128")
-  ap.add_argument("--check-shape", default="1x1024x4x128")
+  ap.add_argument("--shape", default="8x2048x16x128", help="comma-separated timing shapes, BxTxHxD or BxTxHxKxV, or none")
+  ap.add_argument("--check-shape", default="1x1024x4x128", help="BxTxHxD or BxTxHxKxV, or none: no agreement rows")
   ap.add_argument("--backends", default=",".join(CHOICES),
                   help=f"comma-separated, of {CHOICES} (fla: the peer, for the GLA ops)")
   args = ap.parse_args(argv)
@@ -153,11 +165,20 @@ def main(argv=None):
   unknown = [o for o in ops if o not in OPS]
   if unknown:
     ap.error(f"--ops: unknown {unknown}; expected some of {OPS}")
+  try:
+    shapes = [] if args.shape == "none" else [_dims(shape) for shape in args.shape.split(",")]
+    check_shape = None if args.check_shape == "none" else _dims(args.check_shape)
+  except ValueError as e:
+    ap.error(f"--{e}")
   os.makedirs(args.out, exist_ok=True)
-  dims = lambda s: tuple(int(v) for v in s.split("x"))
   report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "check": [], "timing": []}
+  ours = tuple(backend for backend in backends if backend != "fla")
   for name in ops:
-    op_rows(report, name, dims(args.check_shape), dims(args.shape), args.out, backends)
+    if check_shape is not None:
+      check_rows(report, name, check_shape, ours)
+    for shape in shapes:
+      timing_rows(report, name, shape, backends)
+    write(report, args.out)
   return report
 
 

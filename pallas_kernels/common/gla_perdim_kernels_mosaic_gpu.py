@@ -85,14 +85,10 @@ WGMMA = None if plgpu is None else plgpu.Layout.WGMMA
 # a program's next key or value block load while it works on this one; one halves those buffers,
 # so that two programs share an SM (at chunk 64 a block then asks for 80 and 104 KiB, against 112
 # and 136 with two, of the SM's 228): their time is the latency of short wgmma chains, which a
-# second program on the SM can hide. At chunk 128 both kernels take one slot either way (two would
-# not fit). Two until a GPU run times both (experiments/NOTES.md, run 46). jit caches keep the value
-# a function was traced with.
-CHUNK_PARALLEL_SLOTS = 2
-# The score levels unrolled (False) or as a loop over a traced level (True): unrolled, every level
-# is straight-line code of its own, some thousands of instructions each. Read at trace time, as
-# CHUNK_PARALLEL_SLOTS; both until a GPU run times them (experiments/NOTES.md, run 46).
-LEVEL_LOOP = False
+# second program on the SM hides. Run 46 (H100, experiments/NOTES.md): one slot 2.62 ms of device
+# time for fwd+bwd at 8x2048x16x128, two 3.24. At chunk 128 both kernels take one slot either way
+# (two would not fit). jit caches keep the value a function was traced with.
+CHUNK_PARALLEL_SLOTS = 1
 
 
 def _iota(shape, dim):
@@ -112,22 +108,12 @@ def _shr(x, n):
   return lax.shift_right_logical(x, jnp.int32(n))
 
 
-def _over_levels(n_levels, step, carry):
-  """carry = step(level, carry) for level 0 .. n_levels - 1 (`LEVEL_LOOP`)."""
-  if LEVEL_LOOP:
-    return lax.fori_loop(0, n_levels, step, carry)
-  for level in range(n_levels):
-    carry = step(level, carry)
-  return carry
-
-
 class _Levels:
   """One chunk's decay in the level form (module docstring), for one block of 64 key columns:
   `factor(l)` is exp(+-(b - r_l)) [C, 64] (the odd rows' factor of Q'_l, the even rows' of K'_l)
   and the row parity, `pairs(l)` the [C, C] mask of level l's pairs. b_ref: b [C, 64] float32 in
-  shared memory, read at every level rather than held (the levels are unrolled: what they hold
-  stays live in registers through all of them, as do the index arrays, made at each use for the
-  same reason). b_hi, b_lo: bf16 [C, 64] shared memory for the gather's split operand, written
+  shared memory, read at every level rather than held (what a level loop holds stays live in
+  registers through all of it). b_hi, b_lo: bf16 [C, 64] shared memory for the gather's split operand, written
   here once or, if `rewrite` (the caller reuses the buffers between levels), before every
   level's gather."""
 
@@ -268,7 +254,7 @@ def _perdim_scores_body(*refs, heads, scale, has_seg):
       prod_CC = _accumulate(_zeros(c, c), (qp_CK, kp_s.transpose((1, 0))))
       return p_CC + jnp.where(levels.pairs(level), prod_CC, 0.0)
 
-    p_CC = _over_levels(levels.n_levels, level_step, p_CC)
+    p_CC = lax.fori_loop(0, levels.n_levels, level_step, p_CC)
     return p_CC
 
   p_CC = _walk(q.shape[-1] // BLOCK_K, sources, [q_buf, k_buf, b_buf], bars, body, _zeros(c, c), reverse=False)
@@ -448,7 +434,7 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
   do_buf, v_buf, s_buf, h_buf = next(it), next(it), next(it), next(it)
   q_s, k_s, b_s = next(it), next(it), next(it)
   seg_bufs = [next(it), next(it)] if has_seg else []
-  dpm_s, qp_hi, qp_lo, kp_hi, kp_lo = (next(it) for _ in range(5))
+  db_last_s, dpm_s, qp_hi, qp_lo, kp_hi, kp_lo = (next(it) for _ in range(6))
   bars = next(it)
   c = q_s.shape[0]
   bh, n, _, bi, hi, kcols, tok = _gradient_program(heads, c)
@@ -475,21 +461,20 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
                                       sums, reverse=False)
   wait_once()
   segs = _Segments(seg_bufs, c) if has_seg else None
-  # The unrolled levels below hold what is live across them through all of them: dQ, dK, dP (in
-  # 16 bits, as they use it) and vectors. Everything V H^T and H S^T give is formed before them;
-  # q, k and b are read from shared memory where used.
+  # The level loop below holds what is live across it through all of it: dQ, dK, dP (in 16 bits,
+  # as the levels use it) and dP's diagonal. Everything V H^T and H S^T give is formed before it,
+  # db's last-row sum staged in shared memory; q, k and b are read from shared memory where used.
   last_CK = _iota(dos_CK.shape, 0) == c - 1
   d_CK, lam_K = _decay_out(_load(b_s), segs)
-  # dK's state term d * (V H^T) starts dK's accumulator on every row but the last: db's -K * dK
-  # then takes it, and the last row's share, k_C (V H^T)_C (d_C = 1), is the C-th term of the column
-  # sum in db's last row. Both cancel exactly, so neither enters: under a strong decay they are O(1)
-  # while db is e^-20 of that, and their float32 rounding was all of dg (relative error 46 against
-  # the scan). The last row's share joins dK after db.
-  dk_CK = jnp.where(last_CK, 0.0, d_CK * vh_CK)
-  vh_last_K = jnp.sum(jnp.where(last_CK, vh_CK, 0.0), axis=0)
-  # <H, S> per key row: H S^T's diagonal, as a column vector.
+  # dK's state term d * (V H^T) starts dK's accumulator. The levels add to even rows only, and the
+  # last row is odd at every level, so dK's last row leaves the loop as d_C (V H^T)_C = (V H^T)_C.
+  dk_CK = d_CK * vh_CK
+  # db's last row: the column sum of K * (d * V H^T) over the other rows (the C-th term, and
+  # -K * dK's on the last row, cancel exactly, so neither enters: under a strong decay they are
+  # O(1) while db is e^-20 of that, and their float32 rounding was all of dg, relative error 46
+  # against the scan) and lambda <H, S> per key row, H S^T's diagonal.
   hs_K = jnp.sum(jnp.where(_iota(hs_KK.shape, 0) == _iota(hs_KK.shape, 1), hs_KK, 0.0), axis=0)
-  db_last_K = jnp.sum(_load(k_s) * dk_CK, axis=0) + lam_K * hs_K
+  db_last_s[...] = jnp.sum(jnp.where(last_CK, 0.0, _load(k_s) * dk_CK), axis=0) + lam_K * hs_K
   dq_CK = scale * _decay_in(_load(b_s), segs) * dos_CK   # dQ's state term; the levels' shares add to it
   dp_CC = scale * dp_CC
   if has_seg:
@@ -515,17 +500,19 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
     _store_split(jnp.where(odd_CK, 0.0, _load(k_s) * f_CK), kp_hi, kp_lo)
     _store_split(jnp.where(odd_CK, _load(q_s) * f_CK, 0.0), qp_hi, qp_lo)
     plgpu.commit_smem()
-    dqp_CK = _matmul((c, BLOCK_K), (dpm_s, kp_hi), (dpm_s, kp_lo))
+    # dQ takes its share before dK's product is formed: one [C, 64] float32 product live, not two.
+    dq_CK = dq_CK + jnp.where(odd_CK, f_CK * _matmul((c, BLOCK_K), (dpm_s, kp_hi), (dpm_s, kp_lo)), 0.0)
     dpt_CC = dpm_s.transpose((1, 0))
     dkp_CK = _matmul((c, BLOCK_K), (dpt_CC, qp_hi), (dpt_CC, qp_lo))
-    return (dq_CK + jnp.where(odd_CK, f_CK * dqp_CK, 0.0), dk_CK + jnp.where(odd_CK, 0.0, f_CK * dkp_CK))
+    return dq_CK, dk_CK + jnp.where(odd_CK, 0.0, f_CK * dkp_CK)
 
-  dq_CK, dk_CK = _over_levels(levels.n_levels, level_step, (dq_CK, dk_CK))
+  dq_CK, dk_CK = lax.fori_loop(0, levels.n_levels, level_step, (dq_CK, dk_CK))
   q_CK, k_CK = _load(q_s), _load(k_s)
   last_CK = _iota(k_CK.shape, 0) == c - 1
-  db_CK = q_CK * dq_CK - k_CK * dk_CK + jnp.where(last_CK, lax.broadcast_in_dim(db_last_K, k_CK.shape, [1]), 0.0)
+  db_last_CK = lax.broadcast_in_dim(plgpu.load(db_last_s, layout=WGMMA.reduce(0)), k_CK.shape, [1])
+  db_CK = q_CK * dq_CK + jnp.where(last_CK, db_last_CK, -k_CK * dk_CK)
   dq_CK = dq_CK + _rows(dpd_C, k_CK)
-  dk_CK = dk_CK + _rows(dpd_C, q_CK) + jnp.where(last_CK, lax.broadcast_in_dim(vh_last_K, k_CK.shape, [1]), 0.0)
+  dk_CK = dk_CK + _rows(dpd_C, q_CK)
   # q_s, k_s, b_s were last read into registers above: they take dq, dk, db on their way out.
   q_s[...] = dq_CK.astype(q_s.dtype)
   k_s[...] = dk_CK.astype(k_s.dtype)
@@ -540,13 +527,13 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
 def _chunk_grad_layout(c, mm, has_seg):
   """`chunk_grads`' shared memory: per value block the dO, V tiles and the S, H blocks; the chunk's
   q and k key block (then dq and dk), b (float32; then db) and the segment counts' two copies;
-  level l's dP in bf16 and K'_l, Q'_l as bf16 hi + lo (Q'_l's buffers take b's split for the
+  db's last row's sum [64] (float32); level l's dP in bf16 and K'_l, Q'_l as bf16 hi + lo (Q'_l's buffers take b's split for the
   gathers first; bf16 whatever the inputs' dtype: float16 would hold b only down to -65504); one
   TMA barrier for each once-copied input."""
   per_chunk = [((c, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True), ((BLOCK_K, BLOCK_V), mm, True),
                ((BLOCK_K, BLOCK_V), mm, True)]
   fixed = [((c, BLOCK_K), mm, True)] * 2 + [((c, BLOCK_K), jnp.float32, False)]
-  fixed += [((c,), jnp.float32, False)] * 2 * has_seg
+  fixed += [((c,), jnp.float32, False)] * 2 * has_seg + [((BLOCK_K,), jnp.float32, False)]
   fixed += [((c, c), jnp.bfloat16, True)] + [((c, BLOCK_K), jnp.bfloat16, True)] * 4
   return per_chunk, fixed, 3 + 2 * has_seg
 

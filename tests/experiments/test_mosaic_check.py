@@ -23,3 +23,18 @@ def test_rows_and_interleaved_rounds(tmp_path, monkeypatch):
 def test_unknown_backend_is_refused(tmp_path):
   with pytest.raises(SystemExit):
     mosaic_check.main(["--out", str(tmp_path), "--backends", "triton,cuda"])
+
+
+def test_several_timing_shapes_without_agreement(tmp_path, monkeypatch):
+  """--check-shape none and two timing shapes, one with K != V (the Rodimus anchor's form)."""
+  monkeypatch.setenv("PALLAS_KERNELS_GPU", "auto")
+  report = mosaic_check.main(["--out", str(tmp_path), "--ops", "gla_perdim", "--shape", "1x128x1x64x128,1x64x2x64",
+                              "--check-shape", "none", "--backends", "triton"])
+  assert report["check"] == []
+  assert [r["shape"] for r in report["timing"]] == [[1, 128, 1, 64, 128], [1, 64, 2, 64, 64]]
+  assert all(r["fwd_bwd_ms"] > 0 for r in report["timing"]), report["timing"]
+
+
+def test_malformed_shape_is_refused(tmp_path):
+  with pytest.raises(SystemExit):
+    mosaic_check.main(["--out", str(tmp_path), "--shape", "8x2048x16"])
