@@ -345,9 +345,13 @@ def _check(q, v, g, chunk, what="forward", seg=None):
 
 def chunk_cumsum(g, chunk):
   """[B, T, H, K] log decay (any float dtype) -> its float32 inclusive cumulative sum inside each
-  chunk of T, [B, T, H, K]."""
+  chunk of T, [B, T, H, K]: a batched matmul by the lower-triangular ones in g's dtype (exact
+  products, float32 sums; a 16-bit g's on the tensor cores), which run 47 measured XLA's cumsum
+  at 0.164 ms for 8x2048x16x128, 2.5x its memory time."""
   b, t, h, kd = g.shape
-  return jnp.cumsum(g.astype(jnp.float32).reshape(b, t // chunk, chunk, h, kd), axis=2).reshape(g.shape)
+  lower_CC = jnp.tril(jnp.ones((chunk, chunk), g.dtype))
+  return jnp.einsum("ij,bnjhk->bnihk", lower_CC, g.reshape(b, t // chunk, chunk, h, kd),
+                    precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32).reshape(g.shape)
 
 
 def _kernel(body, out_type, layout_what, layout, grid, grid_names, interpret, *inputs, max_slots=2):

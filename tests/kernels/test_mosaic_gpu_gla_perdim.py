@@ -134,6 +134,17 @@ def test_scores_match_float64():
   assert_rel_close("lambda", np.exp(b[-1]), lam[0, 0], 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_chunk_cumsum_matches_float64(dtype):
+  """The in-chunk cumulative sum as a matmul by the lower-triangular ones: float32 sums of g's
+  values in any dtype (a strong decay: the sums reach about -700 within a chunk)."""
+  g = (-jnp.abs(5 * jax.random.normal(jax.random.key(3), (2, 3 * CHUNK, 3, 64)))).astype(dtype)
+  ref = np.cumsum(np.asarray(g, np.float64).reshape(2, 3, CHUNK, 3, 64), axis=2).reshape(g.shape)
+  got = gla_perdim_kernels_mosaic_gpu.chunk_cumsum(g, CHUNK)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-6, atol=0)
+
+
 def test_forward_refusals():
   x = make_inputs(1, "gla_scalar", b=1, t=CHUNK, h=1, kd=64, vd=64, dtype=jnp.bfloat16)
   with pytest.raises(ValueError, match="only a per-dimension"):
