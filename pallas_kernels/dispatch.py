@@ -108,7 +108,8 @@ def _gpu_choice() -> str:
 # 1.91, gated 1.66 against 2.25 (run 41, 1x32768x16x128: 4.48 against 6.27); taken in bf16 only, the
 # dtype timed and tested. Under PALLAS_KERNELS_GPU=auto (the default) these ops run the Mosaic GPU
 # kernels. GLA with a per-dimension decay stays on Triton: its fused Mosaic GPU kernels took 8.67 ms
-# fwd+bwd against Triton's 2.31 (H100 run 42), the forward alone 1.49 against 0.87.
+# fwd+bwd against Triton's 2.31 (H100 run 42), and after session 17's changes 0.93-1.09x Triton's
+# time over the four per-dimension anchors (run 47: 2.53 against 2.33 ms at 8x2048x16x128).
 MOSAIC_GPU_FASTER = ("gla", "delta_rule", "gated_delta_rule")
 
 
@@ -122,9 +123,12 @@ def takes_mosaic_gpu(op: str, backend: str, dtype, kd: int, vd: int, chunk_size:
       _mosaic_gpu_unsupported(dtype, kd, vd, chunk_size) is not None:
     return False
   # jax.experimental.pallas.mosaic_gpu is heavy: imported only here.
-  from pallas_kernels.common import chunk_kernels_mosaic_gpu, delta_kernels_mosaic_gpu  # noqa: PLC0415
+  from pallas_kernels.common import (  # noqa: PLC0415
+      chunk_kernels_mosaic_gpu, delta_kernels_mosaic_gpu, gla_perdim_kernels_mosaic_gpu)
   if op == "gla":
     return chunk_kernels_mosaic_gpu.fused_unsupported(chunk_size, kd) is None
+  if op == "gla_perdim":
+    return gla_perdim_kernels_mosaic_gpu.fused_unsupported(chunk_size, kd, dtype) is None
   # The delta-rule kernels are tested (interpret mode) and timed in bf16 only: float16 stays on Triton.
   return jax.numpy.dtype(dtype) == jax.numpy.bfloat16 and delta_kernels_mosaic_gpu.fused_unsupported(
       dtype, chunk_size, kd, op == "gated_delta_rule", segments) is None

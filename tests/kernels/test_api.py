@@ -206,6 +206,12 @@ def test_hopper_takes_mosaic_gpu_for_the_ops_measured_faster(monkeypatch):
   assert takes(kd=64, vd=2048)                                    # the Rodimus shape, scalar decay
   assert takes(kd=128, chunk=128)
   assert not takes(op="gla_perdim")
+  # Were per-dim GLA measured faster, its own kernels' limits would apply (float16 taken, unlike
+  # the delta rule's; chunk a power of two).
+  monkeypatch.setattr(dispatch, "MOSAIC_GPU_FASTER", dispatch.MOSAIC_GPU_FASTER + ("gla_perdim",))
+  assert takes(op="gla_perdim") and takes(op="gla_perdim", dtype=jnp.float16)
+  assert not takes(op="gla_perdim", chunk=192)
+  monkeypatch.setattr(dispatch, "MOSAIC_GPU_FASTER", dispatch.MOSAIC_GPU_FASTER[:-1])
   assert takes(op="delta_rule") and takes(op="gated_delta_rule")
   assert not takes(op="delta_rule", dtype=jnp.float16)            # timed and tested in bf16 only
   assert takes(op="gla", dtype=jnp.float16)

@@ -7,11 +7,12 @@
 #      commit, then with run 47's jnp.cumsum form of `chunk_cumsum` (run 47's total, the baseline:
 #      2.209 ms; run 46's loop-s1 profiled 2.619 there and 2.610 in run 47, on two machines).
 #   2. With the faster `chunk_cumsum`: agreement at 1x1024x4x128, fwd / fwd+bwd ms beside Triton at
-#      anchors 3 and 4 (mosaic_check, one process). Cut to these after a failed start left 373 s of
-#      device time. Carry: .whl.
+#      the four per-dim GLA anchors (mosaic_check, one process), then agreement at the Rodimus check
+#      shape. About 5 min. Carry: .whl.
+# (Session 17 could not start it: two failed starts left 358 s, under what a start needs.)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PALLAS_KERNELS_GPU=mosaic_gpu
-mkdir -p $OUT/c
+mkdir -p $OUT/c $OUT/r
 cat > /tmp/cumsum_forms.py <<'PY'
 import jax.numpy as jnp
 from pallas_kernels.common import gla_perdim_kernels_mosaic_gpu as m
@@ -36,12 +37,14 @@ grep -oE "[0-9]+ bytes stack frame, [0-9]+ bytes spill stores|Used [0-9]+ regist
 # One "ms per call" line per profile (the compute stream's track, as in run 47's log).
 form=$(grep -oE "[0-9.]+ ms per call" $OUT/log_profile.txt | cut -d' ' -f1 | head -2 | paste - - | awk '{print ($1 <= $2) ? "matmul_form" : "scan_form"}')
 echo "== mosaic_check with chunk_cumsum = ${form:=matmul_form}"
-timeout 150 python3 -c "
+timeout 240 python3 -c "
 import sys; sys.path.insert(0, '/tmp')
 import cumsum_forms as f
 from experiments import mosaic_check
 f.m.chunk_cumsum = f.$form
 mosaic_check.main(['--out', '$OUT/c', '--ops', 'gla_perdim', '--backends', 'triton,mosaic_gpu',
-                   '--shape', '8x2048x16x128,2x8192x16x128'])
+                   '--shape', '8x2048x16x128,2x8192x16x128,1x32768x16x128,8x2048x1x64x2048'])
 " 2>&1 | grep -v "^E12\|onstant\|^$" > $OUT/c/log.txt
-grep -h '^{' $OUT/c/log.txt | cut -c1-330; tail -n 2 $OUT/c/log.txt | cut -c1-300
+timeout 90 python3 experiments/mosaic_check.py --out $OUT/r --ops gla_perdim --backends mosaic_gpu \
+  --check-shape 1x2048x1x64x2048 --shape none 2>&1 | grep -v "^E12\|onstant\|^$" > $OUT/r/log.txt
+grep -h '^{' $OUT/c/log.txt $OUT/r/log.txt | cut -c1-330; tail -n 2 $OUT/c/log.txt $OUT/r/log.txt | cut -c1-300
