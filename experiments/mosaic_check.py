@@ -62,11 +62,12 @@ def _loss_grads(f, do):
   return jax.jit(jax.grad(loss))
 
 
-def _dims(shape):
-  """(B, T, H, K, V) from BxTxHxD (K = V = D) or BxTxHxKxV."""
-  dims = tuple(int(v) for v in shape.split("x"))
-  if len(dims) not in (4, 5):
-    raise ValueError(f"shape: expected BxTxHxD or BxTxHxKxV, got {shape!r}")
+def _dims(shape, option):
+  """(B, T, H, K, V) from BxTxHxD (K = V = D) or BxTxHxKxV; a ValueError naming `option` else."""
+  parts = shape.split("x")
+  if len(parts) not in (4, 5) or not all(p.isdigit() for p in parts):
+    raise ValueError(f"{option}: expected BxTxHxD or BxTxHxKxV, got {shape!r}")
+  dims = tuple(int(p) for p in parts)
   return dims if len(dims) == 5 else dims + dims[-1:]
 
 
@@ -116,11 +117,11 @@ def timing_rows(report, name, shape, backends):
     print(json.dumps(row), flush=True)
     report["timing"].append(row)
   if name.startswith("gla") and "fla" in backends:
-    report["timing"].append(_fla_gla(name, x, do))
+    report["timing"].append(_fla_gla(name, x, do, shape))
 
 
-def _fla_gla(name, x, do):
-  row = {"op": name, "backend": "fla", "shape": list(x["q"].shape)}
+def _fla_gla(name, x, do, shape):
+  row = {"op": name, "backend": "fla", "shape": list(shape)}
   try:
     import torch
     from fla.ops.gla import chunk_gla
@@ -166,10 +167,10 @@ def main(argv=None):
   if unknown:
     ap.error(f"--ops: unknown {unknown}; expected some of {OPS}")
   try:
-    shapes = [] if args.shape == "none" else [_dims(shape) for shape in args.shape.split(",")]
-    check_shape = None if args.check_shape == "none" else _dims(args.check_shape)
+    shapes = [] if args.shape == "none" else [_dims(shape, "--shape") for shape in args.shape.split(",")]
+    check_shape = None if args.check_shape == "none" else _dims(args.check_shape, "--check-shape")
   except ValueError as e:
-    ap.error(f"--{e}")
+    ap.error(str(e))
   os.makedirs(args.out, exist_ok=True)
   report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "check": [], "timing": []}
   ours = tuple(backend for backend in backends if backend != "fla")

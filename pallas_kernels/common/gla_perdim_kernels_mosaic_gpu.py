@@ -54,12 +54,13 @@ Kernels (16-bit q, k, v, float32 accumulation; C a power of two, 64 or 128; K, V
         dK = d * (V H^T)        + sum_s e^(r_s - b) * dK'_s + diag(dP) Q
         db = Q * dQ - K * dK + [i = C] (colsum(K * d * (V H^T)) + lambda * diag(H S^T))
       and dg, the in-chunk reverse cumulative sum of db, as U db (U upper-triangular ones, db in
-      three bf16 parts: float32's precision, on the tensor cores). K'_s and Q'_s enter these
-      products as bf16 hi + lo: db pairs each term of row i's Q * dQ with its twin in row j's
-      K * dK, and with 16-bit factors alone the twins rounded apart (dg's error against the scan
-      tripled). db is formed without the terms that cancel exactly (the diagonal's q_i k_i dP_ii
-      in both products, the last row's own share of its column sum): under a strong decay they
-      are O(1) against a db of e^-20, and their float32 rounding would be all of dg.
+      three bf16 parts: float32's precision, up to the tensor cores' float32 accumulation). K'_s
+      and Q'_s enter these products as bf16 hi + lo: db pairs each term of row i's Q * dQ with its
+      twin in row j's K * dK, and with 16-bit factors alone the twins rounded apart (dg's error
+      against the scan tripled). db is formed without the terms that cancel exactly (the
+      diagonal's q_i k_i dP_ii in both products, the last row's own share of its column sum):
+      under a strong decay they are O(1) against a db of e^-20, and their float32 rounding would
+      be all of dg.
   (Hand-derived as `chunk_kernels_mosaic_gpu`'s docstring, per dimension: e's gradient gives
   Q * (scale e * dO S^T), d's gives -K * (d * V H^T) on each row and its sum on the last, lambda's
   lambda <H, S> per key row on the last, P's Q * dQ^P - K * dK^P; checked against `jax.vjp` of
@@ -347,9 +348,9 @@ def _check(q, v, g, chunk, what="forward", seg=None):
 
 def chunk_cumsum(g, chunk):
   """[B, T, H, K] log decay (any float dtype) -> its float32 inclusive cumulative sum inside each
-  chunk of T, [B, T, H, K]: a batched matmul by the lower-triangular ones in g's dtype (exact
-  products, float32 sums; a 16-bit g's on the tensor cores), which run 47 measured XLA's cumsum
-  at 0.164 ms for 8x2048x16x128, 2.5x its memory time."""
+  chunk of T, [B, T, H, K]: the lower-triangular ones [C, C] in g's dtype times each chunk's rows
+  (exact products, float32 sums; a 16-bit g's on the tensor cores). XLA's cumsum took 0.164 ms at
+  8x2048x16x128 on the H100 (run 47), 2.5x its memory time."""
   b, t, h, kd = g.shape
   lower_CC = jnp.tril(jnp.ones((chunk, chunk), g.dtype))
   return jnp.einsum("ij,bnjhk->bnihk", lower_CC, g.reshape(b, t // chunk, chunk, h, kd),
@@ -517,7 +518,7 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
 
   dq_CK, dk_CK = lax.fori_loop(0, levels.n_levels, level_step, (dq_CK, dk_CK))
   q_CK, k_CK = _load(q_s), _load(k_s)
-  last_CK = _iota(k_CK.shape, 0) == c - 1
+  last_CK = _iota(k_CK.shape, 0) == c - 1   # made again rather than held through the loop
   db_last_CK = lax.broadcast_in_dim(plgpu.load(db_last_s, layout=WGMMA.reduce(0)), k_CK.shape, [1])
   # dg is db's in-chunk reverse cumulative sum: U db, U the upper-triangular ones (a register
   # operand) and db in three bf16 parts, whose sum holds its float32 value, through the buffers of
@@ -539,9 +540,9 @@ def _chunk_grad_layout(c, mm, has_seg):
   """`chunk_grads`' shared memory: per value block the dO, V tiles and the S, H blocks; the chunk's
   q and k key block (then dq and dk), b (float32; then dg) and the segment counts' two copies;
   db's last row's sum [64] (float32); level l's dP in bf16 and K'_l, Q'_l as bf16 hi + lo (Q'_l's
-  buffers take b's split for the gathers first, three of the four db's parts last; bf16 whatever
-  the inputs' dtype: float16 would hold b only down to -65504); one TMA barrier for each
-  once-copied input."""
+  buffers take b's split for the gathers first; after the levels, Q'_l's two and K'_l's hi take
+  db's three parts; bf16 whatever the inputs' dtype: float16 would hold b only down to -65504);
+  one TMA barrier for each once-copied input."""
   per_chunk = [((c, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True), ((BLOCK_K, BLOCK_V), mm, True),
                ((BLOCK_K, BLOCK_V), mm, True)]
   fixed = [((c, BLOCK_K), mm, True)] * 2 + [((c, BLOCK_K), jnp.float32, False)]
@@ -568,8 +569,8 @@ def state_grads(decayed, do, ds_final, *, scale, chunk, interpret=False):
 def chunk_grads(q, k, v, cum_g, do, states, ds_out, *, scale, chunk, interpret=False, seg=None):
   """dq, dk [B, T, H, K] in q's dtype and dg [B, T, H, K] float32, every chunk in parallel (one
   warpgroup per (batch*head, chunk, 64-wide key block), walking the value blocks) from the state
-  entering it (`forward`'s `store_states`) and H of `state_grads`, both [B*H, N, K, V] in q's dtype. cum_g: `chunk_cumsum` of g; seg: [B, T]
-  integer segment ids or None."""
+  entering it (`forward`'s `store_states`) and H of `state_grads`, both [B*H, N, K, V] in q's
+  dtype. cum_g: `chunk_cumsum` of g; seg: [B, T] integer segment ids or None."""
   b, t, h, kd = q.shape
   n = t // chunk
   has_seg = seg is not None

@@ -35,6 +35,8 @@ def test_several_timing_shapes_without_agreement(tmp_path, monkeypatch):
   assert all(r["fwd_bwd_ms"] > 0 for r in report["timing"]), report["timing"]
 
 
-def test_malformed_shape_is_refused(tmp_path):
+@pytest.mark.parametrize("option, value", [("--shape", "8x2048x16"), ("--check-shape", "1x64x2xK")])
+def test_malformed_shape_is_refused(tmp_path, capsys, option, value):
   with pytest.raises(SystemExit):
-    mosaic_check.main(["--out", str(tmp_path), "--shape", "8x2048x16"])
+    mosaic_check.main(["--out", str(tmp_path), option, value])
+  assert f"{option}: expected BxTxHxD or BxTxHxKxV" in capsys.readouterr().err

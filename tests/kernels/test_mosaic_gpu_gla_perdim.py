@@ -137,7 +137,7 @@ def test_scores_match_float64():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_chunk_cumsum_matches_float64(dtype):
   """The in-chunk cumulative sum as a matmul by the lower-triangular ones: float32 sums of g's
-  values in any dtype (a strong decay: the sums reach about -700 within a chunk)."""
+  values in any dtype (a strong decay: the sums reach about -300 within a chunk)."""
   g = (-jnp.abs(5 * jax.random.normal(jax.random.key(3), (2, 3 * CHUNK, 3, 64)))).astype(dtype)
   ref = np.cumsum(np.asarray(g, np.float64).reshape(2, 3, CHUNK, 3, 64), axis=2).reshape(g.shape)
   got = gla_perdim_kernels_mosaic_gpu.chunk_cumsum(g, CHUNK)
