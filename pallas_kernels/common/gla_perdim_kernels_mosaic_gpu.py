@@ -117,9 +117,9 @@ class _Levels:
   `factor(l)` is exp(+-(b - r_l)) [C, 64] (the odd rows' factor of Q'_l, the even rows' of K'_l)
   and the row parity, `pairs(l)` the [C, C] mask of level l's pairs. b_ref: b [C, 64] float32 in
   shared memory, read at every level rather than held (what a level loop holds stays live in
-  registers through all of it). b_hi, b_lo: bf16 [C, 64] shared memory for the gather's split operand, written
-  here once or, if `rewrite` (the caller reuses the buffers between levels), before every
-  level's gather."""
+  registers through all of it). b_hi, b_lo: bf16 [C, 64] shared memory for the gather's split
+  operand, written here once or, if `rewrite` (the caller reuses the buffers between levels),
+  before every level's gather."""
 
   def __init__(self, b_ref, b_hi, b_lo, rewrite=False):
     self.b_ref = b_ref
