@@ -8,8 +8,9 @@ Per op (the delta rule ungated and gated, GLA with a scalar decay, without, and 
 per-dimension decay) through the public op with impl="pallas" under PALLAS_KERNELS_GPU=triton
 (Triton alone), =auto (the default: `dispatch.takes_mosaic_gpu` picks per op) and =mosaic_gpu (the
 fused Mosaic GPU kernels): the output and every gradient against the float32 scan at the check
-shape, then fwd and fwd+bwd ms at each timing shape (BxTxHxD, or BxTxHxKxV where K and V differ; the median of ROUNDS interleaved rounds, each
-round's median kept); for GLA beside flash-linear-attention's
+shape, then fwd and fwd+bwd ms at each timing shape (BxTxHxD, or BxTxHxKxV where K and V differ;
+the median of ROUNDS interleaved rounds, each round's median kept); for GLA beside
+flash-linear-attention's
 `chunk_simple_gla` (scalar or no decay) or `chunk_gla` (per dimension) when it imports.
 Rows print as JSON lines and go to DIR/mosaic_check.json after each op.
 """
@@ -92,13 +93,14 @@ def check_rows(report, name, check_shape, backends):
     report["check"].append(row)
 
 
-def timing_rows(report, name, shape, backends):
-  """fwd and fwd+bwd ms of each backend at shape (B, T, H, K, V), the backends in interleaved rounds."""
+def timing_rows(report, name, shape, backends, with_fla):
+  """fwd and fwd+bwd ms of each of our backends at shape (B, T, H, K, V), in interleaved rounds;
+  fla's row beside them for GLA if `with_fla`."""
   b, t, h, kd, vd = shape
   x = _inputs(name, b, t, h, kd, vd)
   do = jnp.asarray(np.random.default_rng(3).standard_normal((b, t, h, vd)), jnp.float32)
   rows, compiled = {}, {}
-  for backend in (backend for backend in backends if backend != "fla"):
+  for backend in backends:
     rows[backend] = {"op": name, "backend": backend, "shape": list(shape)}
     try:
       compiled[backend] = (jax.jit(lambda x, f=_op(name, backend): f(x)[0]).lower(x).compile(),
@@ -116,7 +118,7 @@ def timing_rows(report, name, shape, backends):
       row["fwd_ms"], row["fwd_bwd_ms"] = float(np.median(row["fwd_rounds"])), float(np.median(row["fwd_bwd_rounds"]))
     print(json.dumps(row), flush=True)
     report["timing"].append(row)
-  if name.startswith("gla") and "fla" in backends:
+  if name.startswith("gla") and with_fla:
     report["timing"].append(_fla_gla(name, x, do, shape))
 
 
@@ -178,7 +180,7 @@ def main(argv=None):
     if check_shape is not None:
       check_rows(report, name, check_shape, ours)
     for shape in shapes:
-      timing_rows(report, name, shape, backends)
+      timing_rows(report, name, shape, ours, "fla" in backends)
     write(report, args.out)
   return report
 

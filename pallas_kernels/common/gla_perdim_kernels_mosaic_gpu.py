@@ -489,14 +489,14 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
   dp_CC = scale * dp_CC
   if has_seg:
     dp_CC = jnp.where(segs.same_CC(), dp_CC, 0.0)
-  # P's diagonal has no decay: dQ_i += dP_ii K_i, dK_i += dP_ii Q_i, after db, which leaves out the
-  # q_i k_i dP_ii that Q * dQ and K * dK would both take.
-  dpd_C = jnp.sum(jnp.where(_iota(dp_CC.shape, 0) == _iota(dp_CC.shape, 1), dp_CC, 0.0), axis=1)
-  mm = dpm_s.dtype   # bf16
-  dp_CC = dp_CC.astype(mm)   # each level's dP is stored in 16 bits: the rounding is the same here
   # b's split for the gathers goes through Q'_l's buffers (each level's gather has finished,
   # its result read, before Q'_l is stored): chunk 128 fits shared memory so.
   levels = _Levels(b_s, qp_hi, qp_lo, rewrite=True)
+  # P's diagonal has no decay: dQ_i += dP_ii K_i, dK_i += dP_ii Q_i, after db, which leaves out the
+  # q_i k_i dP_ii that Q * dQ and K * dK would both take.
+  dpd_C = jnp.sum(jnp.where(levels.diagonal(), dp_CC, 0.0), axis=1)
+  mm = dpm_s.dtype   # bf16
+  dp_CC = dp_CC.astype(mm)   # each level's dP is stored in 16 bits: the rounding is the same here
 
   def level_step(level, grads):
     dq_CK, dk_CK = grads
