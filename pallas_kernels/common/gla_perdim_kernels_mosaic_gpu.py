@@ -99,6 +99,18 @@ def _iota(shape, dim):
   return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
 
 
+def _index(n, dim):
+  """The row (dim 0) or column (dim 1) indices of a WGMMA-layout array as an [n] vector, for
+  `_spread`: the level masks, shifted and compared at vector size, are then loop-invariant in
+  two small vectors rather than in [C, C] iotas that the compiler hoists out of the level loop
+  (32 registers each)."""
+  return plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=WGMMA.reduce(1 - dim))
+
+
+def _spread(vec, shape, dim):
+  return lax.broadcast_in_dim(vec, shape, [dim])
+
+
 def _zeros(*shape):
   """WGMMA-layout zeros: wgmma accumulators take no other layout, and a bare constant has none yet."""
   return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), WGMMA)
@@ -140,22 +152,27 @@ class _Levels:
       self._store()
     c = self.c
     # r's row for row i: the last row of the even s-block of i's 2s-block.
-    target_CC = jnp.left_shift(_shr(_iota((c, c), 0), level + 1), jnp.int32(level + 1)) + (s - 1)
-    gather_CC = jnp.where(_iota((c, c), 1) == target_CC, 1.0, 0.0).astype(self.b_hi.dtype)
+    rows_C = _index(c, 0)
+    target_C = jnp.left_shift(_shr(rows_C, level + 1), jnp.int32(level + 1)) + (s - 1)
+    gather_CC = jnp.where(_spread(_index(c, 1), (c, c), 1) == _spread(target_C, (c, c), 0), 1.0, 0.0)
+    gather_CC = gather_CC.astype(self.b_hi.dtype)
     # The gather's result was read: its wgmmas are done with b_hi, b_lo before the next level's.
     r_CK = _accumulate(_zeros(*self.b_ref.shape), (gather_CC, self.b_hi), (gather_CC, self.b_lo))
     b_CK = _load(self.b_ref)
-    odd_CK = (_shr(_iota(b_CK.shape, 0), level) & 1) == 1
+    odd_CK = _spread(_shr(rows_C, level) & 1, b_CK.shape, 0) == 1
     return jnp.exp(jnp.where(odd_CK, b_CK - r_CK, r_CK - b_CK)), odd_CK
 
   def pairs(self, level):
     """[C, C] bool: (i, j) a pair of level `level`: the same 2s-block, i in its odd half, j in its even."""
-    rows_CC, cols_CC = _iota((self.c, self.c), 0), _iota((self.c, self.c), 1)
-    same = _shr(rows_CC, level + 1) == _shr(cols_CC, level + 1)
-    return same & ((_shr(rows_CC, level) & 1) == 1) & ((_shr(cols_CC, level) & 1) == 0)
+    c = self.c
+    rows_C, cols_C = _index(c, 0), _index(c, 1)
+    same = _spread(_shr(rows_C, level + 1), (c, c), 0) == _spread(_shr(cols_C, level + 1), (c, c), 1)
+    odd_i = _spread(_shr(rows_C, level) & 1, (c, c), 0) == 1
+    return same & odd_i & (_spread(_shr(cols_C, level) & 1, (c, c), 1) == 0)
 
   def diagonal(self):
-    return _iota((self.c, self.c), 0) == _iota((self.c, self.c), 1)
+    c = self.c
+    return _spread(_index(c, 0), (c, c), 0) == _spread(_index(c, 1), (c, c), 1)
 
 
 class _Segments:
@@ -235,18 +252,17 @@ def _perdim_scores_body(*refs, heads, scale, has_seg):
 
   def body(j, views, p_CC):
     """P's share of key block j, e * Q, d * K and lambda of its columns."""
-    q_CK, k_CK, b_CK = (_load(v) for v in views)
     levels = _Levels(views[2], b_hi, b_lo)
-    e_CK, (d_CK, lam_K) = _decay_in(b_CK, segs), _decay_out(b_CK, segs)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last block's stores out of qe_s, kd_s, lam_s
-    qe_s[...] = (q_CK * e_CK).astype(qe_s.dtype)
-    kd_s[...] = (k_CK * d_CK).astype(kd_s.dtype)
+    qe_s[...] = (_load(views[0]) * _decay_in(_load(views[2]), segs)).astype(qe_s.dtype)
+    d_CK, lam_K = _decay_out(_load(views[2]), segs)
+    kd_s[...] = (_load(views[1]) * d_CK).astype(kd_s.dtype)
     lam_s[...] = lam_K
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(qe_s, qe.at[bi, tok, hi, kcols(j)])
     plgpu.copy_smem_to_gmem(kd_s, kd.at[bi, tok, hi, kcols(j)])
     plgpu.copy_smem_to_gmem(lam_s, lam.at[bh, n, kcols(j)])
-    diag_C = jnp.sum(q_CK * k_CK, axis=1)
+    diag_C = jnp.sum(_load(views[0]) * _load(views[1]), axis=1)
     p_CC = p_CC + jnp.where(levels.diagonal(), lax.broadcast_in_dim(diag_C, (c, c), [0]), 0.0)
     # q and k are read again at every level rather than held through the levels, both before the
     # commit's barrier: the next block's copy into these views follows the body with none.

@@ -10,6 +10,7 @@
 #      the four per-dim GLA anchors (mosaic_check, one process), then agreement at the Rodimus check
 #      shape. About 5 min. Carry: .whl.
 # (Session 17 could not start it: two failed starts left 358 s, under what a start needs.)
+# Carry: .whl, .variants (step 3).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PALLAS_KERNELS_GPU=mosaic_gpu
 mkdir -p $OUT/c $OUT/r
@@ -31,6 +32,19 @@ f.m.chunk_cumsum = f.scan_form
 print('== chunk_cumsum: jnp.cumsum')
 profile_ops.profile('gla_default', False, 20, 8)
 " > $OUT/log_profile.txt 2>&1
+# 3. The same profile, matmul chunk_cumsum, with the scores kernel of before session 18 (.variants/r47regs
+#    holds pallas_kernels of 6da45e1): this commit's scores kernel builds its level masks from
+#    [C] index vectors and reads q, k, b from shared memory where used, 255 -> 208 registers by
+#    experiments/mosaic_ptxas_offline.py (chunk_grad 255 either way, spills 16 -> 12 B).
+R=$PWD
+(cd /tmp && PYTHONPATH=/tmp/site:$R/.variants/r47regs:$R MOSAIC_GPU_DUMP_PTXAS=1 timeout 120 python3 -c "
+import pallas_kernels   # first: profile_ops puts the repository first on sys.path
+from experiments import profile_ops
+from pallas_kernels.common import gla_perdim_kernels_mosaic_gpu as m
+print('== kernels from', m.__file__)
+profile_ops.profile('gla_default', False, 20, 8)
+") > $OUT/log_profile_r47regs.txt 2>&1
+grep -E "^== | ms " $OUT/log_profile_r47regs.txt | cut -c1-110 | head -12
 grep -E "^== | ms " $OUT/log_profile.txt | cut -c1-110 | head -22
 grep -oE "[0-9]+ bytes stack frame, [0-9]+ bytes spill stores|Used [0-9]+ registers|entry function '[a-z_]+'" \
   $OUT/log_profile.txt | paste - - - | cut -c1-160
