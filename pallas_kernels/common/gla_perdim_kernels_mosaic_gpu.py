@@ -53,14 +53,12 @@ Kernels (16-bit q, k, v, float32 accumulation; C a power of two, 64 or 128; K, V
         dQ = scale e * (dO S^T) + sum_s e^(b - r_s) * dQ'_s + diag(dP) K
         dK = d * (V H^T)        + sum_s e^(r_s - b) * dK'_s + diag(dP) Q
         db = Q * dQ - K * dK + [i = C] (colsum(K * d * (V H^T)) + lambda * diag(H S^T))
-      and dg, the in-chunk reverse cumulative sum of db, as U db (U upper-triangular ones, db in
-      three bf16 parts: float32's precision, up to the tensor cores' float32 accumulation). K'_s
-      and Q'_s enter these products as bf16 hi + lo: db pairs each term of row i's Q * dQ with its
-      twin in row j's K * dK, and with 16-bit factors alone the twins rounded apart (dg's error
-      against the scan tripled). db is formed without the terms that cancel exactly (the
-      diagonal's q_i k_i dP_ii in both products, the last row's own share of its column sum):
-      under a strong decay they are O(1) against a db of e^-20, and their float32 rounding would
-      be all of dg.
+      and dg is the in-chunk reverse cumulative sum of db (XLA). K'_s and Q'_s enter these
+      products as bf16 hi + lo: db pairs each term of row i's Q * dQ with its twin in row j's
+      K * dK, and with 16-bit factors alone the twins rounded apart (dg's error against the scan
+      tripled). db is formed without the terms that cancel exactly (the diagonal's q_i k_i dP_ii
+      in both products, the last row's own share of its column sum): under a strong decay they
+      are O(1) against a db of e^-20, and their float32 rounding would be all of dg.
   (Hand-derived as `chunk_kernels_mosaic_gpu`'s docstring, per dimension: e's gradient gives
   Q * (scale e * dO S^T), d's gives -K * (d * V H^T) on each row and its sum on the last, lambda's
   lambda <H, S> per key row on the last, P's Q * dQ^P - K * dK^P; checked against `jax.vjp` of
@@ -191,14 +189,12 @@ class _Segments:
     return lax.broadcast_in_dim(self.row_C, (c, c), [0]) == lax.broadcast_in_dim(self.col_C, (c, c), [1])
 
 
-def _store_split(x, *parts_s):
-  """A float32 register array into shared memory as the sum of 16-bit parts, the buffers' dtype
-  (bf16: two hold x to about 2^-16 relative, three to float32's 2^-24); the caller commits."""
-  for part_s in parts_s[:-1]:
-    part = x.astype(part_s.dtype)
-    part_s[...] = part
-    x = x - part.astype(jnp.float32)
-  parts_s[-1][...] = x.astype(parts_s[-1].dtype)
+def _store_split(x, hi_s, lo_s):
+  """A float32 register array into shared memory as 16-bit hi + lo (x to about 2^-16 relative for
+  bf16), the buffers' dtype; the caller commits."""
+  x_hi = x.astype(hi_s.dtype)
+  hi_s[...] = x_hi
+  lo_s[...] = (x - x_hi.astype(jnp.float32)).astype(lo_s.dtype)
 
 
 def _decay_in(b_CK, segs):
@@ -456,7 +452,7 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
   it = iter(refs)
   q, k, v, do, cum_g = (next(it) for _ in range(5))
   seg = next(it) if has_seg else None
-  s_in, ds_out, dq, dk, dg = (next(it) for _ in range(5))
+  s_in, ds_out, dq, dk, db = (next(it) for _ in range(5))
   do_buf, v_buf, s_buf, h_buf = next(it), next(it), next(it), next(it)
   q_s, k_s, b_s = next(it), next(it), next(it)
   seg_bufs = [next(it), next(it)] if has_seg else []
@@ -536,29 +532,23 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
   q_CK, k_CK = _load(q_s), _load(k_s)
   last_CK = _iota(k_CK.shape, 0) == c - 1   # made again rather than held through the loop
   db_last_CK = lax.broadcast_in_dim(plgpu.load(db_last_s, layout=WGMMA.reduce(0)), k_CK.shape, [1])
-  # dg is db's in-chunk reverse cumulative sum: U db, U the upper-triangular ones (a register
-  # operand) and db in three bf16 parts, whose sum holds its float32 value, through the buffers of
-  # K' and Q' (the last level's products were read).
-  _store_split(q_CK * dq_CK + jnp.where(last_CK, db_last_CK, -k_CK * dk_CK), qp_hi, qp_lo, kp_hi)
-  plgpu.commit_smem()
+  # q_s, k_s, b_s were last read into registers above: they take dq, dk, db on their way out.
+  b_s[...] = q_CK * dq_CK + jnp.where(last_CK, db_last_CK, -k_CK * dk_CK)
   q_s[...] = (dq_CK + _rows(dpd_C, k_CK)).astype(q_s.dtype)
   k_s[...] = (dk_CK + _rows(dpd_C, q_CK)).astype(k_s.dtype)
-  upper_CC = jnp.where(_iota((c, c), 0) <= _iota((c, c), 1), 1.0, 0.0).astype(qp_hi.dtype)
-  b_s[...] = _accumulate(_zeros(c, BLOCK_K), (upper_CC, qp_hi), (upper_CC, qp_lo), (upper_CC, kp_hi))
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(q_s, dq.at[bi, tok, hi, kcols])
   plgpu.copy_smem_to_gmem(k_s, dk.at[bi, tok, hi, kcols])
-  plgpu.copy_smem_to_gmem(b_s, dg.at[bi, tok, hi, kcols])
+  plgpu.copy_smem_to_gmem(b_s, db.at[bi, tok, hi, kcols])
   plgpu.wait_smem_to_gmem(0)
 
 
 def _chunk_grad_layout(c, mm, has_seg):
   """`chunk_grads`' shared memory: per value block the dO, V tiles and the S, H blocks; the chunk's
-  q and k key block (then dq and dk), b (float32; then dg) and the segment counts' two copies;
+  q and k key block (then dq and dk), b (float32; then db) and the segment counts' two copies;
   db's last row's sum [64] (float32); level l's dP in bf16 and K'_l, Q'_l as bf16 hi + lo (Q'_l's
-  buffers take b's split for the gathers first; after the levels, Q'_l's two and K'_l's hi take
-  db's three parts; bf16 whatever the inputs' dtype: float16 would hold b only down to -65504);
-  one TMA barrier for each once-copied input."""
+  buffers take b's split for the gathers first; bf16 whatever the inputs' dtype: float16 would
+  hold b only down to -65504); one TMA barrier for each once-copied input."""
   per_chunk = [((c, BLOCK_V), mm, True), ((c, BLOCK_V), mm, True), ((BLOCK_K, BLOCK_V), mm, True),
                ((BLOCK_K, BLOCK_V), mm, True)]
   fixed = [((c, BLOCK_K), mm, True)] * 2 + [((c, BLOCK_K), jnp.float32, False)]
@@ -583,10 +573,11 @@ def state_grads(decayed, do, ds_final, *, scale, chunk, interpret=False):
 
 
 def chunk_grads(q, k, v, cum_g, do, states, ds_out, *, scale, chunk, interpret=False, seg=None):
-  """dq, dk [B, T, H, K] in q's dtype and dg [B, T, H, K] float32, every chunk in parallel (one
-  warpgroup per (batch*head, chunk, 64-wide key block), walking the value blocks) from the state
-  entering it (`forward`'s `store_states`) and H of `state_grads`, both [B*H, N, K, V] in q's
-  dtype. cum_g: `chunk_cumsum` of g; seg: [B, T] integer segment ids or None."""
+  """dq, dk [B, T, H, K] in q's dtype and db [B, T, H, K] float32 (dg is its in-chunk reverse
+  cumulative sum), every chunk in parallel (one warpgroup per (batch*head, chunk, 64-wide key
+  block), walking the value blocks) from the state entering it (`forward`'s `store_states`) and
+  H of `state_grads`, both [B*H, N, K, V] in q's dtype. cum_g: `chunk_cumsum` of g; seg: [B, T]
+  integer segment ids or None."""
   b, t, h, kd = q.shape
   n = t // chunk
   has_seg = seg is not None
@@ -599,6 +590,15 @@ def chunk_grads(q, k, v, cum_g, do, states, ds_out, *, scale, chunk, interpret=F
                  ("bh", "n", "kb"), interpret, *inputs, max_slots=CHUNK_PARALLEL_SLOTS)
 
 
+def chunk_reverse_cumsum(x, chunk, dtype):
+  """[B, T, H, K] float32 -> its reverse cumulative sum inside each chunk of T, in `dtype`. (Formed
+  in the chunk-gradient kernel as U db on the tensor cores, dg came out NaN on the H200 at
+  1x2048x1x64x2048 while interpret mode gave none: run 48, experiments/NOTES.md.)"""
+  b, t, h, kd = x.shape
+  x = x.reshape(b, t // chunk, chunk, h, kd)
+  return jnp.flip(jnp.cumsum(jnp.flip(x, 2), axis=2), 2).reshape(b, t, h, kd).astype(dtype)
+
+
 def backward(q, k, v, g, saved, do, ds_final, *, scale, chunk, interpret=False, seg=None):
   """(dq, dk, dv in the inputs' dtype, dg [B, T, H, K] in g's dtype, ds0 [B*H, K, V] float32).
   saved: what `forward(store_states=True)` returned for the backward; the other arguments as
@@ -606,9 +606,9 @@ def backward(q, k, v, g, saved, do, ds_final, *, scale, chunk, interpret=False, 
   _check(q, do, g, chunk, "backward", seg)
   states, decayed, cum_g = saved
   dv, ds_out, ds0 = state_grads(decayed, do, ds_final, scale=scale, chunk=chunk, interpret=interpret)
-  dq, dk, dg = chunk_grads(q, k, v, cum_g, do, states, ds_out, scale=scale, chunk=chunk, interpret=interpret,
+  dq, dk, db = chunk_grads(q, k, v, cum_g, do, states, ds_out, scale=scale, chunk=chunk, interpret=interpret,
                            seg=seg)
-  return dq, dk, dv, dg.astype(g.dtype), ds0
+  return dq, dk, dv, chunk_reverse_cumsum(db, chunk, g.dtype), ds0
 
 
 def fused_unsupported(chunk, kd, dtype=jnp.bfloat16):

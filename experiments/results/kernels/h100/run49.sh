@@ -1,10 +1,16 @@
 # Session 18 (issue 12): run 48's agreement check at the Rodimus shape 1x2048x1x64x2048 gave dg NaN
-# on the Mosaic GPU per-dim kernels (o, dq, dk, dv, ds0 passed; 1x1024x4x128 passed everything; run
-# 47's kernels passed this shape on the H100; Mosaic GPU interpret mode on the CPU gives no NaN at
-# this shape). Bisect: the kernels' gradients at that shape from run 47's pallas_kernels (38b998a,
-# .variants/run47), session 17's (6da45e1, .variants/r47regs) and this tree, with where dg is not
-# finite (rows within the chunk, chunks) and three repeats (a race shows as varying counts); then
-# this tree at neighbouring shapes. No scan reference (device time: 628 s left): counts and max |grad|. Carry: .whl, .variants.
+# on the Mosaic GPU per-dim kernels (H200; o, dq, dk, dv, ds0 passed; 1x1024x4x128 passed everything;
+# run 47's kernels passed that shape on the H100; interpret mode on the CPU gives no non-finite
+# gradient there). dg is the only output whose code changed alone since run 47 (session 17's U db in
+# the chunk-gradient kernel; this session's level masks feed dq and dk too, which passed), so this
+# tree went back to run 47's db output + XLA's reverse cumsum. No device was lent after that.
+#   1. Gradients at that shape (three repeats: a race shows as varying counts) with non-finite
+#      counts, where (rows within the chunk, chunks) and max |grad|: session 17's U db kernels
+#      (274f8e3's pallas_kernels in .variants/udb), then this tree, also at neighbouring shapes.
+#   2. mosaic_check, Triton vs Mosaic GPU: agreement at 1x1024x4x128, fwd / fwd+bwd at the four
+#      per-dim anchors (run 48 on the H200: 1.08 / 0.91 / 0.87x Triton at the first three; the
+#      Rodimus timing shape ran past that step's 240 s), then agreement at the Rodimus check shape.
+# About 8 min. Carry: .whl, .variants.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONUNBUFFERED=1 PALLAS_KERNELS_GPU=mosaic_gpu
 R=$PWD
@@ -37,8 +43,14 @@ for shape in sys.argv[1:]:
 PY
 F=1x2048x1x64x2048
 cd /tmp
-for v in run47 r47regs; do
-  PYTHONPATH=/tmp/site:$R/.variants/$v:$R timeout 60 python3 /tmp/nan_check.py $F 2>&1 | grep -E "^==|rep |Error" | cut -c1-400
-done
+PYTHONPATH=/tmp/site:$R/.variants/udb:$R timeout 60 python3 /tmp/nan_check.py $F 2>&1 | grep -E "^==|rep |Error" | cut -c1-400
 PYTHONPATH=/tmp/site:$R timeout 120 python3 /tmp/nan_check.py $F 1x2048x1x64x128 1x256x1x64x2048 1x1024x1x128x2048 \
   2>&1 | grep -E "^==|rep |Error" | cut -c1-400
+cd $R
+export PYTHONPATH=/tmp/site:$R
+mkdir -p $OUT/c $OUT/r
+timeout 330 python3 experiments/mosaic_check.py --out $OUT/c --ops gla_perdim --backends triton,mosaic_gpu \
+  --shape 8x2048x16x128,2x8192x16x128,1x32768x16x128,8x2048x1x64x2048 2>&1 | grep -v "^E12\|onstant\|^$" > $OUT/c/log.txt
+timeout 90 python3 experiments/mosaic_check.py --out $OUT/r --ops gla_perdim --backends triton,mosaic_gpu \
+  --check-shape 1x2048x1x64x2048 --shape none 2>&1 | grep -v "^E12\|onstant\|^$" > $OUT/r/log.txt
+grep -h '^{' $OUT/c/log.txt $OUT/r/log.txt | cut -c1-330; tail -n 2 $OUT/c/log.txt $OUT/r/log.txt | cut -c1-300
