@@ -10,7 +10,9 @@
 #   2. mosaic_check, Triton vs Mosaic GPU: agreement at 1x1024x4x128, fwd / fwd+bwd at the four
 #      per-dim anchors (run 48 on the H200: 1.08 / 0.91 / 0.87x Triton at the first three; the
 #      Rodimus timing shape ran past that step's 240 s), then agreement at the Rodimus check shape.
-# About 8 min. Carry: .whl, .variants.
+#   3. Device-time profiles of fwd+bwd at 8x2048x16x128 under Triton and under Mosaic GPU: run 48's
+#      Mosaic wall (2.21 ms) was 0.44 ms above its device time (1.77); is Triton's gap as large?
+# About 9 min. Carry: .whl, .variants.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONUNBUFFERED=1 PALLAS_KERNELS_GPU=mosaic_gpu
 R=$PWD
@@ -54,3 +56,8 @@ timeout 330 python3 experiments/mosaic_check.py --out $OUT/c --ops gla_perdim --
 timeout 90 python3 experiments/mosaic_check.py --out $OUT/r --ops gla_perdim --backends triton,mosaic_gpu \
   --check-shape 1x2048x1x64x2048 --shape none 2>&1 | grep -v "^E12\|onstant\|^$" > $OUT/r/log.txt
 grep -h '^{' $OUT/c/log.txt $OUT/r/log.txt | cut -c1-330; tail -n 2 $OUT/c/log.txt $OUT/r/log.txt | cut -c1-300
+for be in triton mosaic_gpu; do
+  PALLAS_KERNELS_GPU=$be timeout 90 python3 -c "
+from experiments import profile_ops
+profile_ops.profile('gla_default', False, 20, 8)" 2>&1 | grep -E "^== | ms " | cut -c1-110 | head -10
+done
