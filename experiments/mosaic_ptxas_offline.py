@@ -17,9 +17,10 @@ Limits: H100 only (sm_90a: the Python lowering on CPU assumes compute capability
 driver says 9.0); the gla_perdim ops only (op_fn); the plugin must match jax's version. Here the
 plugin ran `ptxas` from PATH (CUDA 13.0) with these flags, as it would on the GPU machine, where
 the PATH or toolkit it finds may hold another ptxas version: counts can differ by that alone.
-Against run 48's device log (H200, jax 0.11.2), the same kernels: registers within one (scores 208
-here, 209 there), spills 32 B fewer here (chunk_grad 12 against 44, 16 against 48 before): the
-differences between versions match, the absolute spill bytes do not.
+Against run 48's device log (H200, jax 0.11.2), the same kernels: with jax 0.12 registers within
+one (scores 208 here, 209 there), spills 32 B fewer (chunk_grad 12 against 44); with jax 0.11.2
+and its plugin in a venv of their own (`pip install jax==0.11.2 jaxlib==0.11.2`), as on the GPU
+machine, chunk_grad's 255 registers and 44 B of spills, the device's own.
 """
 from __future__ import annotations
 
