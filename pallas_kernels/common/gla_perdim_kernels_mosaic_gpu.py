@@ -186,7 +186,7 @@ class _Segments:
 
   def same_CC(self):
     c = self.c
-    return lax.broadcast_in_dim(self.row_C, (c, c), [0]) == lax.broadcast_in_dim(self.col_C, (c, c), [1])
+    return _spread(self.row_C, (c, c), 0) == _spread(self.col_C, (c, c), 1)
 
 
 def _store_split(x, hi_s, lo_s):
@@ -203,7 +203,7 @@ def _decay_in(b_CK, segs):
   e_CK = jnp.exp(b_CK)
   if segs is None:
     return e_CK
-  return jnp.where(lax.broadcast_in_dim(segs.row_C, b_CK.shape, [0]) == 0, e_CK, 0.0)
+  return jnp.where(_spread(segs.row_C, b_CK.shape, 0) == 0, e_CK, 0.0)
 
 
 def _decay_out(b_CK, segs):
@@ -213,10 +213,10 @@ def _decay_out(b_CK, segs):
   # b_C as a column vector: the last row summed out (b's own load in the WGMMA layout; a second
   # load of the same buffer as a vector would conflict in layout inference).
   last_K = jnp.sum(jnp.where(_iota(b_CK.shape, 0) == c - 1, b_CK, 0.0), axis=0)
-  d_CK, lam_K = jnp.exp(lax.broadcast_in_dim(last_K, (c, kd), [1]) - b_CK), jnp.exp(last_K)
+  d_CK, lam_K = jnp.exp(_spread(last_K, (c, kd), 1) - b_CK), jnp.exp(last_K)
   if segs is None:
     return d_CK, lam_K
-  seg_CK = lax.broadcast_in_dim(segs.row_C, (c, kd), [0])
+  seg_CK = _spread(segs.row_C, (c, kd), 0)
   # lambda <= 1 is finite: a 0 / 1 factor zeroes it (Mosaic GPU selects on no scalar predicate
   # with a vector operand).
   return jnp.where(seg_CK == segs.last, d_CK, 0.0), lam_K * jnp.where(segs.last == 0, 1.0, 0.0)
@@ -259,7 +259,7 @@ def _perdim_scores_body(*refs, heads, scale, has_seg):
     plgpu.copy_smem_to_gmem(kd_s, kd.at[bi, tok, hi, kcols(j)])
     plgpu.copy_smem_to_gmem(lam_s, lam.at[bh, n, kcols(j)])
     diag_C = jnp.sum(_load(views[0]) * _load(views[1]), axis=1)
-    p_CC = p_CC + jnp.where(levels.diagonal(), lax.broadcast_in_dim(diag_C, (c, c), [0]), 0.0)
+    p_CC = p_CC + jnp.where(levels.diagonal(), _spread(diag_C, (c, c), 0), 0.0)
     # q and k are read again at every level rather than held through the levels, both before the
     # commit's barrier: the next block's copy into these views follows the body with none.
 
@@ -531,7 +531,7 @@ def _perdim_chunk_grad_body(*refs, heads, scale, has_seg):
   dq_CK, dk_CK = lax.fori_loop(0, levels.n_levels, level_step, (dq_CK, dk_CK))
   q_CK, k_CK = _load(q_s), _load(k_s)
   last_CK = _iota(k_CK.shape, 0) == c - 1   # made again rather than held through the loop
-  db_last_CK = lax.broadcast_in_dim(plgpu.load(db_last_s, layout=WGMMA.reduce(0)), k_CK.shape, [1])
+  db_last_CK = _spread(plgpu.load(db_last_s, layout=WGMMA.reduce(0)), k_CK.shape, 1)
   # q_s, k_s, b_s were last read into registers above: they take dq, dk, db on their way out.
   b_s[...] = q_CK * dq_CK + jnp.where(last_CK, db_last_CK, -k_CK * dk_CK)
   q_s[...] = (dq_CK + _rows(dpd_C, k_CK)).astype(q_s.dtype)
