@@ -12,6 +12,7 @@
 #      Rodimus timing shape ran past that step's 240 s), then agreement at the Rodimus check shape.
 #   3. Device-time profiles of fwd+bwd at 8x2048x16x128 under Triton and under Mosaic GPU: run 48's
 #      Mosaic wall (2.21 ms) was 0.44 ms above its device time (1.77); is Triton's gap as large?
+#      And the host's enqueue time per call (40 calls unblocked): is either path host-bound?
 # About 9 min. Carry: .whl, .variants.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONUNBUFFERED=1 PALLAS_KERNELS_GPU=mosaic_gpu
@@ -58,6 +59,16 @@ timeout 90 python3 experiments/mosaic_check.py --out $OUT/r --ops gla_perdim --b
 grep -h '^{' $OUT/c/log.txt $OUT/r/log.txt | cut -c1-330; tail -n 2 $OUT/c/log.txt $OUT/r/log.txt | cut -c1-300
 for be in triton mosaic_gpu; do
   PALLAS_KERNELS_GPU=$be timeout 90 python3 -c "
+import time, jax
 from experiments import profile_ops
-profile_ops.profile('gla_default', False, 20, 8)" 2>&1 | grep -E "^== | ms " | cut -c1-110 | head -10
+profile_ops.profile('gla_default', False, 20, 8)
+fn, args, _ = profile_ops.make_target('gla_default', False)
+c = fn.lower(*args).compile()
+for _ in range(3): jax.block_until_ready(c(*args))
+for rnd in range(3):
+  t0 = time.perf_counter()
+  for _ in range(40): out = c(*args)
+  t1 = time.perf_counter(); jax.block_until_ready(out); t2 = time.perf_counter()
+  print(f'$be host enqueue {(t1 - t0) / 40 * 1e3:.3f} ms/call, wall {(t2 - t0) / 40 * 1e3:.3f} ms/call')
+" 2>&1 | grep -E "^== | ms |ms/call" | cut -c1-110 | awk 'NR <= 12 || /ms\/call/'
 done
