@@ -13,6 +13,8 @@
 #   3. Device-time profiles of fwd+bwd at 8x2048x16x128 under Triton and under Mosaic GPU: run 48's
 #      Mosaic wall (2.21 ms) was 0.44 ms above its device time (1.77); is Triton's gap as large?
 #      And the host's enqueue time per call (40 calls unblocked): is either path host-bound?
+#   0. dg's in-chunk reverse cumsum in XLA alone (db float32 -> bf16, 8x2048x16x128): jnp.flip +
+#      cumsum (this tree), lax.cumsum(reverse=True), a float32 HIGHEST matmul by the upper ones.
 # About 9 min. Carry: .whl, .variants.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONUNBUFFERED=1 PALLAS_KERNELS_GPU=mosaic_gpu
@@ -44,6 +46,38 @@ for shape in sys.argv[1:]:
         line.append(f"(rows {sorted(set((ti % 64).tolist()))[:12]} chunks {sorted(set((ti // 64).tolist()))[:12]})")
     print(" | ".join(line), flush=True)
 PY
+cat > /tmp/rev_cumsum.py <<'PY'
+import time, numpy as np, jax, jax.numpy as jnp
+from jax import lax
+C = 64
+def flip_form(x, dtype=jnp.bfloat16):
+  b, t, h, k = x.shape; y = x.reshape(b, t // C, C, h, k)
+  return jnp.flip(jnp.cumsum(jnp.flip(y, 2), axis=2), 2).reshape(x.shape).astype(dtype)
+def reverse_form(x, dtype=jnp.bfloat16):
+  b, t, h, k = x.shape
+  return lax.cumsum(x.reshape(b, t // C, C, h, k), axis=2, reverse=True).reshape(x.shape).astype(dtype)
+def matmul_form(x, dtype=jnp.bfloat16):
+  b, t, h, k = x.shape; upper = jnp.triu(jnp.ones((C, C), jnp.float32))
+  return jnp.einsum("ij,bnjhk->bnihk", upper, x.reshape(b, t // C, C, h, k), precision=lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32).reshape(x.shape).astype(dtype)
+import sys
+shape = tuple(map(int, sys.argv[1].split("x"))) if len(sys.argv) > 1 else (8, 2048, 16, 128)
+x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+xn = np.asarray(x, np.float64).reshape(shape[0], shape[1] // C, C, *shape[2:])
+ref = np.flip(np.cumsum(np.flip(xn, 2), 2), 2).reshape(shape)
+fs = {n: jax.jit(f) for n, f in [("flip", flip_form), ("reverse", reverse_form), ("matmul", matmul_form)]}
+for n, f in fs.items():
+  y = np.asarray(jax.jit(lambda x: globals()[n + "_form"](x, jnp.float32))(x)); err = np.abs(y - ref).max() / np.abs(ref).max()
+  print(f"{n}: max err / max |ref| {err:.2e}")
+ts = {n: [] for n in fs}
+for rnd in range(5):
+  for n, f in fs.items():
+    jax.block_until_ready(f(x)); t0 = time.perf_counter()
+    for _ in range(50): y = f(x)
+    jax.block_until_ready(y); ts[n].append((time.perf_counter() - t0) / 50 * 1e3)
+print(" | ".join(f"{n} {np.median(v):.4f} ms" for n, v in ts.items()), "(median of 5 rounds x 50 calls)", shape)
+PY
+(cd /tmp && timeout 60 python3 /tmp/rev_cumsum.py 8x2048x16x128 2>&1 | grep -E "err|ms")
 F=1x2048x1x64x2048
 cd /tmp
 PYTHONPATH=/tmp/site:$R/.variants/udb:$R timeout 60 python3 /tmp/nan_check.py $F 2>&1 | grep -E "^==|rep |Error" | cut -c1-400
