@@ -15,10 +15,10 @@
 #      And the host's enqueue time per call (40 calls unblocked): is either path host-bound?
 #   0. dg's in-chunk reverse cumsum in XLA alone (db float32 -> bf16, 8x2048x16x128): jnp.flip +
 #      cumsum (this tree), lax.cumsum(reverse=True), a float32 HIGHEST matmul by the upper ones.
-# About 9 min; each step's timeout is capped by what is left of 570 s. Carry: .whl, .variants.
+# About 9 min; each step's timeout is capped by what is left of 500 s. Carry: .whl, .variants.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONUNBUFFERED=1 PALLAS_KERNELS_GPU=mosaic_gpu
-END=$(( $(date +%s) + 570 ))   # the steps' timeouts add up to more than a call's 600 s: each gets at most what is left
+END=$(( $(date +%s) + 500 ))   # the steps' timeouts add up to more than a call's 600 s: each gets at most what is left
 t() { local left=$(( END - $(date +%s) )); echo $(( $1 < left ? $1 : (left > 5 ? left : 5) )); }
 R=$PWD
 cat > /tmp/nan_check.py <<'PY'
