@@ -4,21 +4,22 @@
 # gradient there). dg is the only output whose code changed alone since run 47 (session 17's U db in
 # the chunk-gradient kernel; this session's level masks feed dq and dk too, which passed), so this
 # tree went back to run 47's db output + XLA's reverse cumsum. No device was lent after that.
-#   1. Gradients at that shape (three repeats: a race shows as varying counts) with non-finite
-#      counts, where (rows within the chunk, chunks) and max |grad|: this tree, also at 1x2048x1x64x128;
-#      session 17's U db kernels (274f8e3's pallas_kernels in .variants/udb) last, with what time is left.
-#   2. mosaic_check, Triton vs Mosaic GPU: agreement at 1x1024x4x128, fwd / fwd+bwd at the four
-#      per-dim anchors (run 48 on the H200: 1.08 / 0.91 / 0.87x Triton at the first three; the
-#      Rodimus timing shape ran past that step's 240 s), then agreement at the Rodimus check shape.
+# In order (each step's timeout capped by what is left of 360 s; failed starts left little device time):
+#   1. dg's in-chunk reverse cumsum in XLA alone (db float32 -> bf16, 8x2048x16x128): jnp.flip +
+#      cumsum (this tree), lax.cumsum(reverse=True), a float32 HIGHEST matmul by the upper ones.
+#   2. mosaic_check, Triton vs Mosaic GPU: agreement at the Rodimus check shape, fwd / fwd+bwd at the
+#      four per-dim anchors (run 48 on the H200: 1.08 / 0.91 / 0.87x Triton at the first three; the
+#      Rodimus timing shape ran past that step's 240 s).
 #   3. Device-time profiles of fwd+bwd at 8x2048x16x128 under Triton and under Mosaic GPU: run 48's
 #      Mosaic wall (2.21 ms) was 0.44 ms above its device time (1.77); is Triton's gap as large?
 #      And the host's enqueue time per call (40 calls unblocked): is either path host-bound?
-#   0. dg's in-chunk reverse cumsum in XLA alone (db float32 -> bf16, 8x2048x16x128): jnp.flip +
-#      cumsum (this tree), lax.cumsum(reverse=True), a float32 HIGHEST matmul by the upper ones.
-# About 7 min; each step's timeout is capped by what is left of 420 s. Carry: .whl, .variants.
+#   4. Gradients at the Rodimus check shape (three repeats: a race shows as varying counts), non-finite
+#      counts, where (rows within the chunk, chunks) and max |grad|: session 17's U db kernels
+#      (274f8e3's pallas_kernels in .variants/udb), then this tree, also at 1x2048x1x64x128.
+# About 6 min. Carry: .whl, .variants.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONUNBUFFERED=1 PALLAS_KERNELS_GPU=mosaic_gpu
-END=$(( $(date +%s) + 420 ))   # the steps' timeouts add up to more than a call's 600 s: each gets at most what is left
+END=$(( $(date +%s) + 360 ))   # the steps' timeouts add up to more than a call's 600 s: each gets at most what is left
 t() { local left=$(( END - $(date +%s) )); echo $(( $1 < left ? $1 : (left > 5 ? left : 5) )); }
 R=$PWD
 cat > /tmp/nan_check.py <<'PY'
@@ -79,18 +80,16 @@ for rnd in range(5):
     jax.block_until_ready(y); ts[n].append((time.perf_counter() - t0) / 50 * 1e3)
 print(" | ".join(f"{n} {np.median(v):.4f} ms" for n, v in ts.items()), "(median of 5 rounds x 50 calls)", shape)
 PY
-(cd /tmp && timeout $(t 60) python3 /tmp/rev_cumsum.py 8x2048x16x128 2>&1 | grep -E "err|ms")
+(cd /tmp && timeout $(t 40) python3 /tmp/rev_cumsum.py 8x2048x16x128 2>&1 | grep -E "err|ms")
 F=1x2048x1x64x2048
 export PYTHONPATH=/tmp/site:$R
-mkdir -p $OUT/c $OUT/r
-timeout $(t 90) python3 experiments/mosaic_check.py --out $OUT/r --ops gla_perdim --backends triton,mosaic_gpu \
-  --check-shape 1x2048x1x64x2048 --shape none 2>&1 | grep -v "^E12\|onstant\|^$" > $OUT/r/log.txt
-grep -h '^{' $OUT/r/log.txt | cut -c1-330; tail -n 2 $OUT/r/log.txt | cut -c1-300
-timeout $(t 330) python3 experiments/mosaic_check.py --out $OUT/c --ops gla_perdim --backends triton,mosaic_gpu \
-  --shape 8x2048x16x128,2x8192x16x128,1x32768x16x128,8x2048x1x64x2048 2>&1 | grep -v "^E12\|onstant\|^$" > $OUT/c/log.txt
+mkdir -p $OUT/c
+timeout $(t 270) python3 experiments/mosaic_check.py --out $OUT/c --ops gla_perdim --backends triton,mosaic_gpu \
+  --check-shape $F --shape 8x2048x16x128,2x8192x16x128,1x32768x16x128,8x2048x1x64x2048 2>&1 \
+  | grep -v "^E12\|onstant\|^$" > $OUT/c/log.txt
 grep -h '^{' $OUT/c/log.txt | cut -c1-330; tail -n 2 $OUT/c/log.txt | cut -c1-300
 for be in triton mosaic_gpu; do
-  PALLAS_KERNELS_GPU=$be timeout $(t 75) python3 -c "
+  PALLAS_KERNELS_GPU=$be timeout $(t 50) python3 -c "
 import time, jax
 from experiments import profile_ops
 profile_ops.profile('gla_default', False, 20, 8)
