@@ -4,7 +4,7 @@
 # gradient there). dg is the only output whose code changed alone since run 47 (session 17's U db in
 # the chunk-gradient kernel; this session's level masks feed dq and dk too, which passed), so this
 # tree went back to run 47's db output + XLA's reverse cumsum. No device was lent after that.
-# In order (each step's timeout capped by what is left of 190 s; failed starts left little device time):
+# In order (each step's timeout capped by what is left of RUN_SECONDS, default 540):
 #   1. dg's in-chunk reverse cumsum in XLA alone (db float32 -> bf16, 8x2048x16x128): jnp.flip +
 #      cumsum (this tree), lax.cumsum(reverse=True), a float32 HIGHEST matmul by the upper ones.
 #   2. mosaic_check, Triton vs Mosaic GPU: agreement at the Rodimus check shape, fwd / fwd+bwd at the
@@ -13,13 +13,15 @@
 #   3. Device-time profiles of fwd+bwd at 8x2048x16x128 under Triton and under Mosaic GPU: run 48's
 #      Mosaic wall (2.21 ms) was 0.44 ms above its device time (1.77); is Triton's gap as large?
 #      And the host's enqueue time per call (40 calls unblocked): is either path host-bound?
-#   4. Gradients at the Rodimus check shape (three repeats: a race shows as varying counts), non-finite
+#   4. The same fwd+bwd's wall time with XLA's command buffers (CUDA graphs) asked to take custom
+#      calls (jax-ml/jax#27988: pallas_call kernels are left out of them by default), both backends.
+#   5. Gradients at the Rodimus check shape (three repeats: a race shows as varying counts), non-finite
 #      counts, where (rows within the chunk, chunks) and max |grad|: session 17's U db kernels
 #      (274f8e3's pallas_kernels in .variants/udb), then this tree, also at 1x2048x1x64x128.
-# About 3.5 min. Carry: .whl, .variants.
+# About 9 min at the default. Carry: .whl, .variants.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONUNBUFFERED=1 PALLAS_KERNELS_GPU=mosaic_gpu
-END=$(( $(date +%s) + 190 ))   # the steps' timeouts add up to more than a call's 600 s: each gets at most what is left
+END=$(( $(date +%s) + ${RUN_SECONDS:-540} ))   # each step gets at most what is left: lower RUN_SECONDS when failed starts ate device time
 t() { local left=$(( END - $(date +%s) )); echo $(( $1 < left ? $1 : (left > 5 ? left : 5) )); }
 R=$PWD
 cat > /tmp/nan_check.py <<'PY'
@@ -84,12 +86,12 @@ PY
 F=1x2048x1x64x2048
 export PYTHONPATH=/tmp/site:$R
 mkdir -p $OUT/c
-timeout $(t 165) python3 experiments/mosaic_check.py --out $OUT/c --ops gla_perdim --backends triton,mosaic_gpu \
+timeout $(t 330) python3 experiments/mosaic_check.py --out $OUT/c --ops gla_perdim --backends triton,mosaic_gpu \
   --check-shape $F --shape 8x2048x16x128,2x8192x16x128,1x32768x16x128,8x2048x1x64x2048 2>&1 \
   | grep -v "^E12\|onstant\|^$" > $OUT/c/log.txt
 grep -h '^{' $OUT/c/log.txt | cut -c1-330; tail -n 2 $OUT/c/log.txt | cut -c1-300
 for be in triton mosaic_gpu; do
-  PALLAS_KERNELS_GPU=$be timeout $(t 50) python3 -c "
+  PALLAS_KERNELS_GPU=$be timeout $(t 75) python3 -c "
 import time, jax
 from experiments import profile_ops
 profile_ops.profile('gla_default', False, 20, 8)
@@ -103,6 +105,22 @@ for rnd in range(3):
   print(f'$be host enqueue {(t1 - t0) / 40 * 1e3:.3f} ms/call, wall {(t2 - t0) / 40 * 1e3:.3f} ms/call')
 " 2>&1 | grep -E "^== | ms |ms/call" | cut -c1-110 | awk 'NR <= 12 || /ms\/call/'
 done
+CB='--xla_gpu_enable_command_buffer=+CUSTOM_CALL --xla_gpu_graph_min_graph_size=1'   # both parse under jax 0.11.2
+for be in triton mosaic_gpu; do for flags in "" "$CB"; do
+  XLA_FLAGS="$flags" PALLAS_KERNELS_GPU=$be timeout $(t 45) python3 -c "
+import time, jax, numpy as np
+from experiments import profile_ops
+fn, args, _ = profile_ops.make_target('gla_default', False)
+c = fn.lower(*args).compile()
+for _ in range(3): jax.block_until_ready(c(*args))
+ms = []
+for rnd in range(5):
+  t0 = time.perf_counter()
+  for _ in range(20): jax.block_until_ready(c(*args))
+  ms.append((time.perf_counter() - t0) / 20 * 1e3)
+print(f'$be XLA_FLAGS=[$flags] fwd+bwd wall {np.median(ms):.3f} ms (median of 5 x 20 blocked calls)')
+" 2>&1 | grep -E "wall|Error" | cut -c1-200
+done; done
 cd /tmp
 PYTHONPATH=/tmp/site:$R/.variants/udb:$R timeout $(t 60) python3 /tmp/nan_check.py $F 2>&1 | grep -E "^==|rep |Error" | cut -c1-400
 PYTHONPATH=/tmp/site:$R timeout $(t 60) python3 /tmp/nan_check.py $F 1x2048x1x64x128 2>&1 | grep -E "^==|rep |Error" | cut -c1-400
