@@ -10,12 +10,12 @@
 #   2. mosaic_check, Triton vs Mosaic GPU: agreement at the Rodimus check shape, fwd / fwd+bwd at the
 #      four per-dim anchors (run 48 on the H200: 1.08 / 0.91 / 0.87x Triton at the first three; the
 #      Rodimus timing shape ran past that step's 240 s).
-#   3. Device-time profiles of fwd+bwd at 8x2048x16x128 under Triton and under Mosaic GPU: run 48's
-#      Mosaic wall (2.21 ms) was 0.44 ms above its device time (1.77); is Triton's gap as large?
-#      And the host's enqueue time per call (40 calls unblocked): is either path host-bound?
-#   4. The same fwd+bwd's wall time with XLA's command buffers (CUDA graphs) asked to take custom
-#      calls (jax-ml/jax#27988: pallas_call kernels are left out of them by default), both backends.
-#   5. Gradients at the Rodimus check shape (three repeats: a race shows as varying counts), non-finite
+#   3. fwd+bwd at 8x2048x16x128 under Triton and under Mosaic GPU: device-time profiles (run 48's
+#      Mosaic wall, 2.21 ms, was 0.44 ms above its device time, 1.77; is Triton's gap as large?),
+#      then the host's enqueue time and the wall time per call over unblocked calls (is either path
+#      host-bound?), by default and with XLA's command buffers (CUDA graphs) asked to take custom
+#      calls (jax-ml/jax#27988: pallas_call kernels are left out of them by default).
+#   4. Gradients at the Rodimus check shape (three repeats: a race shows as varying counts), non-finite
 #      counts, where (rows within the chunk, chunks) and max |grad|: session 17's U db kernels
 #      (274f8e3's pallas_kernels in .variants/udb), then this tree, also at 1x2048x1x64x128.
 # About 9 min at the default. Carry: .whl, .variants.
@@ -52,28 +52,28 @@ for shape in sys.argv[1:]:
     print(" | ".join(line), flush=True)
 PY
 cat > /tmp/rev_cumsum.py <<'PY'
-import time, numpy as np, jax, jax.numpy as jnp
+import functools, sys, time
+import jax, jax.numpy as jnp, numpy as np
 from jax import lax
+from pallas_kernels.common.gla_perdim_kernels_mosaic_gpu import chunk_reverse_cumsum
 C = 64
-def flip_form(x, dtype=jnp.bfloat16):
-  b, t, h, k = x.shape; y = x.reshape(b, t // C, C, h, k)
-  return jnp.flip(jnp.cumsum(jnp.flip(y, 2), axis=2), 2).reshape(x.shape).astype(dtype)
-def reverse_form(x, dtype=jnp.bfloat16):
+def reverse_form(x, chunk, dtype):
   b, t, h, k = x.shape
-  return lax.cumsum(x.reshape(b, t // C, C, h, k), axis=2, reverse=True).reshape(x.shape).astype(dtype)
-def matmul_form(x, dtype=jnp.bfloat16):
-  b, t, h, k = x.shape; upper = jnp.triu(jnp.ones((C, C), jnp.float32))
-  return jnp.einsum("ij,bnjhk->bnihk", upper, x.reshape(b, t // C, C, h, k), precision=lax.Precision.HIGHEST,
+  return lax.cumsum(x.reshape(b, t // chunk, chunk, h, k), axis=2, reverse=True).reshape(x.shape).astype(dtype)
+def matmul_form(x, chunk, dtype):
+  b, t, h, k = x.shape
+  upper = jnp.triu(jnp.ones((chunk, chunk), jnp.float32))
+  return jnp.einsum("ij,bnjhk->bnihk", upper, x.reshape(b, t // chunk, chunk, h, k), precision=lax.Precision.HIGHEST,
                     preferred_element_type=jnp.float32).reshape(x.shape).astype(dtype)
-import sys
-shape = tuple(map(int, sys.argv[1].split("x"))) if len(sys.argv) > 1 else (8, 2048, 16, 128)
+forms = {"flip (this tree)": chunk_reverse_cumsum, "reverse": reverse_form, "matmul": matmul_form}
+shape = tuple(map(int, sys.argv[1].split("x")))
 x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
 xn = np.asarray(x, np.float64).reshape(shape[0], shape[1] // C, C, *shape[2:])
 ref = np.flip(np.cumsum(np.flip(xn, 2), 2), 2).reshape(shape)
-fs = {n: jax.jit(f) for n, f in [("flip", flip_form), ("reverse", reverse_form), ("matmul", matmul_form)]}
-for n, f in fs.items():
-  y = np.asarray(jax.jit(lambda x: globals()[n + "_form"](x, jnp.float32))(x)); err = np.abs(y - ref).max() / np.abs(ref).max()
-  print(f"{n}: max err / max |ref| {err:.2e}")
+for n, f in forms.items():   # float32 out: the form's own error, not bf16's rounding
+  y = np.asarray(jax.jit(functools.partial(f, chunk=C, dtype=jnp.float32))(x))
+  print(f"{n}: max err / max |ref| {np.abs(y - ref).max() / np.abs(ref).max():.2e}")
+fs = {n: jax.jit(functools.partial(f, chunk=C, dtype=jnp.bfloat16)) for n, f in forms.items()}
 ts = {n: [] for n in fs}
 for rnd in range(5):
   for n, f in fs.items():
@@ -82,44 +82,32 @@ for rnd in range(5):
     jax.block_until_ready(y); ts[n].append((time.perf_counter() - t0) / 50 * 1e3)
 print(" | ".join(f"{n} {np.median(v):.4f} ms" for n, v in ts.items()), "(median of 5 rounds x 50 calls)", shape)
 PY
-(cd /tmp && timeout $(t 40) python3 /tmp/rev_cumsum.py 8x2048x16x128 2>&1 | grep -E "err|ms")
-F=1x2048x1x64x2048
 export PYTHONPATH=/tmp/site:$R
+timeout $(t 40) python3 /tmp/rev_cumsum.py 8x2048x16x128 2>&1 | grep -E "err|ms"
+F=1x2048x1x64x2048
 mkdir -p $OUT/c
 timeout $(t 330) python3 experiments/mosaic_check.py --out $OUT/c --ops gla_perdim --backends triton,mosaic_gpu \
   --check-shape $F --shape 8x2048x16x128,2x8192x16x128,1x32768x16x128,8x2048x1x64x2048 2>&1 \
   | grep -v "^E12\|onstant\|^$" > $OUT/c/log.txt
 grep -h '^{' $OUT/c/log.txt | cut -c1-330; tail -n 2 $OUT/c/log.txt | cut -c1-300
-for be in triton mosaic_gpu; do
-  PALLAS_KERNELS_GPU=$be timeout $(t 75) python3 -c "
-import time, jax
-from experiments import profile_ops
-profile_ops.profile('gla_default', False, 20, 8)
-fn, args, _ = profile_ops.make_target('gla_default', False)
-c = fn.lower(*args).compile()
-for _ in range(3): jax.block_until_ready(c(*args))
-for rnd in range(3):
-  t0 = time.perf_counter()
-  for _ in range(40): out = c(*args)
-  t1 = time.perf_counter(); jax.block_until_ready(out); t2 = time.perf_counter()
-  print(f'$be host enqueue {(t1 - t0) / 40 * 1e3:.3f} ms/call, wall {(t2 - t0) / 40 * 1e3:.3f} ms/call')
-" 2>&1 | grep -E "^== | ms |ms/call" | cut -c1-110 | awk 'NR <= 12 || /ms\/call/'
-done
 CB='--xla_gpu_enable_command_buffer=+CUSTOM_CALL --xla_gpu_graph_min_graph_size=1'   # both parse under jax 0.11.2
 for be in triton mosaic_gpu; do for flags in "" "$CB"; do
-  XLA_FLAGS="$flags" PALLAS_KERNELS_GPU=$be timeout $(t 45) python3 -c "
+  XLA_FLAGS="$flags" PALLAS_KERNELS_GPU=$be timeout $(t 75) python3 -c "
 import time, jax, numpy as np
 from experiments import profile_ops
+if not '$flags':
+  profile_ops.profile('gla_default', False, 20, 8)
 fn, args, _ = profile_ops.make_target('gla_default', False)
 c = fn.lower(*args).compile()
 for _ in range(3): jax.block_until_ready(c(*args))
-ms = []
+enqueue, wall = [], []
 for rnd in range(5):
   t0 = time.perf_counter()
-  for _ in range(20): jax.block_until_ready(c(*args))
-  ms.append((time.perf_counter() - t0) / 20 * 1e3)
-print(f'$be XLA_FLAGS=[$flags] fwd+bwd wall {np.median(ms):.3f} ms (median of 5 x 20 blocked calls)')
-" 2>&1 | grep -E "wall|Error" | cut -c1-200
+  for _ in range(20): out = c(*args)
+  t1 = time.perf_counter(); jax.block_until_ready(out)
+  enqueue.append((t1 - t0) / 20 * 1e3); wall.append((time.perf_counter() - t0) / 20 * 1e3)
+print(f'$be XLA_FLAGS=[$flags] host enqueue {np.median(enqueue):.3f} ms/call, fwd+bwd wall {np.median(wall):.3f} ms/call (median of 5 x 20 unblocked calls)')
+" 2>&1 | grep -E "^== | ms |ms/call|Error" | cut -c1-200 | awk 'NR <= 12 || /ms\/call/'
 done; done
 cd /tmp
 PYTHONPATH=/tmp/site:$R/.variants/udb:$R timeout $(t 60) python3 /tmp/nan_check.py $F 2>&1 | grep -E "^==|rep |Error" | cut -c1-400
